@@ -1,0 +1,196 @@
+//! Code generation: keep the user's function under a private name and emit an axum handler of the same name that
+//! hands the request to the runtime, then runs the user's own extractors one by one.
+
+use crate::args::Args;
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::parse::Parser;
+use syn::spanned::Spanned;
+use syn::{FnArg, GenericArgument, ItemFn, PathArguments, ReturnType, Type};
+
+pub fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let function: ItemFn = match syn::parse2(item.clone()) {
+        Ok(function) => function,
+        // Not a function: let rustc report the item as written, next to our error.
+        Err(error) => return with_error(item, error),
+    };
+    let mut args = Args::default();
+    let parsed = syn::meta::parser(|meta| args.parse_meta(meta)).parse2(attr).and_then(|()| args.validate());
+    match parsed.and_then(|()| expand(&args, &function)) {
+        Ok(tokens) => tokens,
+        // Keep the function itself so the IDE still sees it while the error shows.
+        Err(error) => with_error(quote!(#function), error),
+    }
+}
+
+fn with_error(item: TokenStream, error: syn::Error) -> TokenStream {
+    let error = error.into_compile_error();
+    quote!(#item #error)
+}
+
+fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
+    let signature = &function.sig;
+    if signature.asyncness.is_none() {
+        return Err(syn::Error::new(signature.fn_token.span, "`#[idempotent]` handlers must be `async fn`"));
+    }
+    if !signature.generics.params.is_empty() || signature.generics.where_clause.is_some() {
+        return Err(syn::Error::new(
+            signature.generics.span(),
+            "`#[idempotent]` handlers cannot be generic: axum needs one concrete handler per route",
+        ));
+    }
+    let mut arg_types = Vec::new();
+    for input in &signature.inputs {
+        match input {
+            FnArg::Receiver(receiver) => {
+                return Err(syn::Error::new(receiver.span(), "`#[idempotent]` handlers cannot take `self`"));
+            }
+            FnArg::Typed(typed) => arg_types.push(&*typed.ty),
+        }
+    }
+    let krate = match &args.krate {
+        Some(path) => quote!(#path),
+        None => quote!(::idem),
+    };
+    let private = quote!(#krate::__private);
+    let state = state_type(args, &arg_types)?;
+
+    let name = &signature.ident;
+    let vis = &function.vis;
+    let inner = format_ident!("__idem_{}", name, span = Span::mixed_site());
+    let (outer_attrs, inner_attrs): (Vec<_>, Vec<_>) =
+        function.attrs.iter().partition(|attr| attr.path().is_ident("doc") || attr.path().is_ident("cfg"));
+    let mut inner_sig = signature.clone();
+    inner_sig.ident = inner.clone();
+    let block = &function.block;
+
+    let policy = policy(args, &private);
+    let (state_param, state_value, state_ty, probe) = match &state {
+        Some(ty) => (
+            quote!(#private::State(__idem_state): #private::State<#ty>,),
+            quote!(__idem_state),
+            quote!(#ty),
+            quote!({
+                #[allow(unused_imports)]
+                use #private::{NoState as _, ViaState as _};
+                (&#private::StateProbe(&__idem_state)).idempotency()
+            }),
+        ),
+        None => (quote!(), quote!(()), quote!(()), quote!(::core::option::Option::None)),
+    };
+
+    let arg_names: Vec<_> = (0..arg_types.len()).map(|i| format_ident!("__idem_arg{}", i)).collect();
+    let extractions = arg_types.iter().zip(&arg_names).enumerate().map(|(index, (ty, name))| {
+        let rejected = quote!(return #private::Execution::Rejected(#private::IntoResponse::into_response(rejection)));
+        if index + 1 < arg_types.len() {
+            quote_spanned! {ty.span()=>
+                let #name = match <#ty as #private::FromRequestParts<#state_ty>>::from_request_parts(
+                    &mut __idem_parts, &__idem_state,
+                ).await {
+                    ::core::result::Result::Ok(value) => value,
+                    ::core::result::Result::Err(rejection) => #rejected,
+                };
+            }
+        } else {
+            quote_spanned! {ty.span()=>
+                let #name = match <#ty as #private::FromRequest<#state_ty, _>>::from_request(
+                    #private::Request::from_parts(__idem_parts, __idem_body), &__idem_state,
+                ).await {
+                    ::core::result::Result::Ok(value) => value,
+                    ::core::result::Result::Err(rejection) => #rejected,
+                };
+            }
+        }
+    });
+    let output_span = match &signature.output {
+        ReturnType::Default => signature.ident.span(),
+        ReturnType::Type(_, ty) => ty.span(),
+    };
+    let respond = quote_spanned! {output_span=>
+        #private::IntoResponse::into_response(#inner(#(#arg_names),*).await)
+    };
+
+    Ok(quote! {
+        #(#outer_attrs)*
+        #vis async fn #name(#state_param __idem_request: #private::Request) -> #private::Response {
+            #(#inner_attrs)*
+            #inner_sig #block
+
+            static __IDEM_POLICY: #private::Policy = #policy;
+            let __idem_engine = #private::locate(&__idem_request, #probe);
+            let ::core::option::Option::Some(__idem_engine) = __idem_engine else {
+                return #private::not_configured(::core::stringify!(#name));
+            };
+            #[allow(unused_variables)]
+            let __idem_state = #state_value;
+            __idem_engine
+                .serve(&__IDEM_POLICY, __idem_request, move |__idem_request: #private::Request| async move {
+                    #[allow(unused_mut, unused_variables)]
+                    let (mut __idem_parts, __idem_body) = __idem_request.into_parts();
+                    #(#extractions)*
+                    #private::Execution::Ran(#respond)
+                })
+                .await
+        }
+    })
+}
+
+/// The state the generated handler extracts: `state = T`, else the `T` of the only `State<T>` argument.
+fn state_type(args: &Args, arg_types: &[&Type]) -> syn::Result<Option<Type>> {
+    if let Some(state) = &args.state {
+        return Ok(Some(state.clone()));
+    }
+    let mut found: Option<&Type> = None;
+    for ty in arg_types {
+        let Some(inner) = state_inner(ty) else { continue };
+        if let Some(first) = found
+            && quote!(#first).to_string() != quote!(#inner).to_string()
+        {
+            return Err(syn::Error::new(
+                ty.span(),
+                "several `State` types: name the router's state with `#[idempotent(state = AppState)]`",
+            ));
+        }
+        found = Some(inner);
+    }
+    Ok(found.cloned())
+}
+
+fn state_inner(ty: &Type) -> Option<&Type> {
+    let Type::Path(path) = ty else { return None };
+    let segment = path.path.segments.last()?;
+    if segment.ident != "State" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(generics) = &segment.arguments else { return None };
+    match generics.args.first()? {
+        GenericArgument::Type(inner) if generics.args.len() == 1 => Some(inner),
+        _ => None,
+    }
+}
+
+fn policy(args: &Args, private: &TokenStream) -> TokenStream {
+    let mut policy = quote!(#private::Policy::new());
+    let duration = |nanos: u64| quote!(::core::time::Duration::from_nanos(#nanos));
+    if let Some(ttl) = args.ttl {
+        let ttl = duration(ttl.nanos);
+        policy = quote!(#policy.ttl(#ttl));
+    }
+    if let Some(wait) = args.wait_timeout {
+        let wait = duration(wait.nanos);
+        policy = quote!(#policy.wait_timeout(#wait));
+    }
+    let lease = duration(args.lease_nanos());
+    policy = quote!(#policy.lease(#lease));
+    for (setter, value) in [
+        ("validate_signature", args.validate_signature),
+        ("required", args.required),
+        ("store_server_errors", args.store_server_errors),
+    ] {
+        if let Some(value) = value {
+            let setter = format_ident!("{}", setter);
+            policy = quote!(#policy.#setter(#value));
+        }
+    }
+    policy
+}

@@ -1,0 +1,30 @@
+//! The `#[idempotent]` attribute of [idem](https://docs.rs/idem). Use it through the `idem` crate:
+//! `use idem::idempotent;`. This crate only parses and generates; all behaviour lives in `idem-runtime`.
+
+mod args;
+mod expand;
+
+use proc_macro::TokenStream;
+
+/// Makes an axum handler exactly-once per `Idempotency-Key`.
+///
+/// ```ignore
+/// #[idempotent(ttl = 60, wait_timeout = 3.0, validate_signature)]
+/// async fn create_order(State(db): State<Db>, Json(order): Json<Order>) -> impl IntoResponse { /* ... */ }
+/// ```
+///
+/// Arguments (all optional):
+/// - `ttl = 86400`: seconds a completed response is kept and replayed;
+/// - `wait_timeout = 0`: seconds a duplicate waits for the in-flight original (int or float; 0 answers 409 at once);
+/// - `lease = 30`: seconds an in-flight claim lives without renewal (renewed while the handler runs);
+/// - `validate_signature` (or `= bool`, default true): refuse a reused key with a different request (422);
+/// - `required` (or `= bool`, default true): refuse a request without a key (400);
+/// - `store_server_errors` (or `= bool`, default false): also store 5xx answers (at-most-once routes);
+/// - `state = AppState`: the router's state type, when it cannot be inferred from a single `State<T>` argument;
+/// - `crate = "path::to::idem"`: where the `idem` crate is, when renamed.
+///
+/// The handler must be a non-generic `async fn`; misuse is a compile error on the offending token.
+#[proc_macro_attribute]
+pub fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand::idempotent(attr.into(), item.into()).into()
+}

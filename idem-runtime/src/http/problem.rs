@@ -1,0 +1,140 @@
+//! RFC 9457 `application/problem+json` answers.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// Every answer the engine makes itself, as an RFC 9457 problem.
+///
+/// The `type` of each is a stable URI, `urn:idem:problem:<name>`, with the names listed on each variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// `missing-key` (400): the route requires a key and none was sent.
+    MissingKey {
+        /// The header name expected.
+        header: String,
+    },
+    /// `invalid-key` (400): the key is malformed or repeated.
+    InvalidKey {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `key-reused` (422): the key was used before for a different request.
+    KeyReused,
+    /// `in-progress` (409, with `Retry-After`): the original request is still running.
+    InProgress,
+    /// `store-unavailable` (503, with `Retry-After`): the store could not be reached; nothing ran.
+    StoreUnavailable,
+    /// `payload-too-large` (413): the request body is over the route's limit.
+    PayloadTooLarge,
+    /// `unreadable-body` (400): the request body could not be read (the client stopped sending it).
+    UnreadableBody,
+    /// `not-replayable` (409): the original completed but its response was too large or streamed to keep.
+    NotReplayable {
+        /// The status the original answer had.
+        status: u16,
+    },
+    /// `handler-panicked` (500): the handler panicked; nothing was stored, a retry runs again.
+    HandlerPanicked,
+    /// `not-configured` (500): an annotated handler found no `Idempotency` in the app state or extensions.
+    NotConfigured,
+}
+
+const RETRY_AFTER_IN_PROGRESS: HeaderValue = HeaderValue::from_static("1");
+const RETRY_AFTER_STORE: HeaderValue = HeaderValue::from_static("5");
+
+impl Problem {
+    /// The stable name the `type` URI ends in.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Problem::MissingKey { .. } => "missing-key",
+            Problem::InvalidKey { .. } => "invalid-key",
+            Problem::KeyReused => "key-reused",
+            Problem::InProgress => "in-progress",
+            Problem::StoreUnavailable => "store-unavailable",
+            Problem::PayloadTooLarge => "payload-too-large",
+            Problem::UnreadableBody => "unreadable-body",
+            Problem::NotReplayable { .. } => "not-replayable",
+            Problem::HandlerPanicked => "handler-panicked",
+            Problem::NotConfigured => "not-configured",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Problem::MissingKey { .. } | Problem::InvalidKey { .. } | Problem::UnreadableBody => {
+                StatusCode::BAD_REQUEST
+            }
+            Problem::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Problem::InProgress | Problem::NotReplayable { .. } => StatusCode::CONFLICT,
+            Problem::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::HandlerPanicked | Problem::NotConfigured => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Problem::MissingKey { .. } => "Idempotency key required",
+            Problem::InvalidKey { .. } => "Invalid idempotency key",
+            Problem::KeyReused => "Idempotency key reused",
+            Problem::InProgress => "Request in progress",
+            Problem::StoreUnavailable => "Idempotency store unavailable",
+            Problem::PayloadTooLarge => "Payload too large",
+            Problem::UnreadableBody => "Unreadable request body",
+            Problem::NotReplayable { .. } => "Response not replayable",
+            Problem::HandlerPanicked => "Handler failed",
+            Problem::NotConfigured => "Idempotency not configured",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Problem::MissingKey { header } => format!("This endpoint requires an `{header}` header."),
+            Problem::InvalidKey { reason } => {
+                format!("{reason}. A key is 1-255 printable ASCII characters, sent in one header.")
+            }
+            Problem::KeyReused => {
+                "This idempotency key was already used for a different request; use a new key.".to_owned()
+            }
+            Problem::InProgress => "A request with this idempotency key is still being processed; retry later.".to_owned(),
+            Problem::StoreUnavailable => {
+                "The idempotency store could not be reached; the request was not processed. Retry later.".to_owned()
+            }
+            Problem::PayloadTooLarge => "The request body is larger than this endpoint accepts.".to_owned(),
+            Problem::UnreadableBody => "The request body could not be read in full.".to_owned(),
+            Problem::NotReplayable { status } => format!(
+                "The request with this key completed (status {status}) but its response was too large or streamed \
+                 to be stored; it will not be run again."
+            ),
+            Problem::HandlerPanicked => "The request failed; nothing was recorded, so it can be retried.".to_owned(),
+            Problem::NotConfigured => "The server has no idempotency store configured: add `Idempotency` to the app \
+                 state (with `FromRef`) or install it with `.layer(Extension(idempotency))`."
+                .to_owned(),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "type": format!("urn:idem:problem:{}", self.name()),
+            "title": self.title(),
+            "status": self.status().as_u16(),
+            "detail": self.detail(),
+        });
+        let mut response = (self.status(), body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        match self {
+            Problem::InProgress => {
+                headers.insert(header::RETRY_AFTER, RETRY_AFTER_IN_PROGRESS);
+            }
+            Problem::StoreUnavailable => {
+                headers.insert(header::RETRY_AFTER, RETRY_AFTER_STORE);
+            }
+            _ => {}
+        }
+        response
+    }
+}

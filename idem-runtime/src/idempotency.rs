@@ -1,0 +1,172 @@
+//! The app-wide handle: one store and the settings every route shares.
+
+use crate::store::Store;
+use crate::{MemoryStore, Policy};
+use axum::http::HeaderName;
+use axum::http::request::Parts;
+use std::sync::Arc;
+
+/// A function of the request that names who is asking; records are scoped by it so one client never receives
+/// another's stored response.
+pub type PrincipalFn = Arc<dyn Fn(&Parts) -> Vec<u8> + Send + Sync>;
+
+/// What to do when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreFailure {
+    /// Answer `503 store-unavailable` with `Retry-After`; the handler does not run (the default).
+    #[default]
+    FailClosed,
+    /// Run the handler unprotected and log an error: availability over exactly-once.
+    FailOpen,
+}
+
+/// The idempotency engine of an app: a store plus app-wide settings. Cheap to clone (one `Arc`).
+///
+/// Annotated handlers find it in the app state (when `Idempotency: FromRef<YourState>`) or in the request
+/// extensions (`.layer(Extension(idempotency))`).
+///
+/// ```
+/// use idem_runtime::{Idempotency, MemoryStore};
+/// let idempotency = Idempotency::builder(MemoryStore::new())
+///     .fingerprint_headers(["content-type", "x-tenant"])
+///     .max_record_bytes(512 * 1024)
+///     .build();
+/// # let _ = idempotency;
+/// ```
+#[derive(Clone)]
+pub struct Idempotency {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) key_header: HeaderName,
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) principal: PrincipalFn,
+    pub(crate) max_record_bytes: usize,
+    pub(crate) on_store_failure: StoreFailure,
+    pub(crate) layer_policy: Policy,
+}
+
+impl std::fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("key_header", &self.shared.key_header)
+            .field("fingerprint_headers", &self.shared.fingerprint_headers)
+            .field("max_record_bytes", &self.shared.max_record_bytes)
+            .field("on_store_failure", &self.shared.on_store_failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Idempotency {
+    /// An engine over `store` with the default settings.
+    pub fn new(store: impl Store) -> Self {
+        Self::builder(store).build()
+    }
+
+    /// An engine over a fresh [`MemoryStore`]: for tests and single-process apps.
+    pub fn in_memory() -> Self {
+        Self::new(MemoryStore::new())
+    }
+
+    /// Configures an engine over `store`.
+    pub fn builder(store: impl Store) -> IdempotencyBuilder {
+        IdempotencyBuilder {
+            shared: Shared {
+                store: Arc::new(store),
+                key_header: HeaderName::from_static("idempotency-key"),
+                fingerprint_headers: vec![HeaderName::from_static("content-type")],
+                principal: Arc::new(authorization_principal),
+                max_record_bytes: 1 << 20,
+                on_store_failure: StoreFailure::FailClosed,
+                layer_policy: Policy::new().required(false),
+            },
+        }
+    }
+
+    /// The store behind this engine.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+}
+
+/// The default principal: the `Authorization` header's bytes (hashed into the store key, never stored raw).
+fn authorization_principal(parts: &Parts) -> Vec<u8> {
+    parts.headers.get(axum::http::header::AUTHORIZATION).map(|value| value.as_bytes().to_vec()).unwrap_or_default()
+}
+
+/// Configures an [`Idempotency`].
+pub struct IdempotencyBuilder {
+    shared: Shared,
+}
+
+impl IdempotencyBuilder {
+    /// The header carrying the key (default `Idempotency-Key`).
+    ///
+    /// # Panics
+    /// If `name` is not a valid header name.
+    pub fn key_header(mut self, name: &str) -> Self {
+        self.shared.key_header = HeaderName::try_from(name).expect("key_header: not a valid header name");
+        self
+    }
+
+    /// Request headers that are part of the fingerprint, besides method, path, query and body
+    /// (default `content-type`).
+    ///
+    /// # Panics
+    /// If a name is not a valid header name.
+    pub fn fingerprint_headers<I, N>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: AsRef<str>,
+    {
+        self.shared.fingerprint_headers = names
+            .into_iter()
+            .map(|name| HeaderName::try_from(name.as_ref()).expect("fingerprint_headers: not a valid header name"))
+            .collect();
+        self
+    }
+
+    /// Who is asking (default: the `Authorization` header). Records are scoped by the returned bytes.
+    ///
+    /// ```
+    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// let idempotency = Idempotency::builder(MemoryStore::new())
+    ///     .principal(|parts| parts.headers.get("x-api-key").map(|v| v.as_bytes().to_vec()).unwrap_or_default())
+    ///     .build();
+    /// # let _ = idempotency;
+    /// ```
+    pub fn principal<F>(mut self, principal: F) -> Self
+    where
+        F: Fn(&Parts) -> Vec<u8> + Send + Sync + 'static,
+    {
+        self.shared.principal = Arc::new(principal);
+        self
+    }
+
+    /// The largest response body kept for replay (default 1 MiB). A larger or streamed body is sent through and the
+    /// key recorded as not-replayable.
+    pub fn max_record_bytes(mut self, bytes: usize) -> Self {
+        self.shared.max_record_bytes = bytes;
+        self
+    }
+
+    /// What to do when the store is unreachable (default [`StoreFailure::FailClosed`]).
+    pub fn on_store_failure(mut self, policy: StoreFailure) -> Self {
+        self.shared.on_store_failure = policy;
+        self
+    }
+
+    /// The settings the router-wide layer applies to routes that are not annotated (default: [`Policy::new`] with
+    /// `required(false)`).
+    pub fn layer_policy(mut self, policy: Policy) -> Self {
+        self.shared.layer_policy = policy;
+        self
+    }
+
+    /// Builds the engine.
+    pub fn build(self) -> Idempotency {
+        Idempotency { shared: Arc::new(self.shared) }
+    }
+}

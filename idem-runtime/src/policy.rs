@@ -1,0 +1,110 @@
+//! Per-route settings: the arguments of `#[idempotent(...)]`.
+
+use std::time::Duration;
+
+/// How one route (or the plain API call) treats idempotency keys. Const-constructible, so the macro can keep it in
+/// a `static`.
+///
+/// ```
+/// use idem_runtime::Policy;
+/// use std::time::Duration;
+/// const ORDERS: Policy = Policy::new().ttl(Duration::from_secs(60)).wait_timeout(Duration::from_secs(3));
+/// assert!(ORDERS.validates_signature());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    ttl: Duration,
+    wait_timeout: Duration,
+    lease: Duration,
+    validate_signature: bool,
+    required: bool,
+    store_server_errors: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Policy {
+    /// The macro's defaults: `ttl` 24 h, `wait_timeout` 0, `lease` 30 s, signature validated, key required,
+    /// 5xx not stored.
+    pub const fn new() -> Self {
+        Self {
+            ttl: Duration::from_secs(86_400),
+            wait_timeout: Duration::ZERO,
+            lease: Duration::from_secs(30),
+            validate_signature: true,
+            required: true,
+            store_server_errors: false,
+        }
+    }
+
+    /// How long a completed response is kept and replayed.
+    pub const fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a duplicate waits for an in-flight original before answering `409 in-progress` (zero: at once).
+    pub const fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
+        self.wait_timeout = wait_timeout;
+        self
+    }
+
+    /// How long an in-flight claim lives without renewal. The engine renews it every third of this while the
+    /// handler runs, so a crashed process blocks its keys for at most one lease.
+    pub const fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Whether a reused key with a different request is refused with `422 key-reused`.
+    pub const fn validate_signature(mut self, validate: bool) -> Self {
+        self.validate_signature = validate;
+        self
+    }
+
+    /// Whether a request without a key is refused with `400 missing-key` (else it runs unprotected).
+    pub const fn required(mut self, required: bool) -> Self {
+        self.required = required;
+        self
+    }
+
+    /// Whether 5xx answers (and panics) are stored too, making the route at-most-once rather than retryable.
+    pub const fn store_server_errors(mut self, store: bool) -> Self {
+        self.store_server_errors = store;
+        self
+    }
+
+    /// See [`Policy::ttl`].
+    pub const fn ttl_duration(&self) -> Duration {
+        self.ttl
+    }
+
+    /// See [`Policy::wait_timeout`].
+    pub const fn wait_timeout_duration(&self) -> Duration {
+        self.wait_timeout
+    }
+
+    /// See [`Policy::lease`].
+    pub const fn lease_duration(&self) -> Duration {
+        self.lease
+    }
+
+    /// See [`Policy::validate_signature`].
+    pub const fn validates_signature(&self) -> bool {
+        self.validate_signature
+    }
+
+    /// See [`Policy::required`].
+    pub const fn is_required(&self) -> bool {
+        self.required
+    }
+
+    /// See [`Policy::store_server_errors`].
+    pub const fn stores_server_errors(&self) -> bool {
+        self.store_server_errors
+    }
+}

@@ -1,0 +1,105 @@
+//! What a store keeps for a key: in-flight claims and completed records.
+
+use crate::Fingerprint;
+use bytes::Bytes;
+use std::fmt;
+
+/// Proof of ownership of an in-flight claim. Every write to a claimed key presents it, so a claimant whose lease
+/// expired (and whose key was claimed again by someone else) can never overwrite or delete the newer claim.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct OwnerToken(String);
+
+impl OwnerToken {
+    /// A fresh, unguessable token (128 random bits).
+    pub fn generate() -> Self {
+        use std::collections::hash_map::RandomState;
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS per process and re-keyed per instance: two instances give
+        // independent 64-bit values, enough to tell claimants apart without a `rand` dependency.
+        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let sequence = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let mut words = [0u64; 2];
+        for word in &mut words {
+            let mut hasher = RandomState::new().build_hasher();
+            hasher.write_u64(sequence);
+            hasher.write_u128(now);
+            hasher.write_u32(std::process::id());
+            *word = hasher.finish();
+        }
+        Self(format!("{:016x}{:016x}", words[0], words[1]))
+    }
+
+    /// Wraps a token read back from a store.
+    pub fn from_string(token: String) -> Self {
+        Self(token)
+    }
+
+    /// The token's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for OwnerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OwnerToken({})", self.0)
+    }
+}
+
+/// A completed request: the fingerprint it was made with and what to answer its retries with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The fingerprint of the request that produced this record.
+    pub fingerprint: Fingerprint,
+    /// The stored answer.
+    pub stored: Stored,
+}
+
+/// The stored answer of a completed request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// A complete response, replayed byte for byte.
+    Response(StoredResponse),
+    /// The request completed but its response could not be kept (too large, or streamed); retries are refused
+    /// rather than run twice or answered with a truncated body.
+    NotReplayable {
+        /// The status the original answer had.
+        status: u16,
+    },
+}
+
+/// A response as kept in a store: status, headers in order (repeated names and non-UTF-8 values preserved), body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    /// Header names (lower case) and raw values, in the original order.
+    pub headers: Vec<(String, Bytes)>,
+    /// The body bytes.
+    pub body: Bytes,
+}
+
+impl Record {
+    /// Bytes this record occupies, for stores that bound their memory.
+    pub fn weight(&self) -> usize {
+        match &self.stored {
+            Stored::Response(response) => {
+                response.body.len() + response.headers.iter().map(|(n, v)| n.len() + v.len() + 16).sum::<usize>() + 64
+            }
+            Stored::NotReplayable { .. } => 64,
+        }
+    }
+}
+
+/// What a store holds under a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// A claimant is running the request now.
+    InFlight {
+        /// The fingerprint of the running request.
+        fingerprint: Fingerprint,
+    },
+    /// The request completed.
+    Completed(Record),
+}

@@ -1,0 +1,410 @@
+//! An in-process store with the same semantics as the Redis store, for tests and single-process apps.
+
+use super::{Claimed, Store, StoreError, StoreKey, Write};
+use crate::{Entry, Fingerprint, Stored, OwnerToken, Record};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Bytes charged for an in-flight claim (the key, the token, the bookkeeping).
+const CLAIM_WEIGHT: usize = 192;
+
+/// An in-memory [`Store`]: atomic claim-or-read under one lock, owner-checked writes, waiters woken in-process by
+/// [`Notify`] (no polling), expiry on [`tokio::time`] (so `#[tokio::test(start_paused = true)]` can advance it).
+///
+/// It is bounded by a number of entries and a number of bytes. When full:
+/// - a **new claim** is refused with [`StoreError::Full`], which the engine answers with `503 store-unavailable`
+///   (fail closed, like Redis with `maxmemory-policy noeviction`): nothing unexpired is ever evicted, so a retry
+///   can never run a request a second time because its record was pushed out;
+/// - a **completed response** that does not fit is kept as not-replayable: its retries get `not-replayable`, never a
+///   second execution.
+///
+/// ```
+/// use idem_runtime::MemoryStore;
+/// let store = MemoryStore::builder().max_entries(10_000).max_bytes(64 << 20).build();
+/// # let _ = store;
+/// ```
+pub struct MemoryStore {
+    state: Mutex<State>,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+/// Configures a [`MemoryStore`].
+#[derive(Debug, Clone)]
+pub struct MemoryStoreBuilder {
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct State {
+    slots: HashMap<StoreKey, Slot>,
+    /// Expiry times, possibly stale (a renewed or completed slot leaves its old time behind); checked on pop.
+    expiries: BinaryHeap<Reverse<(Instant, StoreKey)>>,
+    bytes: usize,
+}
+
+struct Slot {
+    entry: SlotEntry,
+    expires_at: Instant,
+    weight: usize,
+    /// Created when the first waiter arrives.
+    waiters: Option<Arc<Notify>>,
+}
+
+enum SlotEntry {
+    InFlight { owner: OwnerToken, fingerprint: Fingerprint },
+    Completed(Record),
+}
+
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        Self { max_entries: 100_000, max_bytes: 256 << 20 }
+    }
+}
+
+impl MemoryStoreBuilder {
+    /// The most keys held at once, in flight or completed (default 100 000).
+    pub fn max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries.max(1);
+        self
+    }
+
+    /// The most bytes of records held at once (default 256 MiB).
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore { state: Mutex::new(State::default()), max_entries: self.max_entries, max_bytes: self.max_bytes }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A store with the default bounds (100 000 entries, 256 MiB).
+    pub fn new() -> Self {
+        MemoryStoreBuilder::default().build()
+    }
+
+    /// Configures bounds.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    /// How many unexpired keys are held.
+    pub fn len(&self) -> usize {
+        let mut state = self.lock();
+        state.sweep(Instant::now());
+        state.slots.len()
+    }
+
+    /// Whether no unexpired key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes charged against the bound by unexpired keys.
+    pub fn bytes(&self) -> usize {
+        let mut state = self.lock();
+        state.sweep(Instant::now());
+        state.bytes
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code under this lock can panic midway through a change, so a poisoned lock still holds whole data.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    /// Drops every slot whose time has come.
+    fn sweep(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.expiries.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, key))) = self.expiries.pop() else { break };
+            if self.slots.get(&key).is_some_and(|slot| slot.expires_at == at) {
+                self.remove(&key);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &StoreKey) -> Option<Slot> {
+        let slot = self.slots.remove(key)?;
+        self.bytes -= slot.weight;
+        if let Some(waiters) = &slot.waiters {
+            waiters.notify_waiters();
+        }
+        Some(slot)
+    }
+
+    /// The live slot under `key`, if it is owned by `owner`.
+    fn owned(&mut self, key: &StoreKey, owner: &OwnerToken, now: Instant) -> Option<&mut Slot> {
+        self.sweep(now);
+        self.slots
+            .get_mut(key)
+            .filter(|slot| matches!(&slot.entry, SlotEntry::InFlight { owner: held, .. } if held == owner))
+    }
+
+    fn set_expiry(&mut self, key: &StoreKey, at: Instant) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            slot.expires_at = at;
+            self.expiries.push(Reverse((at, key.clone())));
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MemoryStore {
+    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.sweep(now);
+        if let Some(slot) = state.slots.get(key) {
+            return Ok(Claimed::Existing(match &slot.entry {
+                SlotEntry::InFlight { fingerprint, .. } => Entry::InFlight { fingerprint: *fingerprint },
+                SlotEntry::Completed(record) => Entry::Completed(record.clone()),
+            }));
+        }
+        if state.slots.len() >= self.max_entries {
+            return Err(StoreError::Full(format!("{} entries held (max_entries)", state.slots.len())));
+        }
+        if state.bytes + CLAIM_WEIGHT > self.max_bytes {
+            return Err(StoreError::Full(format!("{} bytes held (max_bytes = {})", state.bytes, self.max_bytes)));
+        }
+        let owner = OwnerToken::generate();
+        let entry = SlotEntry::InFlight { owner: owner.clone(), fingerprint: *fingerprint };
+        state.bytes += CLAIM_WEIGHT;
+        state.slots.insert(key.clone(), Slot { entry, expires_at: now, weight: CLAIM_WEIGHT, waiters: None });
+        state.set_expiry(key, now + lease);
+        Ok(Claimed::Owned(owner))
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, StoreError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let bytes_held = state.bytes;
+        let Some(slot) = state.owned(key, owner, now) else { return Ok(Write::Fenced) };
+        let mut weight = record.weight();
+        let record = if bytes_held - slot.weight + weight > self.max_bytes {
+            tracing::warn!(key = %key, bytes = weight, "memory store full: keeping the record as not-replayable");
+            let status = match &record.stored {
+                Stored::Response(response) => response.status,
+                Stored::NotReplayable { status } => *status,
+            };
+            let record = Record { fingerprint: record.fingerprint, stored: Stored::NotReplayable { status } };
+            weight = record.weight();
+            record
+        } else {
+            record.clone()
+        };
+        let old_weight = std::mem::replace(&mut slot.weight, weight);
+        slot.entry = SlotEntry::Completed(record);
+        if let Some(waiters) = slot.waiters.take() {
+            waiters.notify_waiters();
+        }
+        state.bytes = state.bytes - old_weight + weight;
+        state.set_expiry(key, now + ttl);
+        Ok(Write::Applied)
+    }
+
+    async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
+        let mut state = self.lock();
+        if state.owned(key, owner, Instant::now()).is_none() {
+            return Ok(Write::Fenced);
+        }
+        state.remove(key);
+        Ok(Write::Applied)
+    }
+
+    async fn renew(&self, key: &StoreKey, owner: &OwnerToken, lease: Duration) -> Result<Write, StoreError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if state.owned(key, owner, now).is_none() {
+            return Ok(Write::Fenced);
+        }
+        state.set_expiry(key, now + lease);
+        Ok(Write::Applied)
+    }
+
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let (notified, expires_at) = {
+            let mut state = self.lock();
+            state.sweep(now);
+            let Some(slot) = state.slots.get_mut(key) else { return Ok(()) };
+            if !matches!(slot.entry, SlotEntry::InFlight { .. }) {
+                return Ok(());
+            }
+            let waiters = slot.waiters.get_or_insert_with(|| Arc::new(Notify::new())).clone();
+            // Registered before the lock is dropped: a completion that follows cannot be missed.
+            let mut notified = Box::pin(waiters.notified_owned());
+            notified.as_mut().enable();
+            (notified, slot.expires_at)
+        };
+        // A lease that runs out with nobody completing also ends the wait.
+        let until = expires_at.min(now + timeout);
+        let _ = tokio::time::timeout_at(until, notified).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StoredResponse;
+    use bytes::Bytes;
+
+    fn key(name: &str) -> StoreKey {
+        StoreKey::from_digest(name.to_owned())
+    }
+
+    fn fp(text: &str) -> Fingerprint {
+        Fingerprint::builder().field(text.as_bytes()).finish()
+    }
+
+    fn record(body: &'static [u8]) -> Record {
+        Record {
+            fingerprint: fp("a"),
+            stored: Stored::Response(StoredResponse {
+                status: 201,
+                headers: vec![("x".into(), Bytes::from_static(b"1"))],
+                body: Bytes::from_static(body),
+            }),
+        }
+    }
+
+    fn owned(claimed: Claimed) -> OwnerToken {
+        match claimed {
+            Claimed::Owned(owner) => owner,
+            other => panic!("expected to own the claim, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn claim_is_exclusive_until_the_lease_runs_out() {
+        let store = MemoryStore::new();
+        let lease = Duration::from_secs(30);
+        owned(store.claim(&key("k"), &fp("a"), lease).await.unwrap());
+        assert_eq!(
+            store.claim(&key("k"), &fp("b"), lease).await.unwrap(),
+            Claimed::Existing(Entry::InFlight { fingerprint: fp("a") })
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        owned(store.claim(&key("k"), &fp("b"), lease).await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_owner_is_fenced_and_changes_nothing() {
+        let store = MemoryStore::new();
+        let lease = Duration::from_secs(1);
+        let stale = owned(store.claim(&key("k"), &fp("a"), lease).await.unwrap());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let fresh = owned(store.claim(&key("k"), &fp("a"), lease).await.unwrap());
+        let ttl = Duration::from_secs(60);
+        assert_eq!(store.complete(&key("k"), &stale, &record(b"old"), ttl).await.unwrap(), Write::Fenced);
+        assert_eq!(store.release(&key("k"), &stale).await.unwrap(), Write::Fenced);
+        assert_eq!(store.renew(&key("k"), &stale, lease).await.unwrap(), Write::Fenced);
+        assert_eq!(store.complete(&key("k"), &fresh, &record(b"new"), ttl).await.unwrap(), Write::Applied);
+        assert_eq!(
+            store.claim(&key("k"), &fp("a"), lease).await.unwrap(),
+            Claimed::Existing(Entry::Completed(record(b"new")))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn completed_records_expire_after_their_ttl() {
+        let store = MemoryStore::new();
+        let owner = owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap());
+        store.complete(&key("k"), &owner, &record(b"x"), Duration::from_secs(60)).await.unwrap();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(matches!(store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap(), Claimed::Existing(_)));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap());
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renew_extends_the_lease() {
+        let store = MemoryStore::new();
+        let lease = Duration::from_secs(10);
+        let owner = owned(store.claim(&key("k"), &fp("a"), lease).await.unwrap());
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(8)).await;
+            assert_eq!(store.renew(&key("k"), &owner, lease).await.unwrap(), Write::Applied);
+        }
+        assert!(matches!(store.claim(&key("k"), &fp("a"), lease).await.unwrap(), Claimed::Existing(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wake_on_completion_not_on_timeout() {
+        let store = Arc::new(MemoryStore::new());
+        let owner = owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(30)).await.unwrap());
+        let started = Instant::now();
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait(&key("k"), Duration::from_secs(20)).await.map(|()| started.elapsed()) }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        store.complete(&key("k"), &owner, &record(b"x"), Duration::from_secs(60)).await.unwrap();
+        let waited = waiter.await.unwrap().unwrap();
+        assert_eq!(waited, Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wake_when_the_lease_runs_out() {
+        let store = MemoryStore::new();
+        owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(3)).await.unwrap());
+        let started = Instant::now();
+        store.wait(&key("k"), Duration::from_secs(20)).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_new_claims_but_keeps_what_it_holds() {
+        let store = MemoryStore::builder().max_entries(2).build();
+        let lease = Duration::from_secs(30);
+        owned(store.claim(&key("a"), &fp("a"), lease).await.unwrap());
+        owned(store.claim(&key("b"), &fp("a"), lease).await.unwrap());
+        assert!(matches!(store.claim(&key("c"), &fp("a"), lease).await, Err(StoreError::Full(_))));
+        assert!(matches!(store.claim(&key("a"), &fp("a"), lease).await.unwrap(), Claimed::Existing(_)));
+    }
+
+    #[tokio::test]
+    async fn a_record_too_large_for_the_bound_is_kept_as_not_replayable() {
+        let store = MemoryStore::builder().max_bytes(1024).build();
+        let owner = owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(30)).await.unwrap());
+        let big = Record {
+            fingerprint: fp("a"),
+            stored: Stored::Response(StoredResponse { status: 200, headers: vec![], body: vec![0u8; 4096].into() }),
+        };
+        assert_eq!(store.complete(&key("k"), &owner, &big, Duration::from_secs(60)).await.unwrap(), Write::Applied);
+        assert_eq!(
+            store.claim(&key("k"), &fp("a"), Duration::from_secs(30)).await.unwrap(),
+            Claimed::Existing(Entry::Completed(Record {
+                fingerprint: fp("a"),
+                stored: Stored::NotReplayable { status: 200 }
+            }))
+        );
+        assert!(store.bytes() <= 1024);
+    }
+}

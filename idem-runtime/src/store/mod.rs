@@ -1,0 +1,139 @@
+//! The one small trait every backend implements, and the backends.
+
+mod memory;
+
+pub use memory::{MemoryStore, MemoryStoreBuilder};
+
+use crate::{Entry, Fingerprint, OwnerToken, Record};
+use std::fmt;
+use std::time::Duration;
+
+/// Where a key lives in a store: a digest of the request's scope and its idempotency key, never the raw key.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StoreKey(String);
+
+impl StoreKey {
+    /// Derives a key from length-prefixed parts (a namespace, a scope, the client's key): a SHA-256 hex digest, so
+    /// no client bytes reach the store and every key has the same short length.
+    ///
+    /// ```
+    /// use idem_runtime::StoreKey;
+    /// let key = StoreKey::derive(&[b"http", b"POST", b"/orders", b"", b"key-1"]);
+    /// assert_eq!(key.as_str().len(), 64);
+    /// ```
+    pub fn derive(parts: &[&[u8]]) -> Self {
+        let digest = parts.iter().fold(crate::Fingerprint::builder(), |builder, part| builder.field(part)).finish();
+        Self(digest.to_hex())
+    }
+
+    /// Wraps a digest read back from a store or made by [`StoreKey::derive`].
+    pub fn from_digest(digest: String) -> Self {
+        Self(digest)
+    }
+
+    /// The digest text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreKey({})", self.0)
+    }
+}
+
+impl fmt::Display for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The answer to [`Store::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// The key was free: the caller now owns an in-flight claim for `lease`.
+    Owned(OwnerToken),
+    /// The key was taken: what the store holds.
+    Existing(Entry),
+}
+
+/// Whether an owner-checked write took effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// The caller still owned the claim; the write happened.
+    Applied,
+    /// The caller no longer owns the claim (its lease expired and the key was released or claimed again):
+    /// nothing changed.
+    Fenced,
+}
+
+/// A store failed; the engine answers `503 store-unavailable` (or runs unprotected when fail-open is chosen).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached or answered with an error.
+    #[error("idempotency store unavailable: {0}")]
+    Unavailable(String),
+    /// The store is at its configured bound and cannot take a new claim.
+    #[error("idempotency store is full: {0}")]
+    Full(String),
+    /// A record read back from the store could not be decoded.
+    #[error("idempotency store returned a corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// A place to keep claims and records: one small async trait, so the engine never knows which backend it talks to.
+///
+/// Every method is one atomic step; implementations must give the same semantics as [`MemoryStore`]:
+/// `claim` is claim-or-read in one step, and `complete`, `release` and `renew` change nothing unless the caller
+/// still owns the claim.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Claims `key` for `lease` if it is free (absent, or its lease ran out), else returns what is there.
+    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError>;
+
+    /// Replaces the caller's claim with a completed record kept for `ttl`, and wakes waiters.
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, StoreError>;
+
+    /// Deletes the caller's claim so a retry can run again, and wakes waiters.
+    async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError>;
+
+    /// Extends the caller's claim to `lease` from now.
+    async fn renew(&self, key: &StoreKey, owner: &OwnerToken, lease: Duration) -> Result<Write, StoreError>;
+
+    /// Returns once the in-flight claim on `key` ends (completed, released or expired) or after `timeout`,
+    /// whichever comes first. Returns at once if `key` is not in flight. Implementations wake on a notification,
+    /// not by polling, and must not lose a wake-up that happens while they start waiting.
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError> {
+        (**self).claim(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, StoreError> {
+        (**self).complete(key, owner, record, ttl).await
+    }
+    async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
+        (**self).release(key, owner).await
+    }
+    async fn renew(&self, key: &StoreKey, owner: &OwnerToken, lease: Duration) -> Result<Write, StoreError> {
+        (**self).renew(key, owner, lease).await
+    }
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        (**self).wait(key, timeout).await
+    }
+}

@@ -1,0 +1,13 @@
+#![doc = include_str!("../README.md")]
+
+pub use idem_macros::idempotent;
+pub use idem_runtime::*;
+
+/// What `#[idempotent]` expands to use. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use axum::extract::{FromRequest, FromRequestParts, Request, State};
+    pub use axum::response::{IntoResponse, Response};
+    pub use idem_runtime::macro_support::*;
+    pub use idem_runtime::{Execution, Policy};
+}

@@ -1,7 +1,7 @@
 //! Reading the `Idempotency-Key` header.
 
-use axum::http::header::GetAll;
 use axum::http::HeaderValue;
+use axum::http::header::GetAll;
 
 /// The longest key accepted, in characters.
 pub const MAX_KEY_LEN: usize = 255;

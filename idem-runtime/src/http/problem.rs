@@ -97,7 +97,9 @@ impl Problem {
             Problem::KeyReused => {
                 "This idempotency key was already used for a different request; use a new key.".to_owned()
             }
-            Problem::InProgress => "A request with this idempotency key is still being processed; retry later.".to_owned(),
+            Problem::InProgress => {
+                "A request with this idempotency key is still being processed; retry later.".to_owned()
+            }
             Problem::StoreUnavailable => {
                 "The idempotency store could not be reached; the request was not processed. Retry later.".to_owned()
             }

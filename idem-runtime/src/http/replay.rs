@@ -2,10 +2,10 @@
 
 use crate::{Stored, StoredResponse};
 use axum::body::Body;
+use axum::body::HttpBody;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use http_body_util::BodyExt;
-use axum::body::HttpBody;
 
 /// Headers never replayed: connection-level (hop-by-hop) ones, framing the server recomputes, and the ones that
 /// must be fresh or belong to one client only.

@@ -1,7 +1,7 @@
 //! An in-process store with the same semantics as the Redis store, for tests and single-process apps.
 
 use super::{Claimed, Store, StoreError, StoreKey, Write};
-use crate::{Entry, Fingerprint, Stored, OwnerToken, Record};
+use crate::{Entry, Fingerprint, OwnerToken, Record, Stored};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -337,7 +337,10 @@ mod tests {
         let owner = owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap());
         store.complete(&key("k"), &owner, &record(b"x"), Duration::from_secs(60)).await.unwrap();
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert!(matches!(store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap(), Claimed::Existing(_)));
+        assert!(matches!(
+            store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap(),
+            Claimed::Existing(_)
+        ));
         tokio::time::advance(Duration::from_secs(2)).await;
         owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap());
         assert_eq!(store.len(), 1);

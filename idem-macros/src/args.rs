@@ -8,8 +8,14 @@ use syn::{Expr, ExprLit, ExprUnary, Lit, LitBool, LitStr, Path, Type, UnOp};
 const ARGUMENTS: &str =
     "`ttl`, `wait_timeout`, `lease`, `validate_signature`, `required`, `store_server_errors`, `state`, `crate`";
 
+/// The default ttl, in nanoseconds (24 h): kept equal to `Policy::new()` in the runtime.
+const DEFAULT_TTL_NANOS: u64 = 86_400_000_000_000;
+
 /// The default lease, in nanoseconds (30 s): kept equal to `Policy::new()` in the runtime.
 const DEFAULT_LEASE_NANOS: u64 = 30_000_000_000;
+
+/// The largest duration accepted, in seconds: far beyond any sensible ttl, and small enough to fit in nanoseconds.
+const MAX_SECONDS: f64 = 1e9;
 
 /// A duration given in seconds, as a positive integer or float literal.
 #[derive(Clone, Copy)]
@@ -33,30 +39,38 @@ pub struct Args {
 impl Args {
     pub fn parse_meta(&mut self, meta: ParseNestedMeta<'_>) -> syn::Result<()> {
         let Some(name) = meta.path.get_ident().map(|ident| ident.to_string()) else {
-            return Err(meta.error(format!("unknown argument; expected one of {ARGUMENTS}")));
+            return Err(syn::Error::new_spanned(&meta.path, format!("unknown argument; expected one of {ARGUMENTS}")));
         };
         match name.as_str() {
-            "ttl" => set(&meta, &mut self.ttl, |meta| seconds(meta, Zero::Refused)),
-            "wait_timeout" => set(&meta, &mut self.wait_timeout, |meta| seconds(meta, Zero::Allowed)),
-            "lease" => set(&meta, &mut self.lease, |meta| seconds(meta, Zero::Refused)),
-            "validate_signature" => set(&meta, &mut self.validate_signature, flag),
-            "required" => set(&meta, &mut self.required, flag),
-            "store_server_errors" => set(&meta, &mut self.store_server_errors, flag),
-            "state" => set(&meta, &mut self.state, |meta| meta.value()?.parse()),
-            "crate" => set(&meta, &mut self.krate, |meta| meta.value()?.parse::<LitStr>()?.parse()),
+            "ttl" => set(&meta, &mut self.ttl, |meta| seconds(meta, "ttl", Zero::Refused)),
+            "wait_timeout" => set(&meta, &mut self.wait_timeout, |meta| seconds(meta, "wait_timeout", Zero::Allowed)),
+            "lease" => set(&meta, &mut self.lease, |meta| seconds(meta, "lease", Zero::Refused)),
+            "validate_signature" => set(&meta, &mut self.validate_signature, |meta| flag(meta, "validate_signature")),
+            "required" => set(&meta, &mut self.required, |meta| flag(meta, "required")),
+            "store_server_errors" => set(&meta, &mut self.store_server_errors, |meta| flag(meta, "store_server_errors")),
+            "state" => set(&meta, &mut self.state, state),
+            "crate" => set(&meta, &mut self.krate, krate),
             _ => Err(meta.error(format!("unknown argument `{name}`; expected one of {ARGUMENTS}"))),
         }
     }
 
-    /// Checks that the durations fit together. A lease left at its default shrinks to fit a short `ttl`; one the
-    /// user wrote must fit as written.
+    /// Checks that the durations fit together, against the default `ttl` when none is written. A lease left at its
+    /// default shrinks to fit a short `ttl`; one the user wrote must fit as written.
     pub fn validate(&self) -> syn::Result<()> {
-        let Some(ttl) = self.ttl else { return Ok(()) };
+        let (ttl, ttl_name) = match self.ttl {
+            Some(ttl) => (ttl.nanos, "`ttl`"),
+            None => (DEFAULT_TTL_NANOS, "the default `ttl`"),
+        };
         for (name, value) in [("lease", self.lease), ("wait_timeout", self.wait_timeout)] {
-            if let Some(value) = value.filter(|value| value.nanos > ttl.nanos) {
+            if let Some(value) = value.filter(|value| value.nanos > ttl) {
                 return Err(syn::Error::new(
                     value.span,
-                    format!("`{name}` must not exceed `ttl`: a record must outlive the time spent running or waiting"),
+                    format!(
+                        "`{name}` ({} s) must not exceed {ttl_name} ({} s): a record must outlive the time spent \
+                         running or waiting; lower `{name}` or raise `ttl`",
+                        display_seconds(value.nanos),
+                        display_seconds(ttl),
+                    ),
                 ));
             }
         }
@@ -80,7 +94,7 @@ fn set<T>(
 ) -> syn::Result<()> {
     if slot.is_some() {
         let name = meta.path.get_ident().map(ToString::to_string).unwrap_or_default();
-        return Err(meta.error(format!("`{name}` set multiple times")));
+        return Err(meta.error(format!("`{name}` set multiple times; keep one")));
     }
     *slot = Some(parse(meta)?);
     Ok(())
@@ -92,36 +106,82 @@ enum Zero {
     Refused,
 }
 
-fn seconds(meta: &ParseNestedMeta<'_>, zero: Zero) -> syn::Result<Seconds> {
+fn seconds(meta: &ParseNestedMeta<'_>, name: &str, zero: Zero) -> syn::Result<Seconds> {
     let expr: Expr = meta.value()?.parse()?;
-    let span = expr.span();
-    let expected = "expected a number of seconds, like `60` or `2.5`";
     let secs = match &expr {
         Expr::Lit(ExprLit { lit: Lit::Int(int), .. }) => int.base10_parse::<u64>()? as f64,
         Expr::Lit(ExprLit { lit: Lit::Float(float), .. }) => float.base10_parse::<f64>()?,
         Expr::Unary(ExprUnary { op: UnOp::Neg(_), .. }) => {
-            return Err(syn::Error::new(span, "a duration cannot be negative"));
+            let fix = match zero {
+                Zero::Allowed => format!("; `{name} = 0` answers at once"),
+                Zero::Refused => String::new(),
+            };
+            return Err(syn::Error::new_spanned(expr, format!("`{name}` cannot be negative{fix}")));
         }
-        _ => return Err(syn::Error::new(span, expected)),
+        _ => {
+            return Err(syn::Error::new_spanned(
+                expr,
+                format!("`{name}` expects a number of seconds, like `{name} = 60` or `{name} = 2.5`"),
+            ));
+        }
     };
-    if !secs.is_finite() || secs > 1e9 {
-        return Err(syn::Error::new(span, "this duration is too large"));
+    let span = expr.span();
+    if !secs.is_finite() || secs > MAX_SECONDS {
+        return Err(syn::Error::new(span, format!("`{name}` is too large: at most {MAX_SECONDS} seconds")));
     }
     let nanos = (secs * 1e9).round() as u64;
     if nanos == 0 && zero == Zero::Refused {
-        return Err(syn::Error::new(span, "this duration must be greater than zero"));
+        return Err(syn::Error::new(span, format!("`{name}` must be greater than zero")));
     }
     Ok(Seconds { nanos, span })
 }
 
 /// `name` alone means true; `name = true` / `name = false` as written.
-fn flag(meta: &ParseNestedMeta<'_>) -> syn::Result<bool> {
+fn flag(meta: &ParseNestedMeta<'_>, name: &str) -> syn::Result<bool> {
     if meta.input.is_empty() || meta.input.peek(syn::Token![,]) {
         return Ok(true);
     }
     let expr: Expr = meta.value()?.parse()?;
     match expr {
         Expr::Lit(ExprLit { lit: Lit::Bool(LitBool { value, .. }), .. }) => Ok(value),
-        other => Err(syn::Error::new(other.span(), "expected `true` or `false`")),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("`{name}` expects `true` or `false` (or nothing: `{name}` alone means `true`)"),
+        )),
     }
+}
+
+/// `state = AppState`: any type.
+fn state(meta: &ParseNestedMeta<'_>) -> syn::Result<Type> {
+    let value = meta.value()?;
+    value.parse().map_err(|error| {
+        syn::Error::new(error.span(), "`state` expects the router's state type, like `state = AppState`")
+    })
+}
+
+/// `crate = "path::to::idem"`: a path in a string, as tokio and serde take it.
+fn krate(meta: &ParseNestedMeta<'_>) -> syn::Result<Path> {
+    let expected = r#"`crate` expects the path to the `idem` crate in a string, like `crate = "::idem"`"#;
+    let expr: Expr = meta.value()?.parse()?;
+    match &expr {
+        Expr::Lit(ExprLit { lit: Lit::Str(path), .. }) => {
+            parse_path(path).map_err(|_| syn::Error::new_spanned(path, expected))
+        }
+        _ => Err(syn::Error::new_spanned(expr, expected)),
+    }
+}
+
+fn parse_path(path: &LitStr) -> syn::Result<Path> {
+    path.parse_with(Path::parse_mod_style)
+}
+
+/// `30`, `2.5`, `0.001`: seconds as the user would write them.
+fn display_seconds(nanos: u64) -> String {
+    let secs = nanos / 1_000_000_000;
+    let fraction = nanos % 1_000_000_000;
+    if fraction == 0 {
+        return secs.to_string();
+    }
+    let fraction = format!("{fraction:09}");
+    format!("{secs}.{}", fraction.trim_end_matches('0'))
 }

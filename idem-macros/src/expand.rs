@@ -2,7 +2,7 @@
 //! hands the request to the runtime, then runs the user's own extractors one by one.
 
 use crate::args::Args;
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 use syn::parse::Parser;
 use syn::spanned::Spanned;
@@ -12,7 +12,10 @@ pub fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     let function: ItemFn = match syn::parse2(item.clone()) {
         Ok(function) => function,
         // Not a function: let rustc report the item as written, next to our error.
-        Err(error) => return with_error(item, error),
+        Err(error) => {
+            let error = syn::Error::new(error.span(), "`#[idempotent]` goes on an `async fn` axum handler");
+            return with_error(item, error);
+        }
     };
     let mut args = Args::default();
     let parsed = syn::meta::parser(|meta| args.parse_meta(meta)).parse2(attr).and_then(|()| args.validate());
@@ -31,19 +34,27 @@ fn with_error(item: TokenStream, error: syn::Error) -> TokenStream {
 fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
     let signature = &function.sig;
     if signature.asyncness.is_none() {
-        return Err(syn::Error::new(signature.fn_token.span, "`#[idempotent]` handlers must be `async fn`"));
-    }
-    if !signature.generics.params.is_empty() || signature.generics.where_clause.is_some() {
         return Err(syn::Error::new(
-            signature.generics.span(),
-            "`#[idempotent]` handlers cannot be generic: axum needs one concrete handler per route",
+            signature.fn_token.span,
+            "`#[idempotent]` handlers must be `async fn`: write `async fn` here",
         ));
+    }
+    let generic = "`#[idempotent]` handlers cannot be generic: axum needs one concrete handler per route";
+    if !signature.generics.params.is_empty() {
+        return Err(syn::Error::new_spanned(&signature.generics, generic));
+    }
+    if let Some(where_clause) = &signature.generics.where_clause {
+        return Err(syn::Error::new_spanned(where_clause, generic));
     }
     let mut arg_types = Vec::new();
     for input in &signature.inputs {
         match input {
             FnArg::Receiver(receiver) => {
-                return Err(syn::Error::new(receiver.span(), "`#[idempotent]` handlers cannot take `self`"));
+                return Err(syn::Error::new_spanned(
+                    receiver,
+                    "`#[idempotent]` handlers cannot take `self`: make it a free `async fn` and reach shared data \
+                     through `State<T>`",
+                ));
             }
             FnArg::Typed(typed) => arg_types.push(&*typed.ty),
         }
@@ -146,8 +157,8 @@ fn state_type(args: &Args, arg_types: &[&Type]) -> syn::Result<Option<Type>> {
         if let Some(first) = found
             && quote!(#first).to_string() != quote!(#inner).to_string()
         {
-            return Err(syn::Error::new(
-                ty.span(),
+            return Err(syn::Error::new_spanned(
+                ty,
                 "several `State` types: name the router's state with `#[idempotent(state = AppState)]`",
             ));
         }

@@ -1,5 +1,6 @@
 //! Claim, wait, replay: the protocol every front door runs, free of HTTP.
 
+use crate::metrics::{Event, Metrics, NoMetrics};
 use crate::store::{Claimed, Store, StoreError, StoreKey, Write};
 use crate::{Entry, Fingerprint, OwnerToken, Policy, Record, Stored};
 use std::future::Future;
@@ -23,11 +24,65 @@ pub enum Outcome {
 /// Claims `key` for a request with `fingerprint`, waiting up to the policy's `wait_timeout` for an in-flight
 /// original. Waiting is woken by the store's notification; after each wake-up the key is claimed again, so a
 /// released claim (the original failed) is taken over rather than waited on forever.
+///
+/// This is the bare protocol, for building another front door; it reports to no [`Metrics`]. The doors built in
+/// ([`Idempotency::serve`](crate::Idempotency::serve), the [`IdempotencyLayer`](crate::IdempotencyLayer) and
+/// [`Idempotency::once`](crate::Idempotency::once)) run the same protocol and report to the engine's metrics.
 pub async fn begin(
     store: &Arc<dyn Store>,
     key: StoreKey,
     fingerprint: Fingerprint,
     policy: &Policy,
+) -> Result<Outcome, StoreError> {
+    let metrics: Arc<dyn Metrics> = Arc::new(NoMetrics);
+    begin_observed(store, &metrics, key, fingerprint, policy).await.result
+}
+
+/// What [`begin_observed`] decided, and how long it waited for an in-flight original (`None`: it did not wait).
+pub(crate) struct Begun {
+    pub(crate) result: Result<Outcome, StoreError>,
+    pub(crate) waited: Option<Duration>,
+}
+
+/// [`begin`], counting its decision (and the wait) in `metrics` and logging conflicts and mismatches.
+pub(crate) async fn begin_observed(
+    store: &Arc<dyn Store>,
+    metrics: &Arc<dyn Metrics>,
+    key: StoreKey,
+    fingerprint: Fingerprint,
+    policy: &Policy,
+) -> Begun {
+    let started = Instant::now();
+    let mut waited = false;
+    let result = claim_or_wait(store, metrics, key, fingerprint, policy, &mut waited).await;
+    let waited = waited.then(|| started.elapsed());
+    if let Some(waited) = waited {
+        metrics.observe_wait(waited);
+    }
+    match &result {
+        Ok(Outcome::Execute(_)) => metrics.record(Event::New),
+        Ok(Outcome::Replay(_)) => metrics.record(Event::Hit),
+        Ok(Outcome::InFlight) => {
+            metrics.record(Event::Conflict);
+            tracing::info!(wait_timeout = ?policy.wait_timeout_duration(), "idempotency conflict: the original is still in flight");
+        }
+        Ok(Outcome::Mismatch) => {
+            metrics.record(Event::Mismatch);
+            tracing::warn!("idempotency key reused for a different request");
+        }
+        // The front door logs it, with what it did about it (fail closed or open).
+        Err(_) => metrics.record(Event::StoreError),
+    }
+    Begun { result, waited }
+}
+
+async fn claim_or_wait(
+    store: &Arc<dyn Store>,
+    metrics: &Arc<dyn Metrics>,
+    key: StoreKey,
+    fingerprint: Fingerprint,
+    policy: &Policy,
+    waited: &mut bool,
 ) -> Result<Outcome, StoreError> {
     let deadline = Instant::now() + policy.wait_timeout_duration();
     loop {
@@ -35,6 +90,7 @@ pub async fn begin(
             Claimed::Owned(owner) => {
                 return Ok(Outcome::Execute(Claim {
                     store: store.clone(),
+                    metrics: metrics.clone(),
                     key,
                     owner: Some(owner),
                     fingerprint,
@@ -57,6 +113,7 @@ pub async fn begin(
         if now >= deadline {
             return Ok(Outcome::InFlight);
         }
+        *waited = true;
         store.wait(&key, deadline - now).await?;
     }
 }
@@ -67,6 +124,7 @@ pub async fn begin(
 /// cancelled) releases itself in the background, so the key is free for a retry at once rather than after the lease.
 pub struct Claim {
     store: Arc<dyn Store>,
+    metrics: Arc<dyn Metrics>,
     key: StoreKey,
     owner: Option<OwnerToken>,
     fingerprint: Fingerprint,
@@ -93,27 +151,27 @@ impl Claim {
     /// Runs `work` while renewing the lease every third of its length, so work that outlives its lease is never
     /// run a second time by a duplicate.
     pub async fn keep_alive<F: Future>(&self, work: F) -> F::Output {
-        let Some(owner) = &self.owner else { return work.await };
-        let period = (self.lease / 3).max(Duration::from_millis(10));
-        let mut work = std::pin::pin!(work);
-        let mut next = Instant::now() + period;
-        loop {
-            tokio::select! {
-                biased;
-                output = &mut work => return output,
-                () = tokio::time::sleep_until(next) => {
-                    next = Instant::now() + period;
-                    match self.store.renew(&self.key, owner, self.lease).await {
-                        Ok(Write::Applied) => {}
-                        Ok(Write::Fenced) => tracing::warn!(
-                            key = %self.key,
-                            "lease lost while the work ran: its result will not be stored"
-                        ),
-                        Err(error) => tracing::warn!(key = %self.key, %error, "lease renewal failed"),
-                    }
-                }
-            }
+        match self.lease_keeper() {
+            Some(keeper) => keeper.keep_alive(work, || true).await,
+            None => work.await,
         }
+    }
+
+    /// What renewing this claim's lease takes, detached from the claim so the claim itself can be handed over while
+    /// its lease is kept.
+    pub(crate) fn lease_keeper(&self) -> Option<LeaseKeeper> {
+        Some(LeaseKeeper {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            key: self.key.clone(),
+            owner: self.owner.clone()?,
+            lease: self.lease,
+        })
+    }
+
+    /// Renews for `lease` from now on (an adopting front door brings its own lease).
+    pub(crate) fn set_lease(&mut self, lease: Duration) {
+        self.lease = lease;
     }
 
     /// Records the result for `ttl` and wakes waiting duplicates.
@@ -121,7 +179,7 @@ impl Claim {
         let owner = self.owner.take().expect("a live claim has an owner");
         let record = Record { fingerprint: self.fingerprint, stored };
         let write = self.store.complete(&self.key, &owner, &record, ttl).await;
-        report_fenced(&self.key, "complete", &write);
+        report_write(&*self.metrics, &self.key, "complete", &write);
         write
     }
 
@@ -129,18 +187,52 @@ impl Claim {
     pub async fn release(mut self) -> Result<Write, StoreError> {
         let owner = self.owner.take().expect("a live claim has an owner");
         let write = self.store.release(&self.key, &owner).await;
-        report_fenced(&self.key, "release", &write);
+        report_write(&*self.metrics, &self.key, "release", &write);
         write
     }
 }
 
-fn report_fenced(key: &StoreKey, operation: &str, write: &Result<Write, StoreError>) {
+/// Renews one claim's lease while some work runs.
+pub(crate) struct LeaseKeeper {
+    store: Arc<dyn Store>,
+    metrics: Arc<dyn Metrics>,
+    key: StoreKey,
+    owner: OwnerToken,
+    lease: Duration,
+}
+
+impl LeaseKeeper {
+    /// Runs `work`, renewing the lease every third of its length for as long as `still_mine()` says so.
+    pub(crate) async fn keep_alive<F: Future>(&self, work: F, still_mine: impl Fn() -> bool) -> F::Output {
+        let period = (self.lease / 3).max(Duration::from_millis(10));
+        let mut work = std::pin::pin!(work);
+        let mut next = Instant::now() + period;
+        loop {
+            tokio::select! {
+                biased;
+                output = &mut work => return output,
+                () = tokio::time::sleep_until(next), if still_mine() => {
+                    next = Instant::now() + period;
+                    let write = self.store.renew(&self.key, &self.owner, self.lease).await;
+                    report_write(&*self.metrics, &self.key, "renew", &write);
+                }
+            }
+        }
+    }
+}
+
+/// Counts and logs a failed or fenced owner-checked write: the one place such writes are reported.
+fn report_write(metrics: &dyn Metrics, key: &StoreKey, operation: &str, write: &Result<Write, StoreError>) {
     match write {
         Ok(Write::Applied) => {}
         Ok(Write::Fenced) => {
-            tracing::warn!(key = %key, operation, "stale owner fenced: the claim had expired and was not overwritten")
+            metrics.record(Event::Fenced);
+            tracing::warn!(key = %key, operation, "stale owner fenced: the claim had expired and was not overwritten");
         }
-        Err(error) => tracing::error!(key = %key, operation, %error, "idempotency store write failed"),
+        Err(error) => {
+            metrics.record(Event::StoreError);
+            tracing::error!(key = %key, operation, %error, "idempotency store write failed");
+        }
     }
 }
 
@@ -148,10 +240,10 @@ impl Drop for Claim {
     fn drop(&mut self) {
         let Some(owner) = self.owner.take() else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (store, key) = (self.store.clone(), self.key.clone());
+        let (store, metrics, key) = (self.store.clone(), self.metrics.clone(), self.key.clone());
         runtime.spawn(async move {
             let write = store.release(&key, &owner).await;
-            report_fenced(&key, "release", &write);
+            report_write(&*metrics, &key, "release", &write);
         });
     }
 }

@@ -1,5 +1,7 @@
 //! The app-wide handle: one store and the settings every route shares.
 
+use crate::layer::AnnotatedRoutes;
+use crate::metrics::{Metrics, NoMetrics};
 use crate::store::Store;
 use crate::{MemoryStore, Policy};
 use axum::http::HeaderName;
@@ -46,6 +48,10 @@ pub(crate) struct Shared {
     pub(crate) max_record_bytes: usize,
     pub(crate) on_store_failure: StoreFailure,
     pub(crate) layer_policy: Policy,
+    pub(crate) layer_body_limit: usize,
+    pub(crate) metrics: Arc<dyn Metrics>,
+    /// Routes whose `#[idempotent]` handlers have been called, which the layer leaves to them.
+    pub(crate) annotated: AnnotatedRoutes,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -55,6 +61,8 @@ impl std::fmt::Debug for Idempotency {
             .field("fingerprint_headers", &self.shared.fingerprint_headers)
             .field("max_record_bytes", &self.shared.max_record_bytes)
             .field("on_store_failure", &self.shared.on_store_failure)
+            .field("layer_policy", &self.shared.layer_policy)
+            .field("layer_body_limit", &self.shared.layer_body_limit)
             .finish_non_exhaustive()
     }
 }
@@ -81,6 +89,9 @@ impl Idempotency {
                 max_record_bytes: 1 << 20,
                 on_store_failure: StoreFailure::FailClosed,
                 layer_policy: Policy::new().required(false),
+                layer_body_limit: 2 << 20,
+                metrics: Arc::new(NoMetrics),
+                annotated: AnnotatedRoutes::default(),
             },
         }
     }
@@ -96,7 +107,7 @@ fn authorization_principal(parts: &Parts) -> Vec<u8> {
     parts.headers.get(axum::http::header::AUTHORIZATION).map(|value| value.as_bytes().to_vec()).unwrap_or_default()
 }
 
-/// Configures an [`Idempotency`].
+/// Configures an [`Idempotency`]; made by [`Idempotency::builder`].
 pub struct IdempotencyBuilder {
     shared: Shared,
 }
@@ -158,10 +169,33 @@ impl IdempotencyBuilder {
         self
     }
 
-    /// The settings the router-wide layer applies to routes that are not annotated (default: [`Policy::new`] with
-    /// `required(false)`).
+    /// The settings the router-wide [`IdempotencyLayer`](crate::IdempotencyLayer) applies to routes that are not
+    /// annotated (default: [`Policy::new`] with `required(false)`).
     pub fn layer_policy(mut self, policy: Policy) -> Self {
         self.shared.layer_policy = policy;
+        self
+    }
+
+    /// The largest request body the [`IdempotencyLayer`](crate::IdempotencyLayer) buffers to fingerprint it
+    /// (default 2 MiB, axum's default); a larger one is answered `413 payload-too-large`. Annotated handlers keep
+    /// using axum's `DefaultBodyLimit` instead.
+    pub fn layer_body_limit(mut self, bytes: usize) -> Self {
+        self.shared.layer_body_limit = bytes;
+        self
+    }
+
+    /// Where the engine reports what it decides (default: nowhere). Give it a [`Counters`](crate::Counters) to read
+    /// the counts in-process, or your own [`Metrics`] to export them.
+    ///
+    /// ```
+    /// use idem_runtime::{Counters, Idempotency, MemoryStore};
+    /// use std::sync::Arc;
+    /// let counters = Arc::new(Counters::new());
+    /// let idempotency = Idempotency::builder(MemoryStore::new()).metrics(counters.clone()).build();
+    /// # let _ = idempotency;
+    /// ```
+    pub fn metrics(mut self, metrics: impl Metrics) -> Self {
+        self.shared.metrics = Arc::new(metrics);
         self
     }
 

@@ -6,8 +6,11 @@ mod engine;
 mod fingerprint;
 pub mod http;
 mod idempotency;
+mod layer;
 #[doc(hidden)]
 pub mod macro_support;
+mod metrics;
+mod once;
 mod policy;
 mod record;
 mod store;
@@ -16,6 +19,20 @@ pub use engine::{Claim, Outcome, begin};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};
 pub use http::{Execution, Problem};
 pub use idempotency::{Idempotency, IdempotencyBuilder, PrincipalFn, StoreFailure};
+pub use layer::{IdempotencyLayer, IdempotencyService};
+#[cfg(feature = "metrics")]
+pub use metrics::MetricsFacade;
+pub use metrics::{Counters, Event, Metrics, Snapshot, WAIT_BUCKETS, WaitHistogram};
+pub use once::{Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
 pub use store::{Claimed, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
+
+/// The `redis` crate this store is built on, so apps use the same version.
+#[cfg(feature = "redis")]
+pub use redis;
+/// The `deadpool-redis` crate accepted by [`RedisStore::from_pool`].
+#[cfg(feature = "redis")]
+pub use deadpool_redis;

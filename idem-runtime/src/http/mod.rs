@@ -6,18 +6,21 @@ mod replay;
 
 pub use problem::Problem;
 
-use crate::engine::{Claim, Outcome, begin};
+use crate::engine::{Claim, Outcome, begin_observed};
+use crate::layer::{Adoptable, Handoff};
 use crate::store::StoreKey;
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 /// `X-Idempotency-Status`: `new` on a first execution, `hit` on a replay.
 pub const STATUS_HEADER: HeaderName = HeaderName::from_static("x-idempotency-status");
@@ -43,32 +46,122 @@ impl IntoResponse for Execution {
     }
 }
 
+/// How much of a request body the door buffers before fingerprinting it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BodyLimit {
+    /// axum's `DefaultBodyLimit` (2 MiB unless the router sets another): the annotated handler's door.
+    Axum,
+    /// A fixed number of bytes: the layer's door, which runs before any route-level `DefaultBodyLimit`.
+    Bytes(usize),
+}
+
+/// Which front door is answering, for the request span.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Door {
+    Handler,
+    Layer,
+}
+
+/// How a claimed request's work ended.
+enum Finished {
+    /// As [`Execution::Ran`]: the answer of the work.
+    Ran(Response),
+    /// As [`Execution::Rejected`].
+    Rejected(Response),
+    /// An annotated handler further in took the claim over and answered with its own settings and headers.
+    Adopted(Response),
+}
+
 impl Idempotency {
     /// Answers `request` idempotently under `policy`: reads the key, buffers the body under axum's
     /// `DefaultBodyLimit`, fingerprints it, then runs `run` once (detached from the connection, so a client that
     /// disconnects does not cancel it), replays, waits or refuses as the behaviour table says.
     ///
-    /// This is what `#[idempotent]` expands to; call it directly to build another front door.
-    pub async fn serve<F, Fut>(&self, policy: &Policy, request: Request, run: F) -> Response
+    /// This is what `#[idempotent]` expands to; call it directly to build another front door. Under an
+    /// [`IdempotencyLayer`](crate::IdempotencyLayer) that already claimed the key, it adopts that claim instead of
+    /// claiming again, so the request is processed once, with `policy`.
+    pub async fn serve<F, Fut>(&self, policy: &Policy, mut request: Request, run: F) -> Response
+    where
+        F: FnOnce(Request) -> Fut + Send + 'static,
+        Fut: Future<Output = Execution> + Send + 'static,
+    {
+        register_annotated_route(&request);
+        let span = request_span(Door::Handler, &request);
+        if let Some(handoff) = request.extensions_mut().remove::<Handoff>()
+            && let Some(adoptable) = handoff.take()
+        {
+            span.record("outcome", "adopted");
+            return self.adopt(adoptable, policy, request, run).instrument(span).await;
+        }
+        self.process(policy, BodyLimit::Axum, request, run, Door::Handler).instrument(span).await
+    }
+
+    /// The annotated handler's half of the layer handoff: run with the claim the layer made, under `policy`.
+    async fn adopt<F, Fut>(&self, adoptable: Adoptable, policy: &Policy, request: Request, run: F) -> Response
+    where
+        F: FnOnce(Request) -> Fut + Send + 'static,
+        Fut: Future<Output = Execution> + Send + 'static,
+    {
+        let Adoptable { mut claim, echo } = adoptable;
+        claim.set_lease(policy.lease_duration());
+        let fingerprint = claim.fingerprint();
+        let mut response = match execute(claim, policy, self.shared.max_record_bytes, request, run, None).await {
+            Finished::Ran(response) => with_status(response, "new"),
+            Finished::Rejected(response) | Finished::Adopted(response) => response,
+        };
+        identify(&mut response, echo, fingerprint);
+        response
+    }
+
+    /// The protocol of one request, shared by the annotated handler's door and the layer's. With `door` =
+    /// [`Door::Layer`] a claimed request offers its claim to an annotated handler further in.
+    pub(crate) async fn process<F, Fut>(
+        &self,
+        policy: &Policy,
+        limit: BodyLimit,
+        request: Request,
+        run: F,
+        door: Door,
+    ) -> Response
     where
         F: FnOnce(Request) -> Fut + Send + 'static,
         Fut: Future<Output = Execution> + Send + 'static,
     {
         let shared = &*self.shared;
+        let span = tracing::Span::current();
         let key = match key::parse(request.headers().get_all(&shared.key_header)) {
             Ok(Some(key)) => key,
             Ok(None) if policy.is_required() => {
+                span.record("outcome", "missing-key");
                 return Problem::MissingKey { header: shared.key_header.to_string() }.into_response();
             }
-            Ok(None) => return run(request).await.into_response(),
-            Err(error) => return Problem::InvalidKey { reason: error.to_string() }.into_response(),
+            Ok(None) => {
+                span.record("outcome", "no-key");
+                return run(request).await.into_response();
+            }
+            Err(error) => {
+                span.record("outcome", "invalid-key");
+                return Problem::InvalidKey { reason: error.to_string() }.into_response();
+            }
         };
-        let echo = request.headers().get(&shared.key_header).cloned();
-        let (parts, body) = request.with_limited_body().into_parts();
+        let echo = request.headers().get(&shared.key_header).map(|value| (shared.key_header.clone(), value.clone()));
+        let (parts, body) = match limit {
+            BodyLimit::Axum => request.with_limited_body().into_parts(),
+            BodyLimit::Bytes(limit) => {
+                let (parts, body) = request.into_parts();
+                (parts, Body::new(http_body_util::Limited::new(body, limit)))
+            }
+        };
         let body = match axum::body::to_bytes(body, usize::MAX).await {
             Ok(body) => body,
-            Err(error) if is_length_limit(&error) => return Problem::PayloadTooLarge.into_response(),
-            Err(_) => return Problem::UnreadableBody.into_response(),
+            Err(error) if is_length_limit(&error) => {
+                span.record("outcome", "payload-too-large");
+                return Problem::PayloadTooLarge.into_response();
+            }
+            Err(_) => {
+                span.record("outcome", "unreadable-body");
+                return Problem::UnreadableBody.into_response();
+            }
         };
         let fingerprint = self.fingerprint(&parts, &body);
         let principal = (shared.principal)(&parts);
@@ -79,45 +172,59 @@ impl Idempotency {
             &principal,
             key.as_str().as_bytes(),
         ]);
+        span.record("key", store_key.as_str());
         let request = Request::from_parts(parts, Body::from(body));
-        let mut response = match begin(&shared.store, store_key, fingerprint, policy).await {
-            Ok(Outcome::Execute(claim)) => match execute(claim, policy, shared.max_record_bytes, request, run).await {
-                Execution::Ran(mut response) => {
-                    response.headers_mut().insert(STATUS_HEADER, HeaderValue::from_static("new"));
-                    response
+        let begun = begin_observed(&shared.store, &shared.metrics, store_key, fingerprint, policy).await;
+        if let Some(waited) = begun.waited {
+            span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
+        }
+        let mut response = match begun.result {
+            Ok(Outcome::Execute(claim)) => {
+                span.record("outcome", "new");
+                let handoff = match door {
+                    Door::Layer => Some(echo.clone()),
+                    Door::Handler => None,
+                };
+                match execute(claim, policy, shared.max_record_bytes, request, run, handoff).await {
+                    Finished::Ran(response) => with_status(response, "new"),
+                    Finished::Rejected(rejection) => rejection,
+                    // The adopting handler set the headers; adding them again would repeat them.
+                    Finished::Adopted(response) => return response,
                 }
-                Execution::Rejected(rejection) => rejection,
-            },
-            Ok(Outcome::Replay(record)) => match &record.stored {
-                Stored::Response(stored) => {
-                    let mut response = replay::rebuild(stored);
-                    let headers = response.headers_mut();
-                    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-                    headers.insert(STATUS_HEADER, HeaderValue::from_static("hit"));
-                    response
+            }
+            Ok(Outcome::Replay(record)) => {
+                span.record("outcome", "hit");
+                match &record.stored {
+                    Stored::Response(stored) => {
+                        let mut response = replay::rebuild(stored);
+                        response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+                        with_status(response, "hit")
+                    }
+                    Stored::NotReplayable { status } => Problem::NotReplayable { status: *status }.into_response(),
                 }
-                Stored::NotReplayable { status } => Problem::NotReplayable { status: *status }.into_response(),
-            },
-            Ok(Outcome::InFlight) => Problem::InProgress.into_response(),
-            Ok(Outcome::Mismatch) => Problem::KeyReused.into_response(),
+            }
+            Ok(Outcome::InFlight) => {
+                span.record("outcome", "conflict");
+                Problem::InProgress.into_response()
+            }
+            Ok(Outcome::Mismatch) => {
+                span.record("outcome", "mismatch");
+                Problem::KeyReused.into_response()
+            }
             Err(error) => match shared.on_store_failure {
                 StoreFailure::FailClosed => {
+                    span.record("outcome", "store-error");
                     tracing::error!(%error, "idempotency store failed: answering 503 (fail closed)");
                     Problem::StoreUnavailable.into_response()
                 }
                 StoreFailure::FailOpen => {
+                    span.record("outcome", "store-error-fail-open");
                     tracing::error!(%error, "idempotency store failed: running the request unprotected (fail open)");
                     return run(request).await.into_response();
                 }
             },
         };
-        let headers = response.headers_mut();
-        if let Some(echo) = echo {
-            headers.insert(shared.key_header.clone(), echo);
-        }
-        if let Ok(signature) = HeaderValue::try_from(fingerprint.to_hex()) {
-            headers.insert(SIGNATURE_HEADER, signature);
-        }
+        identify(&mut response, echo, fingerprint);
         response
     }
 
@@ -138,21 +245,98 @@ impl Idempotency {
     }
 }
 
+/// The span every request answered by a front door runs in; `key` (the store key's digest, never the client's
+/// key), `outcome` and `wait_ms` are filled in as they become known.
+pub(crate) fn request_span(door: Door, request: &Request) -> tracing::Span {
+    let door = match door {
+        Door::Handler => "handler",
+        Door::Layer => "layer",
+    };
+    tracing::info_span!(
+        "idempotency",
+        door,
+        method = %request.method(),
+        path = request.uri().path(),
+        key = Empty,
+        outcome = Empty,
+        wait_ms = Empty,
+    )
+}
+
+/// Tells the layer in front (if any) that this route is annotated, so it leaves the route to its annotation from
+/// now on.
+fn register_annotated_route(request: &Request) {
+    let extensions = request.extensions();
+    if let (Some(layer), Some(path)) = (extensions.get::<Idempotency>(), extensions.get::<MatchedPath>()) {
+        layer.shared.annotated.insert(request.method(), path.as_str());
+    }
+}
+
+fn with_status(mut response: Response, status: &'static str) -> Response {
+    response.headers_mut().insert(STATUS_HEADER, HeaderValue::from_static(status));
+    response
+}
+
+/// The headers that name the request on every answer made after the key was read: the key echoed, the signature.
+fn identify(response: &mut Response, echo: Option<(HeaderName, HeaderValue)>, fingerprint: Fingerprint) {
+    let headers = response.headers_mut();
+    if let Some((name, value)) = echo {
+        headers.insert(name, value);
+    }
+    if let Ok(signature) = HeaderValue::try_from(fingerprint.to_hex()) {
+        headers.insert(SIGNATURE_HEADER, signature);
+    }
+}
+
 /// Runs the handler on its own task, so the connection's future being dropped (client gone) cannot cancel it
 /// between the side effect and the record; a panic is caught there and becomes a 500 that releases the key.
-async fn execute<F, Fut>(claim: Claim, policy: &Policy, limit: usize, request: Request, run: F) -> Execution
+///
+/// With `handoff` (the layer's door, carrying the key header to echo), the claim is offered to an annotated
+/// handler further in through the request extensions; if one takes it, it completes the claim itself and the
+/// answer is [`Finished::Adopted`]. The lease is kept alive here until then.
+async fn execute<F, Fut>(
+    claim: Claim,
+    policy: &Policy,
+    limit: usize,
+    mut request: Request,
+    run: F,
+    handoff: Option<Option<(HeaderName, HeaderValue)>>,
+) -> Finished
 where
     F: FnOnce(Request) -> Fut + Send + 'static,
     Fut: Future<Output = Execution> + Send + 'static,
 {
     let ttl = policy.ttl_duration();
     let store_server_errors = policy.stores_server_errors();
-    let task = tokio::spawn(async move {
-        let response = match claim.keep_alive(AssertUnwindSafe(run(request)).catch_unwind()).await {
+    let task = async move {
+        let (claim, ran) = match handoff {
+            None => {
+                let ran = claim.keep_alive(AssertUnwindSafe(run(request)).catch_unwind()).await;
+                (claim, ran)
+            }
+            Some(echo) => {
+                let keeper = claim.lease_keeper();
+                let offered = Handoff::offer(Adoptable { claim, echo });
+                request.extensions_mut().insert(offered.clone());
+                let work = AssertUnwindSafe(run(request)).catch_unwind();
+                let ran = match keeper {
+                    Some(keeper) => keeper.keep_alive(work, || !offered.is_taken()).await,
+                    None => work.await,
+                };
+                match offered.take() {
+                    Some(adoptable) => (adoptable.claim, ran),
+                    None => {
+                        let response = ran.map_or_else(|_| Problem::HandlerPanicked.into_response(), |e| e.into_response());
+                        return Finished::Adopted(response);
+                    }
+                }
+            }
+        };
+        let response = match ran {
             Ok(Execution::Ran(response)) => response,
             Ok(Execution::Rejected(rejection)) => {
                 let _ = claim.release().await;
-                return Execution::Rejected(rejection);
+                return Finished::Rejected(rejection);
             }
             Err(_) => {
                 tracing::error!(key = %claim.key(), "the idempotent handler panicked; its key is released");
@@ -161,15 +345,15 @@ where
         };
         if response.status().is_server_error() && !store_server_errors {
             let _ = claim.release().await;
-            return Execution::Ran(response);
+            return Finished::Ran(response);
         }
         let (response, stored) = replay::capture(response, limit).await;
         let _ = claim.complete(stored, ttl).await;
-        Execution::Ran(response)
-    });
-    task.await.unwrap_or_else(|error| {
+        Finished::Ran(response)
+    };
+    tokio::spawn(task.instrument(tracing::Span::current())).await.unwrap_or_else(|error| {
         tracing::error!(%error, "the idempotent handler's task ended abnormally");
-        Execution::Ran(Problem::HandlerPanicked.into_response())
+        Finished::Ran(Problem::HandlerPanicked.into_response())
     })
 }
 

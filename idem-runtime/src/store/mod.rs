@@ -1,8 +1,12 @@
 //! The one small trait every backend implements, and the backends.
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
 
 use crate::{Entry, Fingerprint, OwnerToken, Record};
 use std::fmt;

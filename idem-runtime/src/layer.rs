@@ -1,0 +1,226 @@
+//! The tower layer: app-wide idempotency for every unsafe method of a router.
+
+use crate::engine::Claim;
+use crate::http::{BodyLimit, Door, Execution, request_span};
+use crate::{Idempotency, Policy};
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+/// Makes every `POST`, `PUT`, `PATCH` and `DELETE` of a router idempotent when it carries the key header, with the
+/// app-wide settings of an [`Idempotency`]; other methods pass through untouched.
+///
+/// Built with [`Idempotency::layer`] (or [`IdempotencyLayer::new`]) and applied with `Router::layer`. The layer
+/// uses the engine's settings (store, key header, principal, fingerprint headers, record size, store-failure
+/// policy, metrics) plus:
+/// - [`IdempotencyBuilder::layer_policy`](crate::IdempotencyBuilder::layer_policy): ttl, `wait_timeout`,
+///   signature validation, lease, `store_server_errors`, and `required`, which defaults to **false** on the layer
+///   (a request without a key runs unprotected), unlike on `#[idempotent]`;
+/// - [`IdempotencyBuilder::layer_body_limit`](crate::IdempotencyBuilder::layer_body_limit): how much of a body the
+///   layer buffers to fingerprint it (default 2 MiB; over it, `413 payload-too-large`). The layer runs before
+///   route-level `DefaultBodyLimit`s, so it has its own.
+///
+/// It also puts the `Idempotency` in the request extensions, so `#[idempotent]` handlers under it find the engine
+/// without `FromRef`.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use idem_runtime::{Idempotency, MemoryStore, Policy};
+/// use std::time::Duration;
+///
+/// let idempotency = Idempotency::builder(MemoryStore::new())
+///     .layer_policy(Policy::new().required(false).ttl(Duration::from_secs(3600)))
+///     .build();
+/// let app: Router = Router::new()
+///     .route("/transfers", post(|| async { "moved" }))
+///     .layer(idempotency.layer());
+/// # let _ = app;
+/// ```
+///
+/// # Routes that are also annotated
+///
+/// A route under the layer that is also annotated with `#[idempotent]` is processed **once**, with the
+/// annotation's settings:
+///
+/// - When the layer claims a key it offers the claim to the handler through the request extensions. The annotated
+///   handler adopts it (no second claim, no second fingerprint), runs, stores the response with its own `ttl`,
+///   `lease` and `store_server_errors`, and sets the `Idempotency-Key`, `X-Idempotency-Status` and
+///   `X-Idempotency-Signature` headers itself; the layer then passes the response through untouched.
+/// - The annotated handler also records its route (method and [`MatchedPath`]) with the layer's engine the first
+///   time it is called. From then on the layer does not process that route at all and the annotation applies in
+///   full, `wait_timeout`, `validate_signature`, `required` and axum's `DefaultBodyLimit` included.
+/// - So until an annotated route has been called once in a process (its **first contact**), the decisions taken
+///   *before* the handler runs are the layer's: whether a key is required, how long a duplicate of that very first
+///   request waits, whether its signature is checked, and the layer's body limit. The answer is still computed
+///   once and stored with the annotation's settings. Processes that share a store each have their own first
+///   contact.
+/// - The registry needs [`MatchedPath`], which axum sets for routes under `Router::layer` or
+///   `Router::route_layer`. Wrapping a whole router from outside (`IdempotencyLayer::new(..).layer(router)`)
+///   leaves only the handoff: every request to an annotated route is then claimed with the layer's settings and
+///   completed with the annotation's.
+#[derive(Debug, Clone)]
+pub struct IdempotencyLayer {
+    idempotency: Idempotency,
+}
+
+impl IdempotencyLayer {
+    /// A layer over `idempotency`'s store and settings.
+    pub fn new(idempotency: Idempotency) -> Self {
+        Self { idempotency }
+    }
+}
+
+impl Idempotency {
+    /// The router-wide [`IdempotencyLayer`] over this engine.
+    pub fn layer(&self) -> IdempotencyLayer {
+        IdempotencyLayer::new(self.clone())
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotencyService { inner, idempotency: self.idempotency.clone() }
+    }
+}
+
+/// The service made by [`IdempotencyLayer`].
+#[derive(Debug, Clone)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    idempotency: Idempotency,
+}
+
+impl<S, B> Service<axum::http::Request<B>> for IdempotencyService<S>
+where
+    S: Service<Request> + Clone + Send + 'static,
+    S::Response: IntoResponse,
+    S::Error: Send + 'static,
+    S::Future: Send + 'static,
+    B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        // The clone-and-swap idiom: call the service that was polled ready, leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let idempotency = self.idempotency.clone();
+        let mut request = request.map(Body::new);
+        request.extensions_mut().insert(idempotency.clone());
+        if !is_unsafe(request.method()) || idempotency.is_annotated(&request) {
+            return Box::pin(async move { inner.call(request).await.map(IntoResponse::into_response) });
+        }
+        Box::pin(async move {
+            let span = request_span(Door::Layer, &request);
+            let policy: Policy = idempotency.shared.layer_policy;
+            let limit = BodyLimit::Bytes(idempotency.shared.layer_body_limit);
+            // The inner service's error cannot travel through the engine (it answers responses): it is parked
+            // here, the claim released as for a rejection, and returned as the error it was.
+            let failed = Arc::new(Mutex::new(None));
+            let parked = failed.clone();
+            let run = move |request: Request| async move {
+                match inner.call(request).await {
+                    Ok(response) => Execution::Ran(response.into_response()),
+                    Err(error) => {
+                        *parked.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+                        Execution::Rejected(StatusCode::INTERNAL_SERVER_ERROR.into_response())
+                    }
+                }
+            };
+            let response = idempotency.process(&policy, limit, request, run, Door::Layer).instrument(span).await;
+            match failed.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                Some(error) => Err(error),
+                None => Ok(response),
+            }
+        })
+    }
+}
+
+/// The methods the layer makes idempotent; the others are safe (or `CONNECT`) and pass through.
+fn is_unsafe(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
+}
+
+impl Idempotency {
+    /// Whether an annotated handler has claimed this request's route, so the layer leaves it alone.
+    fn is_annotated(&self, request: &Request) -> bool {
+        request.extensions().get::<MatchedPath>().is_some_and(|path| {
+            self.shared.annotated.contains(request.method(), path.as_str())
+        })
+    }
+}
+
+/// The routes whose handlers are annotated, as `#[idempotent]` handlers report them on first contact.
+#[derive(Debug, Default)]
+pub(crate) struct AnnotatedRoutes(RwLock<HashMap<Box<str>, Vec<Method>>>);
+
+impl AnnotatedRoutes {
+    pub(crate) fn contains(&self, method: &Method, path: &str) -> bool {
+        let routes = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        routes.get(path).is_some_and(|methods| methods.contains(method))
+    }
+
+    pub(crate) fn insert(&self, method: &Method, path: &str) {
+        if self.contains(method, path) {
+            return;
+        }
+        let mut routes = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let methods = routes.entry(path.into()).or_default();
+        if !methods.contains(method) {
+            methods.push(method.clone());
+        }
+    }
+}
+
+/// A claim the layer made, offered to an annotated handler further in: taken at most once.
+#[derive(Clone)]
+pub(crate) struct Handoff(Arc<Mutex<Option<Adoptable>>>);
+
+/// What an adopting handler needs: the claim (its key and fingerprint) and the key header to echo.
+pub(crate) struct Adoptable {
+    pub(crate) claim: Claim,
+    pub(crate) echo: Option<(HeaderName, HeaderValue)>,
+}
+
+impl Handoff {
+    pub(crate) fn offer(adoptable: Adoptable) -> Self {
+        Self(Arc::new(Mutex::new(Some(adoptable))))
+    }
+
+    pub(crate) fn take(&self) -> Option<Adoptable> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    pub(crate) fn is_taken(&self) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).is_none()
+    }
+}
+
+// An `Infallible` inner error (axum's `Route`) makes the layer's error `Infallible` too, as `Router::layer` needs.
+const _: fn() = || {
+    fn assert_router_layer<L>()
+    where
+        L: Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
+    {
+    }
+    assert_router_layer::<IdempotencyLayer>();
+};

@@ -1,0 +1,284 @@
+//! Counters a user can read or export: what the engine decided for each request, store failures, fenced writes and
+//! how long duplicates waited.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Something the engine counts. Recorded once per request (or plain-API call) for the decision, and once per
+/// failed or fenced store write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Event {
+    /// A first request: the caller owns the key and runs the work.
+    New,
+    /// A retry answered from the store (a replayable response or a `not-replayable` refusal): the work did not run.
+    Hit,
+    /// A duplicate refused with `409 in-progress` (or [`OnceError::InFlight`](crate::OnceError::InFlight)) because
+    /// the original was still running when its `wait_timeout` ran out.
+    Conflict,
+    /// A key reused for a different request, refused with `422 key-reused`
+    /// (or [`OnceError::Mismatch`](crate::OnceError::Mismatch)).
+    Mismatch,
+    /// A store operation failed (claim, complete, release or lease renewal).
+    StoreError,
+    /// An owner-checked write (complete, release, renew) was refused because the claim had expired and the key had
+    /// moved on: a stale owner was fenced off.
+    Fenced,
+}
+
+impl Event {
+    /// A stable lower-case name, usable as a metric label: `new`, `hit`, `conflict`, `mismatch`, `store_error`,
+    /// `fenced`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Event::New => "new",
+            Event::Hit => "hit",
+            Event::Conflict => "conflict",
+            Event::Mismatch => "mismatch",
+            Event::StoreError => "store_error",
+            Event::Fenced => "fenced",
+        }
+    }
+}
+
+/// Where the engine reports what it counts. Install one with
+/// [`IdempotencyBuilder::metrics`](crate::IdempotencyBuilder::metrics); the default discards everything.
+///
+/// Called on the request path: implementations must be cheap and must not block. [`Counters`] is the built-in
+/// one; `MetricsFacade` (cargo feature `metrics`) forwards to the [`metrics`](https://docs.rs/metrics) crate.
+///
+/// ```
+/// use idem_runtime::{Event, Metrics};
+/// use std::time::Duration;
+///
+/// /// Logs instead of counting.
+/// struct Logged;
+///
+/// impl Metrics for Logged {
+///     fn record(&self, event: Event) {
+///         eprintln!("idempotency: {}", event.name());
+///     }
+///     fn observe_wait(&self, waited: Duration) {
+///         eprintln!("idempotency: a duplicate waited {waited:?}");
+///     }
+/// }
+/// ```
+pub trait Metrics: Send + Sync + 'static {
+    /// Counts one event.
+    fn record(&self, event: Event);
+
+    /// Records how long one duplicate waited for an in-flight original (whatever the wait ended in: a replay, a
+    /// takeover of a released key, or a conflict). Requests that did not wait are not observed.
+    fn observe_wait(&self, waited: Duration);
+}
+
+impl<M: Metrics + ?Sized> Metrics for std::sync::Arc<M> {
+    fn record(&self, event: Event) {
+        (**self).record(event);
+    }
+
+    fn observe_wait(&self, waited: Duration) {
+        (**self).observe_wait(waited);
+    }
+}
+
+/// The default [`Metrics`]: discards everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct NoMetrics;
+
+impl Metrics for NoMetrics {
+    fn record(&self, _: Event) {}
+
+    fn observe_wait(&self, _: Duration) {}
+}
+
+/// Upper bounds of the wait-time histogram's buckets; a last, unbounded bucket follows them.
+pub const WAIT_BUCKETS: [Duration; 10] = [
+    Duration::from_millis(1),
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+];
+
+/// In-process [`Metrics`]: lock-free counters and a fixed-bucket wait-time histogram, read with
+/// [`Counters::snapshot`].
+///
+/// Keep an `Arc` to read it, and give the engine a clone:
+///
+/// ```
+/// use idem_runtime::{Counters, Idempotency, MemoryStore};
+/// use std::sync::Arc;
+///
+/// let counters = Arc::new(Counters::new());
+/// let idempotency = Idempotency::builder(MemoryStore::new()).metrics(counters.clone()).build();
+/// # let _ = idempotency;
+/// let snapshot = counters.snapshot();
+/// assert_eq!((snapshot.new, snapshot.hit), (0, 0));
+/// ```
+#[derive(Debug, Default)]
+pub struct Counters {
+    new: AtomicU64,
+    hit: AtomicU64,
+    conflict: AtomicU64,
+    mismatch: AtomicU64,
+    store_errors: AtomicU64,
+    fenced: AtomicU64,
+    waits: AtomicU64,
+    wait_micros: AtomicU64,
+    wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
+}
+
+impl Counters {
+    /// All counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current values. Each counter is read atomically, the set of them is not: a snapshot taken while
+    /// requests run may be a few events apart between counters.
+    pub fn snapshot(&self) -> Snapshot {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Snapshot {
+            new: load(&self.new),
+            hit: load(&self.hit),
+            conflict: load(&self.conflict),
+            mismatch: load(&self.mismatch),
+            store_errors: load(&self.store_errors),
+            fenced: load(&self.fenced),
+            wait: WaitHistogram {
+                count: load(&self.waits),
+                sum: Duration::from_micros(load(&self.wait_micros)),
+                buckets: std::array::from_fn(|index| load(&self.wait_buckets[index])),
+            },
+        }
+    }
+}
+
+impl Metrics for Counters {
+    fn record(&self, event: Event) {
+        let counter = match event {
+            Event::New => &self.new,
+            Event::Hit => &self.hit,
+            Event::Conflict => &self.conflict,
+            Event::Mismatch => &self.mismatch,
+            Event::StoreError => &self.store_errors,
+            Event::Fenced => &self.fenced,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn observe_wait(&self, waited: Duration) {
+        let bucket = WAIT_BUCKETS.iter().position(|bound| waited <= *bound).unwrap_or(WAIT_BUCKETS.len());
+        self.wait_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        self.wait_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+/// The values of a [`Counters`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// First requests: the work ran ([`Event::New`]).
+    pub new: u64,
+    /// Retries answered from the store ([`Event::Hit`]).
+    pub hit: u64,
+    /// Duplicates refused while the original ran ([`Event::Conflict`]).
+    pub conflict: u64,
+    /// Keys reused for a different request ([`Event::Mismatch`]).
+    pub mismatch: u64,
+    /// Failed store operations ([`Event::StoreError`]).
+    pub store_errors: u64,
+    /// Stale owners fenced off ([`Event::Fenced`]).
+    pub fenced: u64,
+    /// How long duplicates waited for an in-flight original.
+    pub wait: WaitHistogram,
+}
+
+/// A fixed-bucket histogram of wait times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct WaitHistogram {
+    /// How many waits were observed.
+    pub count: u64,
+    /// Their total duration (microsecond precision).
+    pub sum: Duration,
+    /// How many waits fell in each bucket (not cumulative): `buckets[i]` counts waits longer than
+    /// `WAIT_BUCKETS[i - 1]` and at most [`WAIT_BUCKETS`]`[i]`; the last counts those longer than every bound.
+    pub buckets: [u64; WAIT_BUCKETS.len() + 1],
+}
+
+/// Forwards to the [`metrics`](https://docs.rs/metrics) crate's global recorder (Prometheus, StatsD, ... exporters).
+///
+/// Emits the counter `idem_requests_total` labelled `outcome` = `new` | `hit` | `conflict` | `mismatch`, the
+/// counters `idem_store_errors_total` and `idem_fenced_writes_total`, and the histogram `idem_wait_seconds`.
+///
+/// ```
+/// use idem_runtime::{Idempotency, MemoryStore, MetricsFacade};
+/// let idempotency = Idempotency::builder(MemoryStore::new()).metrics(MetricsFacade).build();
+/// # let _ = idempotency;
+/// ```
+#[cfg(feature = "metrics")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MetricsFacade;
+
+#[cfg(feature = "metrics")]
+impl Metrics for MetricsFacade {
+    fn record(&self, event: Event) {
+        match event {
+            Event::New => ::metrics::counter!("idem_requests_total", "outcome" => "new").increment(1),
+            Event::Hit => ::metrics::counter!("idem_requests_total", "outcome" => "hit").increment(1),
+            Event::Conflict => ::metrics::counter!("idem_requests_total", "outcome" => "conflict").increment(1),
+            Event::Mismatch => ::metrics::counter!("idem_requests_total", "outcome" => "mismatch").increment(1),
+            Event::StoreError => ::metrics::counter!("idem_store_errors_total").increment(1),
+            Event::Fenced => ::metrics::counter!("idem_fenced_writes_total").increment(1),
+        }
+    }
+
+    fn observe_wait(&self, waited: Duration) {
+        ::metrics::histogram!("idem_wait_seconds").record(waited.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_count_into_their_own_counter() {
+        let counters = Counters::new();
+        for event in [Event::New, Event::New, Event::Hit, Event::Conflict, Event::Mismatch, Event::StoreError] {
+            counters.record(event);
+        }
+        counters.record(Event::Fenced);
+        let snapshot = counters.snapshot();
+        assert_eq!(
+            (snapshot.new, snapshot.hit, snapshot.conflict, snapshot.mismatch, snapshot.store_errors, snapshot.fenced),
+            (2, 1, 1, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn waits_fall_in_the_first_bucket_that_holds_them() {
+        let counters = Counters::new();
+        counters.observe_wait(Duration::ZERO);
+        counters.observe_wait(Duration::from_millis(5));
+        counters.observe_wait(Duration::from_millis(6));
+        counters.observe_wait(Duration::from_secs(60));
+        let wait = counters.snapshot().wait;
+        assert_eq!(wait.count, 4);
+        assert_eq!(wait.sum, Duration::from_millis(60_011));
+        assert_eq!(wait.buckets[0], 1);
+        assert_eq!(wait.buckets[1], 1);
+        assert_eq!(wait.buckets[2], 1);
+        assert_eq!(wait.buckets[WAIT_BUCKETS.len()], 1);
+        assert_eq!(wait.buckets.iter().sum::<u64>(), 4);
+    }
+}

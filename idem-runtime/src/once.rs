@@ -1,0 +1,228 @@
+//! The plain async API: run a piece of work at most once per key, for callers that are not HTTP handlers (queue
+//! and webhook consumers, jobs).
+
+use crate::engine::{Outcome, begin_observed};
+use crate::store::{StoreError, StoreKey};
+use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored, StoredResponse};
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+/// One piece of work to run at most once per `(scope, key)`; made by [`Idempotency::once`], run by
+/// [`Once::run`].
+///
+/// The first call runs the work and stores its `Ok` result as JSON for the policy's `ttl`; later calls with the
+/// same scope, key and input get the stored result back without running the work. It is the engine behind
+/// `#[idempotent]`, with the same stores, the same waiting (a duplicate waits up to `wait_timeout` for an
+/// in-flight original, woken by the store's notification) and the same lease (renewed while the work runs).
+///
+/// ```
+/// use idem_runtime::{Idempotency, OnceError, Policy};
+/// use serde::{Deserialize, Serialize};
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use std::time::Duration;
+///
+/// #[derive(Serialize)]
+/// struct Refund<'a> { order: &'a str, cents: u64 }
+///
+/// #[derive(Serialize, Deserialize, Debug, PartialEq)]
+/// struct Receipt { refund_id: u32 }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), OnceError<std::io::Error>> {
+/// let idempotency = Idempotency::in_memory();
+/// let refunds = AtomicU32::new(0);
+/// let refund = Refund { order: "o-17", cents: 1250 };
+/// for _delivery in 0..3 {
+///     let receipt: Receipt = idempotency
+///         .once("refunds", "evt_123")
+///         .policy(Policy::new().ttl(Duration::from_secs(7 * 86_400)))
+///         .run(&refund, || async {
+///             let refund_id = refunds.fetch_add(1, Ordering::SeqCst) + 1;
+///             Ok::<_, std::io::Error>(Receipt { refund_id })
+///         })
+///         .await?;
+///     assert_eq!(receipt, Receipt { refund_id: 1 });
+/// }
+/// assert_eq!(refunds.load(Ordering::SeqCst), 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a `Once` does nothing until `.run(..)` is awaited"]
+pub struct Once<'a> {
+    idempotency: &'a Idempotency,
+    scope: &'a str,
+    key: &'a str,
+    policy: Policy,
+}
+
+impl Idempotency {
+    /// Work to run at most once per `key` within `scope`, with [`Policy::new`]'s settings unless
+    /// [`Once::policy`] says otherwise.
+    ///
+    /// `scope` names the kind of work (`"refunds"`, `"stripe-webhooks"`): records are namespaced by it, so one key
+    /// used by two kinds of work never mixes them up. `key` is the caller's idempotency key, such as an event id.
+    /// Both are hashed before they reach the store.
+    pub fn once<'a>(&'a self, scope: &'a str, key: &'a str) -> Once<'a> {
+        Once { idempotency: self, scope, key, policy: Policy::new() }
+    }
+}
+
+impl Once<'_> {
+    /// The settings: `ttl` (how long the result is kept), `wait_timeout` (how long a duplicate waits for an
+    /// in-flight original before [`OnceError::InFlight`]), `lease` and `validate_signature` (whether a key reused
+    /// with a different input is [`OnceError::Mismatch`]). `required` and `store_server_errors` do not apply:
+    /// an `Err` from the work is never stored (see [`Once::run`]).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Runs `work` if this key has not run yet (or its earlier run failed), else returns the stored result.
+    ///
+    /// - `input` is what the work acts on; its JSON is the call's fingerprint, so the same key with another input
+    ///   is refused with [`OnceError::Mismatch`] instead of answered with another input's result.
+    /// - An `Ok` result is stored as JSON and returned to every later call. An `Err` is not stored: the key is
+    ///   released and the next call runs the work again, like a 5xx behind `#[idempotent]`. To make a failure
+    ///   final (a declined payment), return it inside `T`, e.g. `Ok(Err(Declined))`.
+    /// - If the returned future is dropped before it finishes, the key is released in the background, so a retry
+    ///   can run the work at once rather than after the lease.
+    /// - A result whose JSON is larger than the engine's `max_record_bytes` (or that cannot be serialized) is
+    ///   returned to this caller but kept as not replayable: later calls get [`OnceError::NotReplayable`], never a
+    ///   second run.
+    ///
+    /// When the store fails, this answers [`OnceError::Store`] without running the work, unless the engine was
+    /// built with [`StoreFailure::FailOpen`], in which case the work runs unprotected.
+    pub async fn run<I, T, E, F, Fut>(self, input: &I, work: F) -> Result<T, OnceError<E>>
+    where
+        I: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let input = serde_json::to_vec(input).map_err(OnceError::Encode)?;
+        let fingerprint = Fingerprint::builder().field(b"once").field(self.scope.as_bytes()).field(&input).finish();
+        let store_key = StoreKey::derive(&[b"once", self.scope.as_bytes(), self.key.as_bytes()]);
+        let span = tracing::info_span!(
+            "idempotency",
+            door = "once",
+            scope = self.scope,
+            key = store_key.as_str(),
+            outcome = Empty,
+            wait_ms = Empty,
+        );
+        self.run_claimed(store_key, fingerprint, work).instrument(span).await
+    }
+
+    async fn run_claimed<T, E, F, Fut>(
+        self,
+        store_key: StoreKey,
+        fingerprint: Fingerprint,
+        work: F,
+    ) -> Result<T, OnceError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let shared = &*self.idempotency.shared;
+        let span = tracing::Span::current();
+        let begun = begin_observed(&shared.store, &shared.metrics, store_key, fingerprint, &self.policy).await;
+        if let Some(waited) = begun.waited {
+            span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
+        }
+        let claim = match begun.result {
+            Ok(Outcome::Execute(claim)) => claim,
+            Ok(Outcome::Replay(record)) => {
+                span.record("outcome", "hit");
+                return match record.stored {
+                    Stored::Response(stored) => serde_json::from_slice(&stored.body).map_err(OnceError::Decode),
+                    Stored::NotReplayable { .. } => Err(OnceError::NotReplayable),
+                };
+            }
+            Ok(Outcome::InFlight) => {
+                span.record("outcome", "conflict");
+                return Err(OnceError::InFlight);
+            }
+            Ok(Outcome::Mismatch) => {
+                span.record("outcome", "mismatch");
+                return Err(OnceError::Mismatch);
+            }
+            Err(error) => {
+                return match shared.on_store_failure {
+                    StoreFailure::FailClosed => {
+                        span.record("outcome", "store-error");
+                        tracing::error!(%error, "idempotency store failed: the work did not run (fail closed)");
+                        Err(OnceError::Store(error))
+                    }
+                    StoreFailure::FailOpen => {
+                        span.record("outcome", "store-error-fail-open");
+                        tracing::error!(%error, "idempotency store failed: running the work unprotected (fail open)");
+                        work().await.map_err(OnceError::Work)
+                    }
+                };
+            }
+        };
+        span.record("outcome", "new");
+        let value = match claim.keep_alive(work()).await {
+            Ok(value) => value,
+            Err(error) => {
+                let _ = claim.release().await;
+                return Err(OnceError::Work(error));
+            }
+        };
+        let stored = match serde_json::to_vec(&value) {
+            Ok(body) if body.len() <= shared.max_record_bytes => Stored::Response(StoredResponse {
+                status: 200,
+                headers: vec![("content-type".to_owned(), Bytes::from_static(b"application/json"))],
+                body: body.into(),
+            }),
+            Ok(body) => {
+                tracing::warn!(bytes = body.len(), "the result is over max_record_bytes: kept as not replayable");
+                Stored::NotReplayable { status: 200 }
+            }
+            Err(error) => {
+                tracing::error!(%error, "the result could not be serialized: kept as not replayable");
+                Stored::NotReplayable { status: 200 }
+            }
+        };
+        let _ = claim.complete(stored, self.policy.ttl_duration()).await;
+        Ok(value)
+    }
+}
+
+/// Why [`Once::run`] did not return a result.
+#[derive(Debug, thiserror::Error)]
+pub enum OnceError<E> {
+    /// Another caller is running the work for this key and did not finish within `wait_timeout`.
+    #[error(
+        "the work for this idempotency key is already running elsewhere; retry later, or raise the policy's \
+         `wait_timeout` to wait for it"
+    )]
+    InFlight,
+    /// The key was used before with a different input.
+    #[error("this idempotency key was already used with a different input; use a new key for new work")]
+    Mismatch,
+    /// The work ran before but its result was too large or not serializable, so it was not kept.
+    #[error(
+        "the work for this idempotency key already ran but its result was not kept (too large for \
+         `max_record_bytes`, or not serializable); it will not run again"
+    )]
+    NotReplayable,
+    /// The store failed; the work did not run.
+    #[error("the idempotency store failed and the work did not run; retry later: {0}")]
+    Store(#[source] StoreError),
+    /// The input could not be serialized to JSON.
+    #[error("the input could not be serialized to JSON to fingerprint it: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The stored result could not be read back as the type asked for (did the result type change?).
+    #[error("the stored result does not decode as the requested type (did it change since it was stored?): {0}")]
+    Decode(#[source] serde_json::Error),
+    /// The work itself failed. Nothing was stored: the next call runs it again.
+    #[error("the work failed and nothing was stored; a retry runs it again")]
+    Work(#[source] E),
+}

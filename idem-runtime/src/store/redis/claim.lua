@@ -1,0 +1,10 @@
+-- Claim-or-read, in one round trip.
+-- KEYS[1]: the record key.
+-- ARGV[1]: the in-flight record (JSON, carrying a fresh owner token); ARGV[2]: the lease in milliseconds.
+-- Returns nil when the caller now owns the key, else the record held (in flight or completed).
+local held = redis.call('GET', KEYS[1])
+if held then
+  return held
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false

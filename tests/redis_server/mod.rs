@@ -1,0 +1,240 @@
+//! Real `redis-server` processes for tests: a single node, a 3-master Cluster, a primary + replica + Sentinel.
+//!
+//! Each server listens on a free loopback port, in its own temporary directory, and is killed when its handle drops
+//! or, should the test process die first, by a watchdog shell that outlives it by at most half a second.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// One `redis-server` process (a node or a Sentinel).
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn binary(name: &str) -> String {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output();
+    match found {
+        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        _ => panic!(
+            "`{name}` is not installed: these tests run against real Redis processes. \
+             Install it with `apt-get install redis-server redis-tools` (or run `bash .ci/run`)."
+        ),
+    }
+}
+
+/// A free loopback port whose Cluster bus port (+10000) is free too.
+fn free_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = u64::from(std::process::id()) * 7919 + NEXT.fetch_add(1, Ordering::Relaxed) * 104_729;
+    for attempt in 0..2000u64 {
+        let port = 20_000 + ((seed + attempt * 7_561) % 20_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port pair found");
+}
+
+fn scratch_dir(port: u16) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("idem-redis-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a scratch directory");
+    dir
+}
+
+impl RedisServer {
+    /// A standalone node.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A node with extra `redis-server` arguments (e.g. `["--replicaof", "127.0.0.1", "6379"]`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let port = free_port();
+        let dir = scratch_dir(port);
+        let mut args: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "no"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        args.extend(["--port".to_owned(), port.to_string(), "--dir".to_owned(), dir.display().to_string()]);
+        args.extend(extra.iter().map(ToString::to_string));
+        let child = spawn_watched(&binary("redis-server"), &args, &dir);
+        let server = Self { port, child, dir };
+        server.wait_until_ready();
+        server
+    }
+
+    /// A Sentinel watching `primary` under the name `service`.
+    pub fn sentinel(service: &str, primary: &RedisServer) -> Self {
+        let port = free_port();
+        let dir = scratch_dir(port);
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                 sentinel monitor {service} 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\n\
+                 sentinel failover-timeout {service} 3000\n\
+                 sentinel parallel-syncs {service} 1\n",
+                dir = dir.display(),
+                primary = primary.port,
+            ),
+        )
+        .expect("write sentinel.conf");
+        let args = vec![config.display().to_string(), "--sentinel".to_owned()];
+        let child = spawn_watched(&binary("redis-server"), &args, &dir);
+        let server = Self { port, child, dir };
+        server.wait_until_ready();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Runs `redis-cli` against this server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new(binary("redis-cli"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Kills the server now with SIGKILL (a crash, not a shutdown), then its watchdog.
+    pub fn kill(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("redis.pid")) {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait_until_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.cli(&["PING"]).trim() == "PONG" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not answer PING within 10 s", self.port);
+    }
+}
+
+/// Starts `program` under a shell that kills it when this test process exits, even by a crash or SIGKILL.
+fn spawn_watched(program: &str, args: &[String], dir: &std::path::Path) -> Child {
+    let script = r#"
+        parent=$1; shift
+        "$@" &
+        child=$!
+        echo $child > redis.pid
+        trap 'kill $child 2>/dev/null; exit 0' TERM INT
+        while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
+        kill $child 2>/dev/null
+        wait $child 2>/dev/null
+    "#;
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("watchdog")
+        .arg(std::process::id().to_string())
+        .arg(program)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn redis-server")
+}
+
+/// Three masters, no replicas, every slot assigned.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addresses: Vec<String> = nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)).collect();
+        let output = Command::new(binary("redis-cli"))
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+            assert!(Instant::now() < deadline, "the cluster did not reach cluster_state:ok within 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Sum of `cmdstat_<command>` calls over every node.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        self.nodes.iter().map(|node| command_calls(node, command)).sum()
+    }
+}
+
+/// `calls` of `cmdstat_<command>` in `INFO commandstats` (0 when never called).
+pub fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a call count"))
+}
+
+/// Every command's call count, for asserting that nothing else was sent.
+pub fn all_command_calls(server: &RedisServer) -> Vec<(String, u64)> {
+    server
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}

@@ -1,0 +1,240 @@
+//! What only a real Redis can show: round trips per request (`INFO commandstats`), records readable with
+//! `redis-cli`, owner fencing and notifications between separate store instances, on a node and on a Cluster.
+
+mod redis_server;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use idem::{Claimed, Entry, Fingerprint, Idempotency, OwnerToken, Record, RedisStore, Store, StoreKey, Stored, Write};
+use redis_server::{RedisCluster, RedisServer, all_command_calls};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tower::ServiceExt;
+
+#[derive(Clone)]
+struct App {
+    idempotency: Idempotency,
+    runs: Arc<AtomicU64>,
+}
+
+impl axum::extract::FromRef<App> for Idempotency {
+    fn from_ref(app: &App) -> Self {
+        app.idempotency.clone()
+    }
+}
+
+#[idem::idempotent(lease = 1)]
+async fn charge(State(app): State<App>, body: String) -> (StatusCode, String) {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    if let Some(millis) = body.strip_prefix("sleep ") {
+        tokio::time::sleep(Duration::from_millis(millis.parse().unwrap())).await;
+    }
+    (StatusCode::CREATED, format!("charged {body}"))
+}
+
+fn app(store: RedisStore) -> (Router, Arc<AtomicU64>) {
+    let runs = Arc::new(AtomicU64::new(0));
+    let state = App { idempotency: Idempotency::new(store), runs: runs.clone() };
+    (Router::new().route("/charges", post(charge)).with_state(state), runs)
+}
+
+async fn send(app: &Router, key: &str, body: &str) -> (StatusCode, String, Option<String>) {
+    let request = Request::post("/charges").header("idempotency-key", key).body(Body::from(body.to_owned())).unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let hit = response.headers().get("x-idempotency-status").map(|v| v.to_str().unwrap().to_owned());
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, String::from_utf8(body.to_vec()).unwrap(), hit)
+}
+
+/// Commands the server ran, sorted, minus the ones this test sends itself to read the counts. Redis counts the
+/// calls a script makes too: every script here starts with one `GET`, so `get == evalsha` also proves the client
+/// sent no `GET` of its own.
+fn commands_run(server: &RedisServer) -> Vec<(String, u64)> {
+    let mut calls: Vec<_> = all_command_calls(server)
+        .into_iter()
+        .filter(|(name, _)| name != "info" && name != "config|resetstat")
+        .collect();
+    calls.sort();
+    calls
+}
+
+fn calls(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+    list.iter().map(|(name, calls)| ((*name).to_owned(), *calls)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_costs_one_command_and_a_first_request_two() {
+    let server = RedisServer::start();
+    let (app, runs) = app(RedisStore::open(server.url()).await.unwrap());
+    // Load the scripts once (a fresh server answers the first EVALSHA with NOSCRIPT).
+    assert_eq!(send(&app, "warm-up", "x").await.0, StatusCode::CREATED);
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let (status, body, state) = send(&app, "first", "a").await;
+    assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CREATED, "charged a", Some("new")));
+    // Two round trips: the claim script (GET, SET) and the complete script (GET, SET, PUBLISH).
+    assert_eq!(commands_run(&server), calls(&[("evalsha", 2), ("get", 2), ("publish", 1), ("set", 2)]));
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let (status, body, state) = send(&app, "first", "a").await;
+    assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CREATED, "charged a", Some("hit")));
+    // One round trip: the claim-or-read script, which finds the record (GET) and returns it.
+    assert_eq!(commands_run(&server), calls(&[("evalsha", 1), ("get", 1)]));
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "warm-up + first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_costs_one_renewal_per_third_of_its_lease() {
+    let server = RedisServer::start();
+    let (app, runs) = app(RedisStore::open(server.url()).await.unwrap());
+    // Loads every script, the renewal one included.
+    assert_eq!(send(&app, "warm-up", "sleep 400").await.0, StatusCode::CREATED);
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    // lease = 1 s, renewed every 333 ms: a 1.2 s handler renews 3 times (4 on a slow machine).
+    let (status, _, _) = send(&app, "long", "sleep 1200").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let run = commands_run(&server);
+    let renewals = run.iter().find(|(name, _)| name == "pexpire").map_or(0, |(_, calls)| *calls);
+    assert!((3..=4).contains(&renewals), "{run:?}");
+    let scripts = 2 + renewals;
+    assert_eq!(run, calls(&[("evalsha", scripts), ("get", scripts), ("pexpire", renewals), ("publish", 1), ("set", 2)]));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_json_with_a_ttl_under_a_digest_never_the_raw_key() {
+    let server = RedisServer::start();
+    let (app, _) = app(RedisStore::open(server.url()).await.unwrap());
+    let raw_key = "customer-visible-key-42";
+    assert_eq!(send(&app, raw_key, "a").await.0, StatusCode::CREATED);
+
+    let keys = server.cli(&["--scan"]);
+    assert!(!keys.contains(raw_key), "raw client key reached the store: {keys}");
+    let digest = StoreKey::derive(&[b"http", b"POST", b"/charges", b"", raw_key.as_bytes()]);
+    let key = format!("idem:{{{}}}", digest.as_str());
+    assert_eq!(keys.trim(), key);
+
+    let record: serde_json::Value = serde_json::from_str(&server.cli(&["GET", &key])).expect("a JSON record");
+    assert_eq!(record["state"], "completed");
+    assert_eq!(record["status"], 201);
+    assert_eq!(record["replayable"], true);
+    assert_eq!(record["body"], "charged a");
+    assert_eq!(record["fingerprint"].as_str().unwrap().len(), 64);
+    let ttl: i64 = server.cli(&["TTL", &key]).trim().parse().unwrap();
+    assert!((86_000..=86_400).contains(&ttl), "completed records keep the default 24 h ttl, got {ttl}");
+}
+
+fn fp(text: &str) -> Fingerprint {
+    Fingerprint::builder().field(text.as_bytes()).finish()
+}
+
+fn record(body: &'static str) -> Record {
+    Record {
+        fingerprint: fp("a"),
+        stored: Stored::Response(idem::StoredResponse { status: 200, headers: vec![], body: body.into() }),
+    }
+}
+
+fn owned(claimed: Claimed) -> OwnerToken {
+    match claimed {
+        Claimed::Owned(owner) => owner,
+        other => panic!("expected to own the claim, got {other:?}"),
+    }
+}
+
+/// Two store instances (as in two processes) on one backend.
+async fn fencing_and_notification(first: RedisStore, second: RedisStore) {
+    let key = StoreKey::derive(&[b"fencing", format!("{:?}", Instant::now()).as_bytes()]);
+    let lease = Duration::from_millis(400);
+    let stale = owned(first.claim(&key, &fp("a"), lease).await.unwrap());
+    assert_eq!(
+        second.claim(&key, &fp("a"), lease).await.unwrap(),
+        Claimed::Existing(Entry::InFlight { fingerprint: fp("a") })
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let fresh = owned(second.claim(&key, &fp("a"), lease).await.unwrap());
+    let ttl = Duration::from_secs(60);
+    assert_eq!(first.complete(&key, &stale, &record("stale"), ttl).await.unwrap(), Write::Fenced);
+    assert_eq!(first.renew(&key, &stale, lease).await.unwrap(), Write::Fenced);
+    assert_eq!(first.release(&key, &stale).await.unwrap(), Write::Fenced);
+    assert_eq!(second.renew(&key, &fresh, Duration::from_secs(30)).await.unwrap(), Write::Applied);
+
+    // A waiter on the other instance is woken by the completion's notification, long before its timeout.
+    let waiter = tokio::spawn({
+        let key = key.clone();
+        async move {
+            let started = Instant::now();
+            first.wait(&key, Duration::from_secs(10)).await.unwrap();
+            let waited = started.elapsed();
+            (waited, first.claim(&key, &fp("a"), lease).await.unwrap())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(second.complete(&key, &fresh, &record("fresh"), ttl).await.unwrap(), Write::Applied);
+    let (waited, seen) = waiter.await.unwrap();
+    assert!(waited < Duration::from_secs(2), "woken by the notification, not the 10 s timeout: {waited:?}");
+    assert!(waited >= Duration::from_millis(250), "not before the completion: {waited:?}");
+    assert_eq!(seen, Claimed::Existing(Entry::Completed(record("fresh"))));
+}
+
+/// A waiter whose original's lease runs out with nobody completing is released at the lease's end.
+async fn waiters_wake_when_the_lease_runs_out(store: RedisStore) {
+    let key = StoreKey::derive(&[b"expiry", format!("{:?}", Instant::now()).as_bytes()]);
+    owned(store.claim(&key, &fp("a"), Duration::from_millis(500)).await.unwrap());
+    let started = Instant::now();
+    store.wait(&key, Duration::from_secs(10)).await.unwrap();
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(2), "ended with the lease, not the timeout: {waited:?}");
+    owned(store.claim(&key, &fp("a"), Duration::from_secs(5)).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_fences_stale_owners_and_wakes_waiters_across_instances() {
+    let server = RedisServer::start();
+    let first = RedisStore::open(server.url()).await.unwrap();
+    let second = RedisStore::open(server.url()).await.unwrap();
+    fencing_and_notification(first, second).await;
+    waiters_wake_when_the_lease_runs_out(RedisStore::open(server.url()).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_and_connection_manager_constructors_share_one_store() {
+    let server = RedisServer::start();
+    let client = idem::redis::Client::open(server.url()).unwrap();
+    let pool = idem::deadpool_redis::Config::from_url(server.url())
+        .create_pool(Some(idem::deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let from_pool = RedisStore::from_pool(pool, client.clone());
+    let manager = client.get_connection_manager().await.unwrap();
+    let from_manager = RedisStore::from_connection_manager(manager, client);
+    fencing_and_notification(from_pool, from_manager).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_fences_stale_owners_and_wakes_waiters_with_sharded_pubsub() {
+    let cluster = RedisCluster::start();
+    let first = RedisStore::cluster(cluster.urls()).await.unwrap();
+    let second = RedisStore::cluster(cluster.urls()).await.unwrap();
+    fencing_and_notification(first, second).await;
+    waiters_wake_when_the_lease_runs_out(RedisStore::cluster(cluster.urls()).await.unwrap()).await;
+
+    // Several keys spread over the slots of all three masters, each completed with two scripts.
+    let (app, runs) = app(RedisStore::cluster(cluster.urls()).await.unwrap());
+    for key in 0..12 {
+        assert_eq!(send(&app, &format!("warm-{key}"), "x").await.0, StatusCode::CREATED);
+    }
+    let before = cluster.command_calls("evalsha");
+    for key in 0..12 {
+        assert_eq!(send(&app, &format!("k-{key}"), "x").await.0, StatusCode::CREATED);
+        assert_eq!(send(&app, &format!("k-{key}"), "x").await.2.as_deref(), Some("hit"));
+    }
+    assert_eq!(cluster.command_calls("evalsha") - before, 12 * 3, "2 per first request + 1 per replay");
+    assert_eq!(runs.load(Ordering::SeqCst), 24);
+    let holding: Vec<usize> = cluster.nodes.iter().map(|node| node.cli(&["--scan"]).lines().count()).collect();
+    assert!(holding.iter().filter(|&&keys| keys > 0).count() >= 2, "keys spread over the masters: {holding:?}");
+}

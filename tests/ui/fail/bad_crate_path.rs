@@ -1,0 +1,8 @@
+use idem::idempotent;
+
+#[idempotent(crate = 5)]
+async fn handler() -> &'static str {
+    "ok"
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use idem::idempotent;
+
+#[idempotent(wait_timeout = -1)]
+async fn handler() -> &'static str {
+    "ok"
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+use idem::idempotent;
+
+#[idempotent]
+struct Handler;
+
+fn main() {}

@@ -1,0 +1,8 @@
+use idem::idempotent;
+
+#[idempotent]
+fn handler() -> &'static str {
+    "ok"
+}
+
+fn main() {}

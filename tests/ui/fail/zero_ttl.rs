@@ -1,0 +1,8 @@
+use idem::idempotent;
+
+#[idempotent(ttl = 0)]
+async fn handler() -> &'static str {
+    "ok"
+}
+
+fn main() {}

@@ -42,12 +42,12 @@ impl Args {
             return Err(syn::Error::new_spanned(&meta.path, format!("unknown argument; expected one of {ARGUMENTS}")));
         };
         match name.as_str() {
-            "ttl" => set(&meta, &mut self.ttl, |meta| seconds(meta, "ttl", Zero::Refused)),
-            "wait_timeout" => set(&meta, &mut self.wait_timeout, |meta| seconds(meta, "wait_timeout", Zero::Allowed)),
-            "lease" => set(&meta, &mut self.lease, |meta| seconds(meta, "lease", Zero::Refused)),
-            "validate_signature" => set(&meta, &mut self.validate_signature, |meta| flag(meta, "validate_signature")),
-            "required" => set(&meta, &mut self.required, |meta| flag(meta, "required")),
-            "store_server_errors" => set(&meta, &mut self.store_server_errors, |meta| flag(meta, "store_server_errors")),
+            "ttl" => set(&meta, &mut self.ttl, |meta| seconds(meta, &name, Zero::Refused)),
+            "wait_timeout" => set(&meta, &mut self.wait_timeout, |meta| seconds(meta, &name, Zero::Allowed)),
+            "lease" => set(&meta, &mut self.lease, |meta| seconds(meta, &name, Zero::Refused)),
+            "validate_signature" => set(&meta, &mut self.validate_signature, |meta| flag(meta, &name)),
+            "required" => set(&meta, &mut self.required, |meta| flag(meta, &name)),
+            "store_server_errors" => set(&meta, &mut self.store_server_errors, |meta| flag(meta, &name)),
             "state" => set(&meta, &mut self.state, state),
             "crate" => set(&meta, &mut self.krate, krate),
             _ => Err(meta.error(format!("unknown argument `{name}`; expected one of {ARGUMENTS}"))),

@@ -3,9 +3,8 @@
 
 use crate::args::Args;
 use proc_macro2::{Group, Span, TokenStream, TokenTree};
-use quote::{format_ident, quote, quote_spanned};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::parse::Parser;
-use syn::spanned::Spanned;
 use syn::{FnArg, GenericArgument, ItemFn, PathArguments, ReturnType, Type};
 
 pub fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -59,6 +58,12 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
             FnArg::Typed(typed) => arg_types.push(&*typed.ty),
         }
     }
+    if let Some((ty, name)) = arg_types.split_last().and_then(|(_, parts)| parts.iter().find_map(body_extractor)) {
+        return Err(syn::Error::new_spanned(
+            ty,
+            format!("`{name}` consumes the request body, so it must be the handler's last argument"),
+        ));
+    }
     let krate = match &args.krate {
         Some(path) => quote!(#path),
         None => quote!(::idem),
@@ -93,32 +98,39 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
     let arg_names: Vec<_> = (0..arg_types.len()).map(|i| format_ident!("__idem_arg{}", i)).collect();
     let extractions = arg_types.iter().zip(&arg_names).enumerate().map(|(index, (ty, name))| {
         let rejected = quote!(return #private::Execution::Rejected(#private::IntoResponse::into_response(rejection)));
-        if index + 1 < arg_types.len() {
-            quote_spanned! {ty.span()=>
-                let #name = match <#ty as #private::FromRequestParts<#state_ty>>::from_request_parts(
-                    &mut __idem_parts, &__idem_state,
-                ).await {
-                    ::core::result::Result::Ok(value) => value,
-                    ::core::result::Result::Err(rejection) => #rejected,
-                };
-            }
+        // The call is spanned from the first to the last token of the argument's type, so an argument that is not
+        // an extractor is reported once, on the whole type in the user's signature.
+        let (first, last) = span_range(ty);
+        let (trait_path, call) = if index + 1 < arg_types.len() {
+            (
+                quote!(FromRequestParts<#state_ty>),
+                quote_spanned!(last=> from_request_parts(&mut __idem_parts, &__idem_state)),
+            )
         } else {
-            quote_spanned! {ty.span()=>
-                let #name = match <#ty as #private::FromRequest<#state_ty, _>>::from_request(
+            (
+                quote!(FromRequest<#state_ty, _>),
+                quote_spanned!(last=> from_request(
                     #private::Request::from_parts(__idem_parts, __idem_body), &__idem_state,
-                ).await {
-                    ::core::result::Result::Ok(value) => value,
-                    ::core::result::Result::Err(rejection) => #rejected,
-                };
-            }
+                )),
+            )
+        };
+        let function = respan(quote!(<#ty as #private::#trait_path>::), first);
+        quote_spanned! {last=>
+            let #name = match #function #call.await {
+                ::core::result::Result::Ok(value) => value,
+                ::core::result::Result::Err(rejection) => #rejected,
+            };
         }
     });
-    let output_span = match &signature.output {
-        ReturnType::Default => signature.ident.span(),
-        ReturnType::Type(_, ty) => ty.span(),
+    // Likewise a return type that is not `IntoResponse` is reported on the user's return type.
+    let (first, last) = match &signature.output {
+        ReturnType::Default => (signature.ident.span(), signature.ident.span()),
+        ReturnType::Type(_, ty) => span_range(ty),
     };
-    let respond = quote_spanned! {output_span=>
-        #private::IntoResponse::into_response(#inner(#(#arg_names),*).await)
+    let into_response = respan(quote!(#private::IntoResponse::), first);
+    let inner_call = respan(quote!(#inner), first);
+    let respond = quote_spanned! {last=>
+        #into_response into_response(#inner_call(#(#arg_names),*).await)
     };
 
     Ok(quote! {
@@ -144,6 +156,16 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
                 .await
         }
     })
+}
+
+/// The request-consuming extractors axum itself provides, recognised by name as `#[axum::debug_handler]` does.
+const BODY_EXTRACTORS: &[&str] = &["Json", "Form", "RawForm", "Bytes", "String", "Body", "Request", "Multipart"];
+
+/// `Some` when `ty` names one of [`BODY_EXTRACTORS`].
+fn body_extractor<'a>(ty: &&'a Type) -> Option<(&'a Type, String)> {
+    let Type::Path(path) = ty else { return None };
+    let name = path.path.segments.last()?.ident.to_string();
+    BODY_EXTRACTORS.contains(&name.as_str()).then_some((*ty, name))
 }
 
 /// The state the generated handler extracts: `state = T`, else the `T` of the only `State<T>` argument.
@@ -178,6 +200,34 @@ fn state_inner(ty: &Type) -> Option<&Type> {
         GenericArgument::Type(inner) if generics.args.len() == 1 => Some(inner),
         _ => None,
     }
+}
+
+/// The spans of the first and the last token of `tokens`. An expression whose first token carries one and whose
+/// last token carries the other is reported by rustc on the whole of `tokens`, which a proc macro on stable cannot
+/// express with one `Span`.
+fn span_range(tokens: &impl ToTokens) -> (Span, Span) {
+    let mut tokens = tokens.to_token_stream().into_iter();
+    let first = tokens.next().map_or_else(Span::call_site, |token| token.span());
+    let last = tokens.last().map_or(first, |token| token.span());
+    (first, last)
+}
+
+/// `tokens` with every span, groups included, set to `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|token| match token {
+            TokenTree::Group(group) => {
+                let mut respanned = Group::new(group.delimiter(), respan(group.stream(), span));
+                respanned.set_span(span);
+                TokenTree::Group(respanned)
+            }
+            mut token => {
+                token.set_span(span);
+                token
+            }
+        })
+        .collect()
 }
 
 fn policy(args: &Args, private: &TokenStream) -> TokenStream {

@@ -392,6 +392,10 @@ pub async fn duplicate_in_flight_without_wait_is_409_in_progress(store: impl Sto
     assert_eq!(app.runs(), 1);
 }
 
+/// How soon waiting duplicates answer once the original finishes: far less than their `wait_timeout` (3 s), so a
+/// wait that ends by timing out (or by slow polling) rather than by the completion's notification is caught.
+const WOKEN_WITHIN: Duration = Duration::from_millis(1_500);
+
 pub async fn duplicate_in_flight_waits_and_gets_the_original_response(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("wait");
@@ -401,8 +405,11 @@ pub async fn duplicate_in_flight_waits_and_gets_the_original_response(store: imp
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!duplicate.is_finished(), "the duplicate waits for the original instead of answering");
     app.probe.open_gate();
+    let opened = Instant::now();
     let original = tokio::time::timeout(Duration::from_secs(5), original).await.unwrap().unwrap();
     let duplicate = tokio::time::timeout(Duration::from_secs(5), duplicate).await.unwrap().unwrap();
+    let woken = opened.elapsed();
+    assert!(woken < WOKEN_WITHIN, "the duplicate answered {woken:?} after the original finished: not woken by it");
     original.assert_new(&key);
     duplicate.assert_replays(&original, &key);
     assert_eq!(app.runs(), 1);
@@ -475,11 +482,14 @@ pub async fn fifty_concurrent_duplicates_with_wait_all_get_the_original_response
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(replies.is_empty(), "no duplicate answers while the original runs: they wait");
     app.probe.open_gate();
+    let opened = Instant::now();
     let mut answered = Vec::new();
     while let Ok(Some(reply)) = tokio::time::timeout(Duration::from_secs(5), replies.recv()).await {
         answered.push(reply);
     }
+    let woken = opened.elapsed();
     assert_eq!(answered.len(), BURST, "every request is answered");
+    assert!(woken < WOKEN_WITHIN, "the duplicates answered {woken:?} after the original finished: not woken by it");
     let (new, hits): (Vec<_>, Vec<_>) =
         answered.iter().partition(|reply| reply.header(STATUS) == Some("new"));
     assert_eq!(new.len(), 1, "exactly one request runs");

@@ -150,8 +150,10 @@ impl RedisStore {
     }
 
     /// Waits, after each claim and completion, until `replicas` replicas acknowledged it (Redis `WAIT`), at most
-    /// `timeout`. This narrows the window in which a failover to a replica that had not yet received a claim lets
-    /// a retry run a second time, at the cost of one more round trip per write. Not available on a Cluster.
+    /// `timeout`. This narrows the window in which a failover to a replica that had not yet received a claim or a
+    /// record lets a retry run a second time. `WAIT` travels in the same pipeline as the script, so it adds no round
+    /// trip, only the replication latency. Keep `timeout` below the connection's response timeout (redis-rs: 500 ms
+    /// by default), or a write with no replica in reach fails as a timeout. Ignored on a Cluster.
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replicas = Some((replicas, timeout));
         self

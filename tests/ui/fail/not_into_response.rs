@@ -7,8 +7,8 @@ struct Order {
 }
 
 #[idempotent]
-async fn handler(body: String) -> Order {
-    Order { id: body.len() as u64 }
+async fn handler(body: String) -> Result<Order, String> {
+    Ok(Order { id: body.len() as u64 })
 }
 
 fn main() {

@@ -36,7 +36,7 @@ async fn with_flags(State(_state): State<AppState>, Json(order): Json<NewOrder>)
 }
 
 // A short `ttl` alone: the default lease (30 s) shrinks to fit it.
-#[idempotent(ttl = 5, store_server_errors = false,)]
+#[idempotent(ttl = 5, store_server_errors = false)]
 async fn short_ttl(State(_state): State<AppState>, Json(order): Json<NewOrder>) -> String {
     order.item
 }

@@ -1,0 +1,70 @@
+//! Instances of the reference service (`examples/orders.rs`) as real processes.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// One running `orders` process, killed when dropped.
+pub struct Service {
+    pub base: String,
+    child: Child,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds the example once per test binary (a no-op when it is up to date) and returns its path.
+fn binary() -> &'static PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--example", "orders"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build --example orders");
+        assert!(status.success(), "cargo build --example orders failed");
+        let deps = std::env::current_exe().expect("the test binary's path");
+        let profile = deps.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+        profile.join("examples").join("orders")
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Service {
+    /// Starts an instance with `env` (e.g. `REDIS_URL`) and waits until it answers.
+    pub async fn start(env: &[(&str, String)]) -> Self {
+        let port = free_port();
+        let mut command = Command::new(binary());
+        command.env("BIND", format!("127.0.0.1:{port}")).env("RUST_LOG", "warn").stdout(Stdio::null());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("start the orders example");
+        let service = Self { base: format!("http://127.0.0.1:{port}"), child };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if client.get(format!("{}/stats", service.base)).send().await.is_ok() {
+                return service;
+            }
+            assert!(Instant::now() < deadline, "the orders service did not start within 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn executions(&self) -> u64 {
+        let stats: serde_json::Value =
+            reqwest::get(format!("{}/stats", self.base)).await.unwrap().json().await.unwrap();
+        stats["executions"].as_u64().expect("executions")
+    }
+}

@@ -7,7 +7,7 @@ struct Order {
 }
 
 #[idempotent]
-async fn handler(body: String) -> Result<Order, String> {
+async fn handler(body: String) -> Result<Order, &'static str> {
     Ok(Order { id: body.len() as u64 })
 }
 

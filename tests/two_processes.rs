@@ -99,3 +99,20 @@ async fn two_instances_run_one_key_once_and_five_hundred_keys_five_hundred_times
     }
     assert_eq!(ids.len(), 500, "500 distinct executions");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_service_runs_on_a_cluster_with_a_shared_counter() {
+    let cluster = redis_server::RedisCluster::start();
+    let env = [("REDIS_CLUSTER_URLS", cluster.urls().join(","))];
+    let instances = [Service::start(&env).await, Service::start(&env).await];
+    let client = reqwest::Client::new();
+    let order = json!({ "item": "lamp", "qty": 2 });
+    let first = post(&client, &instances[0].base, "cluster-key", &order).await;
+    let retry = post(&client, &instances[1].base, "cluster-key", &order).await;
+    assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
+    assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, true));
+    assert_eq!(retry.body, first.body);
+    let other = post(&client, &instances[1].base, "cluster-key-2", &order).await;
+    assert_eq!(other.body["order_id"], 2, "the execution counter lives in the cluster, shared by both instances");
+    assert_eq!(instances[0].executions().await, 2);
+}

@@ -129,9 +129,7 @@ async fn create_payment(State(state): State<AppState>, Json(payment): Json<NewPa
 async fn stats(State(state): State<AppState>) -> Response {
     match state.executions.read().await {
         Ok(executions) => Json(json!({ "executions": executions })).into_response(),
-        Err(error) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": error.to_string() }))).into_response()
-        }
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": error.to_string() }))).into_response(),
     }
 }
 
@@ -147,7 +145,8 @@ fn app(state: AppState) -> Router {
 /// The store and the execution counter: Redis Cluster, Redis, or memory, from the environment.
 async fn backend() -> Result<(Idempotency, Executions, String), Box<dyn std::error::Error>> {
     if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
-        let nodes: Vec<String> = urls.split(',').map(str::trim).filter(|url| !url.is_empty()).map(String::from).collect();
+        let nodes: Vec<String> =
+            urls.split(',').map(str::trim).filter(|url| !url.is_empty()).map(String::from).collect();
         let store = RedisStore::cluster(nodes.clone()).await?;
         let counter = idem::redis::cluster::ClusterClient::new(nodes)?.get_async_connection().await?;
         return Ok((Idempotency::new(store), Executions::Cluster(counter), format!("redis cluster {urls}")));

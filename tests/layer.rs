@@ -392,9 +392,7 @@ pub async fn layer_returns_an_inner_service_error_and_releases_the_key(store: im
         let calls = calls.clone();
         tower::service_fn(move |_request: axum::extract::Request| {
             let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            async move {
-                if call == 1 { Err(std::io::Error::other("backend down")) } else { Ok(StatusCode::ACCEPTED) }
-            }
+            async move { if call == 1 { Err(std::io::Error::other("backend down")) } else { Ok(StatusCode::ACCEPTED) } }
         })
     };
     let service = IdempotencyLayer::new(Idempotency::new(store)).layer(service);

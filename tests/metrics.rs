@@ -107,10 +107,7 @@ impl TestApp {
             .route("/orders", post(orders))
             .route("/plain", post(plain).get(plain))
             .layer(idempotency.layer());
-        let router = annotated
-            .layer(Extension(idempotency))
-            .nest("/layered", layered)
-            .with_state(probe.clone());
+        let router = annotated.layer(Extension(idempotency)).nest("/layered", layered).with_state(probe.clone());
         Self { router, probe, counters }
     }
 
@@ -183,7 +180,13 @@ impl<S: Store> Store for RenewalsLost<S> {
     async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError> {
         self.0.claim(key, fingerprint, lease).await
     }
-    async fn complete(&self, key: &StoreKey, owner: &OwnerToken, record: &Record, ttl: Duration) -> Result<Write, StoreError> {
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, StoreError> {
         self.0.complete(key, owner, record, ttl).await
     }
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
@@ -346,18 +349,22 @@ pub async fn a_stale_owners_write_is_fenced_and_counted(store: impl Store) {
     let fresh = idempotency.once("jobs", &key).policy(short_lease);
     assert_eq!(fresh.run("input", || async { Ok::<_, std::io::Error>(String::from("fresh")) }).await.unwrap(), "fresh");
     assert_eq!(stale.await.unwrap().unwrap(), "stale", "the stale owner's own caller still gets its result");
-    let stored = idempotency.once("jobs", &key).run("input", || async { Ok::<_, std::io::Error>(String::from("third")) }).await;
+    let stored =
+        idempotency.once("jobs", &key).run("input", || async { Ok::<_, std::io::Error>(String::from("third")) }).await;
     assert_eq!(stored.unwrap(), "fresh", "the stale owner did not overwrite the newer record");
     assert_eq!(counts(counters.snapshot()), (2, 1, 0, 0, 0, 1));
 }
 
 // --- the request span -----------------------------------------------------------------------------------------
 
+/// One span's fields, names and values, in the order they were recorded.
+type Fields = Vec<(String, String)>;
+
 /// Spans named `idempotency` and their fields, as a subscriber sees them.
 #[derive(Clone, Default)]
-struct SpanFields(Arc<Mutex<Vec<Vec<(String, String)>>>>);
+struct SpanFields(Arc<Mutex<Vec<Fields>>>);
 
-struct FieldVisitor<'a>(&'a mut Vec<(String, String)>);
+struct FieldVisitor<'a>(&'a mut Fields);
 
 impl tracing::field::Visit for FieldVisitor<'_> {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
@@ -402,13 +409,17 @@ where
 
 impl SpanFields {
     /// The fields of every span made for requests to `path`, in the order they were made.
-    fn for_path(&self, path: &str) -> Vec<Vec<(String, String)>> {
+    fn for_path(&self, path: &str) -> Vec<Fields> {
         let spans = self.0.lock().unwrap();
-        spans.iter().filter(|fields| fields.iter().any(|(name, value)| name == "path" && value == path)).cloned().collect()
+        spans
+            .iter()
+            .filter(|fields| fields.iter().any(|(name, value)| name == "path" && value == path))
+            .cloned()
+            .collect()
     }
 }
 
-fn field(fields: &[(String, String)], name: &str) -> Option<String> {
+fn field(fields: &Fields, name: &str) -> Option<String> {
     fields.iter().rev().find(|(field, _)| field == name).map(|(_, value)| value.clone())
 }
 

@@ -102,7 +102,10 @@ async fn a_long_handler_costs_one_renewal_per_third_of_its_lease() {
     let renewals = run.iter().find(|(name, _)| name == "pexpire").map_or(0, |(_, calls)| *calls);
     assert!((3..=4).contains(&renewals), "{run:?}");
     let scripts = 2 + renewals;
-    assert_eq!(run, calls(&[("evalsha", scripts), ("get", scripts), ("pexpire", renewals), ("publish", 1), ("set", 2)]));
+    assert_eq!(
+        run,
+        calls(&[("evalsha", scripts), ("get", scripts), ("pexpire", renewals), ("publish", 1), ("set", 2)])
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 

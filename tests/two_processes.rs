@@ -73,8 +73,7 @@ async fn two_instances_run_one_key_once_and_five_hundred_keys_five_hundred_times
         async move {
             let key = format!("key-{i}");
             let order = json!({ "item": format!("item-{i}"), "qty": i });
-            let (a, b) =
-                tokio::join!(post(&client, &bases[0], &key, &order), post(&client, &bases[1], &key, &order));
+            let (a, b) = tokio::join!(post(&client, &bases[0], &key, &order), post(&client, &bases[1], &key, &order));
             (a, b)
         }
     }))

@@ -162,9 +162,10 @@ fn is_unsafe(method: &Method) -> bool {
 impl Idempotency {
     /// Whether an annotated handler has claimed this request's route, so the layer leaves it alone.
     fn is_annotated(&self, request: &Request) -> bool {
-        request.extensions().get::<MatchedPath>().is_some_and(|path| {
-            self.shared.annotated.contains(request.method(), path.as_str())
-        })
+        request
+            .extensions()
+            .get::<MatchedPath>()
+            .is_some_and(|path| self.shared.annotated.contains(request.method(), path.as_str()))
     }
 }
 

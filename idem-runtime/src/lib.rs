@@ -26,13 +26,13 @@ pub use metrics::{Counters, Event, Metrics, Snapshot, WAIT_BUCKETS, WaitHistogra
 pub use once::{Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
-pub use store::{Claimed, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
+pub use store::{Claimed, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
 
-/// The `redis` crate this store is built on, so apps use the same version.
-#[cfg(feature = "redis")]
-pub use redis;
 /// The `deadpool-redis` crate accepted by [`RedisStore::from_pool`].
 #[cfg(feature = "redis")]
 pub use deadpool_redis;
+/// The `redis` crate this store is built on, so apps use the same version.
+#[cfg(feature = "redis")]
+pub use redis;

@@ -244,7 +244,9 @@ async fn fidelity(State(app): State<App>, Path(kind): Path<String>) -> Response 
                 .to_string()
                 .into_bytes(),
         ),
-        "text" => (StatusCode::OK, Some("text/plain; charset=utf-8"), format!("plain text, run {run}\r\n").into_bytes()),
+        "text" => {
+            (StatusCode::OK, Some("text/plain; charset=utf-8"), format!("plain text, run {run}\r\n").into_bytes())
+        }
         "empty" => (StatusCode::NO_CONTENT, None, Vec::new()),
         "binary" => (StatusCode::OK, Some("application/octet-stream"), (0..=255u8).collect()),
         other => panic!("unknown fidelity kind {other:?}"),

@@ -67,7 +67,10 @@ pub async fn malformed_keys_are_400_invalid_key(store: impl Store) {
         ("256 characters", vec![HeaderValue::try_from(key_of_length("long", 256)).unwrap()]),
         ("256 characters quoted", vec![HeaderValue::try_from(format!("\"{}\"", key_of_length("long", 256))).unwrap()]),
         ("a tab inside", vec![HeaderValue::try_from(format!("{}\tx", fresh_key("tab"))).unwrap()]),
-        ("non-ASCII UTF-8", vec![HeaderValue::from_bytes(format!("{}-caf\u{e9}", fresh_key("utf8")).as_bytes()).unwrap()]),
+        (
+            "non-ASCII UTF-8",
+            vec![HeaderValue::from_bytes(format!("{}-caf\u{e9}", fresh_key("utf8")).as_bytes()).unwrap()],
+        ),
         ("a Latin-1 byte", vec![HeaderValue::from_bytes(b"latin-\xe9-key").unwrap()]),
         ("an unterminated sf-string", vec![HeaderValue::try_from(format!("\"{}", fresh_key("quote"))).unwrap()]),
         ("two header instances", vec![repeated.clone(), repeated]),
@@ -490,8 +493,7 @@ pub async fn fifty_concurrent_duplicates_with_wait_all_get_the_original_response
     let woken = opened.elapsed();
     assert_eq!(answered.len(), BURST, "every request is answered");
     assert!(woken < WOKEN_WITHIN, "the duplicates answered {woken:?} after the original finished: not woken by it");
-    let (new, hits): (Vec<_>, Vec<_>) =
-        answered.iter().partition(|reply| reply.header(STATUS) == Some("new"));
+    let (new, hits): (Vec<_>, Vec<_>) = answered.iter().partition(|reply| reply.header(STATUS) == Some("new"));
     assert_eq!(new.len(), 1, "exactly one request runs");
     new[0].assert_new(&key);
     assert_eq!(new[0].status, StatusCode::CREATED);

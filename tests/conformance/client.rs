@@ -52,7 +52,9 @@ impl RequestExt for Builder {
     }
 
     fn json(self, body: &Value) -> Request<Body> {
-        self.header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_string())).expect("a valid request")
+        self.header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("a valid request")
     }
 
     fn empty(self) -> Request<Body> {

@@ -65,10 +65,11 @@ impl RedisServer {
     pub fn start_with(extra: &[&str]) -> Self {
         let port = free_port();
         let dir = scratch_dir(port);
-        let mut args: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "no"]
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let mut args: Vec<String> =
+            ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "no"]
+                .iter()
+                .map(ToString::to_string)
+                .collect();
         args.extend(["--port".to_owned(), port.to_string(), "--dir".to_owned(), dir.display().to_string()]);
         args.extend(extra.iter().map(ToString::to_string));
         let child = spawn_watched(&binary("redis-server"), &args, &dir);

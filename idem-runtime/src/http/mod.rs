@@ -326,7 +326,8 @@ where
                 match offered.take() {
                     Some(adoptable) => (adoptable.claim, ran),
                     None => {
-                        let response = ran.map_or_else(|_| Problem::HandlerPanicked.into_response(), |e| e.into_response());
+                        let response =
+                            ran.map_or_else(|_| Problem::HandlerPanicked.into_response(), |e| e.into_response());
                         return Finished::Adopted(response);
                     }
                 }

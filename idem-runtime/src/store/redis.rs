@@ -172,7 +172,8 @@ impl RedisStore {
         let wait = self.replicas.filter(|_| !matches!(self.commands, Commands::Cluster(_)));
         let pipeline = |by_hash: bool| {
             let mut pipe = redis::pipe();
-            let command = if by_hash { pipe.cmd("EVALSHA").arg(&script.sha) } else { pipe.cmd("EVAL").arg(script.source) };
+            let command =
+                if by_hash { pipe.cmd("EVALSHA").arg(&script.sha) } else { pipe.cmd("EVAL").arg(script.source) };
             command.arg(keys.len()).arg(keys).arg(args);
             if let Some((replicas, timeout)) = wait {
                 pipe.cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64).ignore();

@@ -40,9 +40,10 @@ impl Commands {
         let result = match self {
             Commands::Manager(manager) => pipe.query_async(&mut manager.clone()).await,
             Commands::Pool(pool) => {
-                let mut connection = pool.get().await.map_err(|error| {
-                    Failure::Store(StoreError::Unavailable(format!("redis pool: {error}")))
-                })?;
+                let mut connection = pool
+                    .get()
+                    .await
+                    .map_err(|error| Failure::Store(StoreError::Unavailable(format!("redis pool: {error}"))))?;
                 pipe.query_async(&mut connection).await
             }
             Commands::Cluster(cluster) => pipe.query_async(&mut cluster.clone()).await,

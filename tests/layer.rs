@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use idem::{
-    Claimed, Fingerprint, Idempotency, IdempotencyLayer, OwnerToken, Policy, Record, Store, StoreError, StoreKey,
-    Write, idempotent,
+    Claimed, Counters, Fingerprint, Idempotency, IdempotencyLayer, OwnerToken, Policy, Record, Store, StoreError,
+    StoreKey, Write, idempotent,
 };
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -521,42 +521,91 @@ pub async fn layer_wrapping_a_whole_router_hands_its_claim_to_the_annotation(sto
     assert_eq!(probe.runs.load(Ordering::SeqCst), 1);
 }
 
-// --- on MemoryStore -------------------------------------------------------------------------------------------
+pub async fn nested_layers_process_a_request_once(store: impl Store) {
+    // The layer on a nested router and again on the router around it: the outer one claims, the inner one defers.
+    let counters = Arc::new(Counters::new());
+    let idempotency = Idempotency::builder(store).metrics(counters.clone()).build();
+    let probe = Probe::default();
+    let router = Router::new()
+        .nest("/api", routes().layer(idempotency.layer()))
+        .layer(idempotency.layer())
+        .with_state(probe.clone());
+    let key = fresh_key("nested");
+    let send = |request| {
+        let router = router.clone();
+        async move { Reply::read(router.oneshot(request).await.unwrap()).await }
+    };
+    let first = send(post_json("/api/plain", Some(&key), &json!({}))).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    first.assert_new(&key);
+    send(post_json("/api/plain", Some(&key), &json!({}))).await.assert_replays(&first, &key);
+    assert_eq!(probe.runs.load(Ordering::SeqCst), 1);
+    let counts = counters.snapshot();
+    assert_eq!((counts.new, counts.hit), (1, 1), "one claim and one record, not one per layer");
+}
 
-macro_rules! on_memory {
-    ($($case:ident),* $(,)?) => {
+pub async fn annotated_route_in_a_nested_router_keeps_one_record_across_first_contact(store: impl Store) {
+    // The nested router strips `/api` from the URI its handlers see; the layer outside sees the full path. Both
+    // doors must derive the same key, or the retry after first contact would run the handler again.
+    let idempotency = Idempotency::new(store);
+    let probe = Probe::default();
+    let router = Router::new().nest("/api", routes()).layer(idempotency.layer()).with_state(probe.clone());
+    let key = fresh_key("nested-annotated");
+    let send = |request| {
+        let router = router.clone();
+        async move { Reply::read(router.oneshot(request).await.unwrap()).await }
+    };
+    let first = send(post_json("/api/annotated", Some(&key), &json!({}))).await;
+    first.assert_new(&key);
+    let retry = send(post_json("/api/annotated", Some(&key), &json!({}))).await;
+    retry.assert_replays(&first, &key);
+    assert_eq!(probe.runs.load(Ordering::SeqCst), 1);
+}
+
+// --- the suite ----------------------------------------------------------------------------------------------
+
+/// Every case above as a `#[tokio::test]`, in a module `$name`, each on a store made by `$store` (an async closure):
+/// `layer_cases!(redis, || async { make_redis_store().await });` runs them on another store.
+macro_rules! layer_cases {
+    ($name:ident, $store:expr) => {
+        mod $name {
+            layer_cases!(@each $store,
+            layer_runs_a_first_request_once_and_marks_it_new,
+            layer_replays_a_retry_byte_for_byte,
+            layer_makes_put_patch_and_delete_idempotent_too,
+            layer_passes_safe_methods_through_untouched,
+            layer_without_a_key_runs_unprotected_by_default,
+            layer_requires_a_key_when_its_policy_says_so,
+            layer_refuses_a_malformed_key,
+            layer_refuses_a_key_reused_for_another_request,
+            layer_answers_409_to_a_duplicate_while_the_original_runs,
+            layer_does_not_store_a_5xx_and_a_retry_runs_again,
+            layer_refuses_a_body_over_its_limit_with_413,
+            layer_fails_closed_when_the_store_is_unreachable,
+            layer_fails_open_when_asked,
+            layer_returns_an_inner_service_error_and_releases_the_key,
+            annotated_route_under_the_layer_runs_once_with_one_set_of_headers,
+            annotated_route_under_the_layer_keeps_the_annotations_ttl,
+            annotated_route_under_the_layer_keeps_the_annotations_store_server_errors,
+            after_first_contact_the_annotations_wait_timeout_applies,
+            after_first_contact_the_annotations_required_applies,
+            after_first_contact_the_annotations_validate_signature_applies,
+            before_first_contact_the_layers_body_limit_applies_and_after_it_axums,
+            layer_wrapping_a_whole_router_hands_its_claim_to_the_annotation,
+            nested_layers_process_a_request_once,
+            annotated_route_in_a_nested_router_keeps_one_record_across_first_contact,
+            );
+        }
+    };
+    (@each $store:expr, $($case:ident),* $(,)?) => {
         $(
             #[tokio::test]
             async fn $case() {
-                super::$case(idem::MemoryStore::new()).await;
+                let store = ($store)().await;
+                super::$case(store).await;
             }
         )*
     };
 }
 
-mod memory {
-    on_memory!(
-        layer_runs_a_first_request_once_and_marks_it_new,
-        layer_replays_a_retry_byte_for_byte,
-        layer_makes_put_patch_and_delete_idempotent_too,
-        layer_passes_safe_methods_through_untouched,
-        layer_without_a_key_runs_unprotected_by_default,
-        layer_requires_a_key_when_its_policy_says_so,
-        layer_refuses_a_malformed_key,
-        layer_refuses_a_key_reused_for_another_request,
-        layer_answers_409_to_a_duplicate_while_the_original_runs,
-        layer_does_not_store_a_5xx_and_a_retry_runs_again,
-        layer_refuses_a_body_over_its_limit_with_413,
-        layer_fails_closed_when_the_store_is_unreachable,
-        layer_fails_open_when_asked,
-        layer_returns_an_inner_service_error_and_releases_the_key,
-        annotated_route_under_the_layer_runs_once_with_one_set_of_headers,
-        annotated_route_under_the_layer_keeps_the_annotations_ttl,
-        annotated_route_under_the_layer_keeps_the_annotations_store_server_errors,
-        after_first_contact_the_annotations_wait_timeout_applies,
-        after_first_contact_the_annotations_required_applies,
-        after_first_contact_the_annotations_validate_signature_applies,
-        before_first_contact_the_layers_body_limit_applies_and_after_it_axums,
-        layer_wrapping_a_whole_router_hands_its_claim_to_the_annotation,
-    );
-}
+layer_cases!(memory, || async { idem::MemoryStore::new() });

@@ -318,33 +318,44 @@ fn once_errors_say_what_to_do() {
     assert!(work.to_string().contains("a retry runs it again"));
     let source = std::error::Error::source(&work).map(ToString::to_string);
     assert_eq!(source.as_deref(), Some("payment provider timed out"));
+    // The work's error need not be a `std::error::Error` (e.g. `anyhow::Error`, a `String`) to be displayed.
+    let as_string: OnceError<String> = OnceError::Work("declined".to_owned());
+    assert!(as_string.to_string().starts_with("the work failed"));
 }
 
-macro_rules! on_memory {
-    ($($case:ident),* $(,)?) => {
+// --- the suite ----------------------------------------------------------------------------------------------
+
+/// Every case above as a `#[tokio::test]`, in a module `$name`, each on a store made by `$store` (an async closure):
+/// `once_cases!(redis, || async { make_redis_store().await });` runs them on another store.
+macro_rules! once_cases {
+    ($name:ident, $store:expr) => {
+        mod $name {
+            once_cases!(@each $store,
+            once_runs_the_work_once_and_returns_its_stored_result_to_repeats,
+            once_refuses_a_key_reused_with_another_input,
+            once_without_signature_validation_returns_the_first_result_for_another_input,
+            once_does_not_store_an_error_and_the_next_call_runs_again,
+            once_answers_in_flight_to_a_duplicate_while_the_original_runs,
+            once_duplicate_waits_for_the_original_within_wait_timeout,
+            once_cancelled_work_releases_its_key_for_a_retry,
+            once_keeps_scopes_apart,
+            once_renews_the_lease_of_work_that_outlives_it,
+            once_fails_closed_with_a_store_error_and_does_not_run,
+            once_fails_open_when_asked,
+            once_result_too_large_to_keep_is_returned_then_refused_not_rerun,
+            once_stored_result_of_another_type_is_a_decode_error,
+            );
+        }
+    };
+    (@each $store:expr, $($case:ident),* $(,)?) => {
         $(
             #[tokio::test]
             async fn $case() {
-                super::$case(idem::MemoryStore::new()).await;
+                let store = ($store)().await;
+                super::$case(store).await;
             }
         )*
     };
 }
 
-mod memory {
-    on_memory!(
-        once_runs_the_work_once_and_returns_its_stored_result_to_repeats,
-        once_refuses_a_key_reused_with_another_input,
-        once_without_signature_validation_returns_the_first_result_for_another_input,
-        once_does_not_store_an_error_and_the_next_call_runs_again,
-        once_answers_in_flight_to_a_duplicate_while_the_original_runs,
-        once_duplicate_waits_for_the_original_within_wait_timeout,
-        once_cancelled_work_releases_its_key_for_a_retry,
-        once_keeps_scopes_apart,
-        once_renews_the_lease_of_work_that_outlives_it,
-        once_fails_closed_with_a_store_error_and_does_not_run,
-        once_fails_open_when_asked,
-        once_result_too_large_to_keep_is_returned_then_refused_not_rerun,
-        once_stored_result_of_another_type_is_a_decode_error,
-    );
-}
+once_cases!(memory, || async { idem::MemoryStore::new() });

@@ -64,7 +64,10 @@ pub(crate) async fn begin_observed(
         Ok(Outcome::Replay(_)) => metrics.record(Event::Hit),
         Ok(Outcome::InFlight) => {
             metrics.record(Event::Conflict);
-            tracing::info!(wait_timeout = ?policy.wait_timeout_duration(), "idempotency conflict: the original is still in flight");
+            tracing::info!(
+                wait_timeout = ?policy.wait_timeout_duration(),
+                "idempotency conflict: the original is still in flight"
+            );
         }
         Ok(Outcome::Mismatch) => {
             metrics.record(Event::Mismatch);
@@ -202,18 +205,22 @@ pub(crate) struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    /// Runs `work`, renewing the lease every third of its length for as long as `still_mine()` says so.
+    /// Runs `work`, renewing the lease every third of its length for as long as `still_mine()` says so. Once a
+    /// renewal is fenced the claim is gone for good (another caller may own the key now), so renewing stops; the
+    /// work still runs to its end, and its result will not be stored.
     pub(crate) async fn keep_alive<F: Future>(&self, work: F, still_mine: impl Fn() -> bool) -> F::Output {
         let period = (self.lease / 3).max(Duration::from_millis(10));
         let mut work = std::pin::pin!(work);
         let mut next = Instant::now() + period;
+        let mut lost = false;
         loop {
             tokio::select! {
                 biased;
                 output = &mut work => return output,
-                () = tokio::time::sleep_until(next), if still_mine() => {
+                () = tokio::time::sleep_until(next), if !lost && still_mine() => {
                     next = Instant::now() + period;
                     let write = self.store.renew(&self.key, &self.owner, self.lease).await;
+                    lost = matches!(write, Ok(Write::Fenced));
                     report_write(&*self.metrics, &self.key, "renew", &write);
                 }
             }
@@ -227,7 +234,7 @@ fn report_write(metrics: &dyn Metrics, key: &StoreKey, operation: &str, write: &
         Ok(Write::Applied) => {}
         Ok(Write::Fenced) => {
             metrics.record(Event::Fenced);
-            tracing::warn!(key = %key, operation, "stale owner fenced: the claim had expired and was not overwritten");
+            tracing::warn!(key = %key, operation, "stale owner fenced: its claim had expired, nothing was written");
         }
         Err(error) => {
             metrics.record(Event::StoreError);

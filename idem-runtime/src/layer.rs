@@ -56,13 +56,15 @@ use tracing::Instrument;
 ///   `lease` and `store_server_errors`, and sets the `Idempotency-Key`, `X-Idempotency-Status` and
 ///   `X-Idempotency-Signature` headers itself; the layer then passes the response through untouched.
 /// - The annotated handler also records its route (method and [`MatchedPath`]) with the layer's engine the first
-///   time it is called. From then on the layer does not process that route at all and the annotation applies in
-///   full, `wait_timeout`, `validate_signature`, `required` and axum's `DefaultBodyLimit` included.
-/// - So until an annotated route has been called once in a process (its **first contact**), the decisions taken
-///   *before* the handler runs are the layer's: whether a key is required, how long a duplicate of that very first
-///   request waits, whether its signature is checked, and the layer's body limit. The answer is still computed
-///   once and stored with the annotation's settings. Processes that share a store each have their own first
-///   contact.
+///   time a request reaches it, before its extractors run. From then on the layer does not process that route at
+///   all and the annotation applies in full: `wait_timeout`, `validate_signature`, `required` and axum's
+///   `DefaultBodyLimit` included.
+/// - So until a request has reached an annotated handler once in a process (its **first contact**), requests to
+///   that route are claimed by the layer with the layer's settings: its body limit, and for a duplicate of a
+///   request the layer claimed, its `wait_timeout` and signature check. Whatever the layer claimed is still run
+///   once and stored with the annotation's `ttl`, `lease` and `store_server_errors`. A request without a key
+///   passes the layer (its `required` is false by default) and meets the annotation's `required` even before
+///   first contact. Processes that share a store each have their own first contact.
 /// - The registry needs [`MatchedPath`], which axum sets for routes under `Router::layer` or
 ///   `Router::route_layer`. Wrapping a whole router from outside (`IdempotencyLayer::new(..).layer(router)`)
 ///   leaves only the handoff: every request to an annotated route is then claimed with the layer's settings and
@@ -125,7 +127,9 @@ where
         let idempotency = self.idempotency.clone();
         let mut request = request.map(Body::new);
         request.extensions_mut().insert(idempotency.clone());
-        if !is_unsafe(request.method()) || idempotency.is_annotated(&request) {
+        // A layer further out already owns this request's claim (layers nested with nested routers): one claim.
+        let claimed_outside = request.extensions().get::<Handoff>().is_some();
+        if !is_unsafe(request.method()) || claimed_outside || idempotency.is_annotated(&request) {
             return Box::pin(async move { inner.call(request).await.map(IntoResponse::into_response) });
         }
         Box::pin(async move {

@@ -12,9 +12,9 @@ use crate::store::StoreKey;
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, OriginalUri, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderName, HeaderValue, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use std::future::Future;
@@ -168,7 +168,7 @@ impl Idempotency {
         let store_key = StoreKey::derive(&[
             b"http",
             parts.method.as_str().as_bytes(),
-            parts.uri.path().as_bytes(),
+            target(parts.extensions.get(), &parts.uri).path().as_bytes(),
             &principal,
             key.as_str().as_bytes(),
         ]);
@@ -229,11 +229,15 @@ impl Idempotency {
     }
 
     /// SHA-256 over length-prefixed method, path, query, the configured headers (each value of each) and the body.
+    ///
+    /// The path and query are the request's as the client sent them (axum's `OriginalUri`), not as a nested
+    /// router strips them, so a router-wide layer and a handler in a nested router see the same request.
     pub fn fingerprint(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
+        let uri = target(parts.extensions.get(), &parts.uri);
         let mut builder = Fingerprint::builder()
             .field(parts.method.as_str().as_bytes())
-            .field(parts.uri.path().as_bytes())
-            .field(parts.uri.query().unwrap_or_default().as_bytes());
+            .field(uri.path().as_bytes())
+            .field(uri.query().unwrap_or_default().as_bytes());
         for name in &self.shared.fingerprint_headers {
             let values = parts.headers.get_all(name);
             builder = builder.field(name.as_str().as_bytes()).field(&(values.iter().count() as u64).to_be_bytes());
@@ -256,11 +260,18 @@ pub(crate) fn request_span(door: Door, request: &Request) -> tracing::Span {
         "idempotency",
         door,
         method = %request.method(),
-        path = request.uri().path(),
+        path = target(request.extensions().get(), request.uri()).path(),
         key = Empty,
         outcome = Empty,
         wait_ms = Empty,
     )
+}
+
+/// The URI the client asked for: axum's `OriginalUri` when a router set it (a nested router strips its prefix
+/// from the request's own URI), else the request's URI (outside any router). Records are scoped by it, so
+/// `/v1/orders` and `/v2/orders` never share records, and every door derives the same key for one request.
+fn target<'a>(original: Option<&'a OriginalUri>, uri: &'a Uri) -> &'a Uri {
+    original.map_or(uri, |original| &original.0)
 }
 
 /// Tells the layer in front (if any) that this route is annotated, so it leaves the route to its annotation from

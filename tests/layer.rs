@@ -3,6 +3,7 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
+mod redis_server;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
@@ -609,3 +610,4 @@ macro_rules! layer_cases {
 }
 
 layer_cases!(memory, || async { idem::MemoryStore::new() });
+layer_cases!(redis, crate::redis_server::shared_node_store);

@@ -3,6 +3,7 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
+mod redis_server;
 use idem::{
     Claimed, Fingerprint, Idempotency, OnceError, OwnerToken, Policy, Record, Store, StoreError, StoreFailure,
     StoreKey, Write,
@@ -359,3 +360,4 @@ macro_rules! once_cases {
 }
 
 once_cases!(memory, || async { idem::MemoryStore::new() });
+once_cases!(redis, crate::redis_server::shared_node_store);

@@ -239,3 +239,13 @@ pub fn all_command_calls(server: &RedisServer) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+/// A store on one `redis-server` shared by every test of this binary (stopped by its watchdog when the binary
+/// exits), each store with its own key prefix so tests never see each other's records.
+pub async fn shared_node_store() -> idem::RedisStore {
+    static SERVER: std::sync::OnceLock<RedisServer> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let server = SERVER.get_or_init(RedisServer::start);
+    let prefix = format!("idem-test-{}:", NEXT.fetch_add(1, Ordering::Relaxed));
+    idem::RedisStore::open(server.url()).await.expect("connect to the test redis-server").with_prefix(prefix)
+}

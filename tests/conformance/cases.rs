@@ -11,6 +11,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use idem::{Idempotency, Store, StoreFailure};
 use serde_json::{Value, json};
+use std::future::Future;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -383,7 +384,7 @@ pub async fn duplicate_in_flight_without_wait_is_409_in_progress(store: impl Sto
     let key = fresh_key("in-flight");
     let original = app.spawn(post("/gated").key(&key).empty());
     app.probe.started().await;
-    let duplicate = app.send(post("/gated").key(&key).empty()).await;
+    let duplicate = held_duplicate(app.send(post("/gated").key(&key).empty())).await;
     duplicate.assert_problem(409, "in-progress");
     duplicate.assert_retry_after();
     assert_eq!(app.runs(), 1);
@@ -393,6 +394,14 @@ pub async fn duplicate_in_flight_without_wait_is_409_in_progress(store: impl Sto
     original.assert_new(&key);
     app.send(post("/gated").key(&key).empty()).await.assert_replays(&original, &key);
     assert_eq!(app.runs(), 1);
+}
+
+/// Awaits the answer to a duplicate sent while the original is held: a duplicate that wrongly ran the handler a
+/// second time would be held too, so it fails here instead of hanging the test.
+async fn held_duplicate(reply: impl Future<Output = Reply>) -> Reply {
+    tokio::time::timeout(Duration::from_secs(5), reply)
+        .await
+        .expect("no answer within 5 s while the original was held: the duplicate is running the handler again")
 }
 
 /// How soon waiting duplicates answer once the original finishes: far less than their `wait_timeout` (3 s), so a
@@ -424,7 +433,7 @@ pub async fn duplicate_in_flight_whose_wait_times_out_is_409_in_progress(store: 
     let original = app.spawn(post("/gated-short-wait").key(&key).empty());
     app.probe.started().await;
     let started = Instant::now();
-    let duplicate = app.send(post("/gated-short-wait").key(&key).empty()).await;
+    let duplicate = held_duplicate(app.send(post("/gated-short-wait").key(&key).empty())).await;
     let waited = started.elapsed();
     duplicate.assert_problem(409, "in-progress");
     duplicate.assert_retry_after();

@@ -8,7 +8,7 @@ use proc_macro::TokenStream;
 
 /// Makes an axum handler exactly-once per `Idempotency-Key`.
 ///
-/// ```ignore
+/// ```text
 /// #[idempotent(ttl = 60, wait_timeout = 3.0, validate_signature)]
 /// async fn create_order(State(db): State<Db>, Json(order): Json<Order>) -> impl IntoResponse { /* ... */ }
 /// ```

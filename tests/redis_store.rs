@@ -241,3 +241,31 @@ async fn cluster_fences_stale_owners_and_wakes_waiters_with_sharded_pubsub() {
     let holding: Vec<usize> = cluster.nodes.iter().map(|node| node.cli(&["--scan"]).lines().count()).collect();
     assert!(holding.iter().filter(|&&keys| keys > 0).count() >= 2, "keys spread over the masters: {holding:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_goes_down_fails_closed_and_is_used_again_when_it_is_back() {
+    let mut server = RedisServer::start();
+    let (app, runs) = app(RedisStore::open(server.url()).await.unwrap());
+    assert_eq!(send(&app, "before", "a").await.0, StatusCode::CREATED);
+
+    server.kill();
+    let (status, body, state) = send(&app, "while-down", "b").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("urn:idem:problem:store-unavailable"), "{body}");
+    assert_eq!(state, None);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "nothing runs while the store is down");
+
+    server.restart();
+    // The connection manager reconnects by itself; the first attempts may still see the old connection fail.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, body, state) = loop {
+        let answer = send(&app, "while-down", "b").await;
+        if answer.0 != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CREATED, "charged b", Some("new")));
+    assert_eq!(send(&app, "while-down", "b").await.2.as_deref(), Some("hit"));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}

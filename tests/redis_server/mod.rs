@@ -15,6 +15,7 @@ pub struct RedisServer {
     pub port: u16,
     child: Child,
     dir: PathBuf,
+    args: Vec<String>,
 }
 
 impl Drop for RedisServer {
@@ -73,9 +74,15 @@ impl RedisServer {
         args.extend(["--port".to_owned(), port.to_string(), "--dir".to_owned(), dir.display().to_string()]);
         args.extend(extra.iter().map(ToString::to_string));
         let child = spawn_watched(&binary("redis-server"), &args, &dir);
-        let server = Self { port, child, dir };
+        let server = Self { port, child, dir, args };
         server.wait_until_ready();
         server
+    }
+
+    /// Starts the server again, on the same port, after [`RedisServer::kill`] (an empty dataset: nothing persists).
+    pub fn restart(&mut self) {
+        self.child = spawn_watched(&binary("redis-server"), &self.args, &self.dir);
+        self.wait_until_ready();
     }
 
     /// A Sentinel watching `primary` under the name `service`.
@@ -98,7 +105,7 @@ impl RedisServer {
         .expect("write sentinel.conf");
         let args = vec![config.display().to_string(), "--sentinel".to_owned()];
         let child = spawn_watched(&binary("redis-server"), &args, &dir);
-        let server = Self { port, child, dir };
+        let server = Self { port, child, dir, args };
         server.wait_until_ready();
         server
     }

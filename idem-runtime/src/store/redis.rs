@@ -144,8 +144,14 @@ impl RedisStore {
     }
 
     /// Namespaces every key (default `idem:`).
+    ///
+    /// # Panics
+    /// If `prefix` holds `{` or `}`: the record's hash tag must be the first braces in its key, or a Cluster would
+    /// put a record and its channel in different slots.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        let prefix = prefix.into();
+        assert!(!prefix.contains(['{', '}']), "RedisStore::with_prefix: a prefix cannot hold `{{` or `}}`");
+        self.prefix = prefix;
         self
     }
 

@@ -3,6 +3,9 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
+#[path = "conformance/outage.rs"]
+mod outage;
+mod probe;
 mod redis_server;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -10,56 +13,16 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use idem::{
-    Claimed, Counters, Fingerprint, Idempotency, IdempotencyLayer, OwnerToken, Policy, Record, Store, StoreError,
-    StoreKey, Write, idempotent,
-};
+use idem::{Counters, Idempotency, IdempotencyLayer, Policy, Store, idempotent};
+use outage::Outage;
+use probe::Probe;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
 use tower::{Layer, ServiceExt};
 
 // --- the app under test ---------------------------------------------------------------------------------------
-
-/// Counts handler executions and can hold a handler in flight while a case sends duplicates.
-#[derive(Clone)]
-struct Probe {
-    runs: Arc<AtomicUsize>,
-    started: Arc<Notify>,
-    gate: Arc<Semaphore>,
-}
-
-impl Default for Probe {
-    fn default() -> Self {
-        Self { runs: Arc::default(), started: Arc::default(), gate: Arc::new(Semaphore::new(0)) }
-    }
-}
-
-impl Probe {
-    /// Counts one execution; holds it until [`Probe::open`] when the request asks to be held.
-    async fn run(&self, headers: &HeaderMap) -> usize {
-        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
-        if headers.contains_key("x-hold") {
-            self.started.notify_one();
-            let _permit = self.gate.acquire().await.expect("the gate is never closed");
-        }
-        run
-    }
-
-    fn runs(&self) -> usize {
-        self.runs.load(Ordering::SeqCst)
-    }
-
-    async fn started(&self) {
-        tokio::time::timeout(Duration::from_secs(5), self.started.notified()).await.expect("the handler started");
-    }
-
-    fn open(&self) {
-        self.gate.add_permits(1_000);
-    }
-}
 
 /// A plain handler: no annotation, so only the layer makes it idempotent.
 async fn plain(State(probe): State<Probe>, headers: HeaderMap, body: Bytes) -> Response {
@@ -224,28 +187,6 @@ impl Reply {
     }
 }
 
-/// A store whose every operation fails, as an unreachable backend would.
-struct Unreachable<S>(S);
-
-#[async_trait::async_trait]
-impl<S: Store> Store for Unreachable<S> {
-    async fn claim(&self, _: &StoreKey, _: &Fingerprint, _: Duration) -> Result<Claimed, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn complete(&self, _: &StoreKey, _: &OwnerToken, _: &Record, _: Duration) -> Result<Write, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn release(&self, _: &StoreKey, _: &OwnerToken) -> Result<Write, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: Duration) -> Result<Write, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn wait(&self, _: &StoreKey, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-}
-
 // --- the layer on plain routes --------------------------------------------------------------------------------
 
 pub async fn layer_runs_a_first_request_once_and_marks_it_new(store: impl Store) {
@@ -368,8 +309,8 @@ pub async fn layer_refuses_a_body_over_its_limit_with_413(store: impl Store) {
     small.assert_new(&key);
 }
 
-pub async fn layer_fails_closed_when_the_store_is_unreachable(store: impl Store) {
-    let app = TestApp::with_store(Unreachable(store));
+pub async fn layer_fails_closed_when_the_store_is_unreachable(_store: impl Store) {
+    let app = TestApp::with_store(Outage);
     let key = fresh_key("outage");
     let reply = app.send(post_json("/plain", Some(&key), &json!({}))).await;
     reply.assert_problem(503, "store-unavailable");
@@ -377,8 +318,8 @@ pub async fn layer_fails_closed_when_the_store_is_unreachable(store: impl Store)
     assert_eq!(app.probe.runs(), 0, "fail closed: the handler does not run");
 }
 
-pub async fn layer_fails_open_when_asked(store: impl Store) {
-    let idempotency = Idempotency::builder(Unreachable(store)).on_store_failure(idem::StoreFailure::FailOpen).build();
+pub async fn layer_fails_open_when_asked(_store: impl Store) {
+    let idempotency = Idempotency::builder(Outage).on_store_failure(idem::StoreFailure::FailOpen).build();
     let app = TestApp::new(idempotency);
     let key = fresh_key("fail-open");
     let reply = app.send(post_json("/plain", Some(&key), &json!({}))).await;
@@ -519,7 +460,7 @@ pub async fn layer_wrapping_a_whole_router_hands_its_claim_to_the_annotation(sto
         assert_eq!(retry.all("x-idempotency-status"), [b"hit"]);
         assert_eq!(retry.all("idempotency-key"), [key.as_bytes()]);
     }
-    assert_eq!(probe.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(probe.runs(), 1);
 }
 
 pub async fn nested_layers_process_a_request_once(store: impl Store) {
@@ -540,7 +481,7 @@ pub async fn nested_layers_process_a_request_once(store: impl Store) {
     assert_eq!(first.status, StatusCode::CREATED);
     first.assert_new(&key);
     send(post_json("/api/plain", Some(&key), &json!({}))).await.assert_replays(&first, &key);
-    assert_eq!(probe.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(probe.runs(), 1);
     let counts = counters.snapshot();
     assert_eq!((counts.new, counts.hit), (1, 1), "one claim and one record, not one per layer");
 }
@@ -560,7 +501,7 @@ pub async fn annotated_route_in_a_nested_router_keeps_one_record_across_first_co
     first.assert_new(&key);
     let retry = send(post_json("/api/annotated", Some(&key), &json!({}))).await;
     retry.assert_replays(&first, &key);
-    assert_eq!(probe.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(probe.runs(), 1);
 }
 
 // --- the suite ----------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
+#[path = "conformance/outage.rs"]
+mod outage;
+mod probe;
 mod redis_server;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -15,48 +18,15 @@ use idem::{
     Claimed, Counters, Fingerprint, Idempotency, OnceError, OwnerToken, Policy, Record, Snapshot, Store, StoreError,
     StoreKey, WAIT_BUCKETS, Write, idempotent,
 };
+use outage::Outage;
+use probe::Probe;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
 use tower::ServiceExt;
 
 // --- the app under test ---------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Probe {
-    runs: Arc<AtomicUsize>,
-    started: Arc<Notify>,
-    gate: Arc<Semaphore>,
-}
-
-impl Probe {
-    fn new() -> Self {
-        Self { runs: Arc::default(), started: Arc::default(), gate: Arc::new(Semaphore::new(0)) }
-    }
-
-    async fn run(&self, headers: &HeaderMap) -> usize {
-        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
-        if headers.contains_key("x-hold") {
-            self.started.notify_one();
-            let _permit = self.gate.acquire().await.expect("the gate is never closed");
-        }
-        run
-    }
-
-    fn runs(&self) -> usize {
-        self.runs.load(Ordering::SeqCst)
-    }
-
-    async fn started(&self) {
-        tokio::time::timeout(Duration::from_secs(5), self.started.notified()).await.expect("the handler started");
-    }
-
-    fn open(&self) {
-        self.gate.add_permits(1_000);
-    }
-}
 
 async fn order(probe: &Probe, headers: &HeaderMap) -> Response {
     let run = probe.run(headers).await;
@@ -98,7 +68,7 @@ impl TestApp {
     }
 
     fn with(idempotency: Idempotency, counters: Arc<Counters>) -> Self {
-        let probe = Probe::new();
+        let probe = Probe::default();
         let annotated = Router::new()
             .route("/orders", post(orders))
             .route("/orders/patient", post(orders_patient))
@@ -150,36 +120,25 @@ fn counts(snapshot: Snapshot) -> (u64, u64, u64, u64, u64, u64) {
     (snapshot.new, snapshot.hit, snapshot.conflict, snapshot.mismatch, snapshot.store_errors, snapshot.fenced)
 }
 
-/// A store whose every operation fails, as an unreachable backend would.
-struct Unreachable<S>(S);
+/// A store whose lease renewals never reach the store behind it: each is counted and answered `answer`. Answering
+/// `Applied` loses every renewal (as a partitioned client would), so a long claim lapses and a stale owner's later
+/// write is fenced; answering `Fenced` is what the store says once another caller took the key over.
+struct RenewalsAnswered<S> {
+    store: S,
+    answer: Write,
+    asked: Arc<AtomicUsize>,
+}
 
-#[async_trait::async_trait]
-impl<S: Store> Store for Unreachable<S> {
-    async fn claim(&self, _: &StoreKey, _: &Fingerprint, _: Duration) -> Result<Claimed, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn complete(&self, _: &StoreKey, _: &OwnerToken, _: &Record, _: Duration) -> Result<Write, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn release(&self, _: &StoreKey, _: &OwnerToken) -> Result<Write, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: Duration) -> Result<Write, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn wait(&self, _: &StoreKey, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
+impl<S> RenewalsAnswered<S> {
+    fn new(store: S, answer: Write) -> Self {
+        Self { store, answer, asked: Arc::default() }
     }
 }
 
-/// A store that loses every lease renewal (as a partitioned client would), so a long claim lapses and a stale
-/// owner's later write is fenced.
-struct RenewalsLost<S>(S);
-
 #[async_trait::async_trait]
-impl<S: Store> Store for RenewalsLost<S> {
+impl<S: Store> Store for RenewalsAnswered<S> {
     async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError> {
-        self.0.claim(key, fingerprint, lease).await
+        self.store.claim(key, fingerprint, lease).await
     }
     async fn complete(
         &self,
@@ -188,46 +147,17 @@ impl<S: Store> Store for RenewalsLost<S> {
         record: &Record,
         ttl: Duration,
     ) -> Result<Write, StoreError> {
-        self.0.complete(key, owner, record, ttl).await
+        self.store.complete(key, owner, record, ttl).await
     }
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
-        self.0.release(key, owner).await
+        self.store.release(key, owner).await
     }
     async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: Duration) -> Result<Write, StoreError> {
-        Ok(Write::Applied)
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        Ok(self.answer)
     }
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        self.0.wait(key, timeout).await
-    }
-}
-
-/// A store that answers every lease renewal `Fenced`, as it would once another caller took the key over, and
-/// counts the renewals asked for.
-struct RenewalsFenced<S>(S, Arc<AtomicUsize>);
-
-#[async_trait::async_trait]
-impl<S: Store> Store for RenewalsFenced<S> {
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError> {
-        self.0.claim(key, fingerprint, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        owner: &OwnerToken,
-        record: &Record,
-        ttl: Duration,
-    ) -> Result<Write, StoreError> {
-        self.0.complete(key, owner, record, ttl).await
-    }
-    async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
-        self.0.release(key, owner).await
-    }
-    async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: Duration) -> Result<Write, StoreError> {
-        self.1.fetch_add(1, Ordering::SeqCst);
-        Ok(Write::Fenced)
-    }
-    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        self.0.wait(key, timeout).await
+        self.store.wait(key, timeout).await
     }
 }
 
@@ -272,8 +202,8 @@ pub async fn a_key_reused_for_another_request_counts_mismatch(store: impl Store)
     assert_eq!(counts(app.counts()), (1, 0, 0, 1, 0, 0));
 }
 
-pub async fn a_store_failure_counts_a_store_error(store: impl Store) {
-    let app = TestApp::new(Unreachable(store));
+pub async fn a_store_failure_counts_a_store_error(_store: impl Store) {
+    let app = TestApp::new(Outage);
     let response = app.send(post_json("/orders", Some(&fresh_key("outage")), "{}")).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(counts(app.counts()), (0, 0, 0, 0, 1, 0));
@@ -362,7 +292,8 @@ pub async fn the_plain_api_counts_like_http(store: impl Store) {
 
 pub async fn a_stale_owners_write_is_fenced_and_counted(store: impl Store) {
     let counters = Arc::new(Counters::new());
-    let idempotency = Idempotency::builder(RenewalsLost(store)).metrics(counters.clone()).build();
+    let idempotency =
+        Idempotency::builder(RenewalsAnswered::new(store, Write::Applied)).metrics(counters.clone()).build();
     let key = fresh_key("fenced");
     let short_lease = Policy::new().lease(Duration::from_millis(200));
     let stale = tokio::spawn({
@@ -388,8 +319,9 @@ pub async fn a_stale_owners_write_is_fenced_and_counted(store: impl Store) {
 
 pub async fn a_lost_lease_is_counted_fenced_and_no_longer_renewed(store: impl Store) {
     let counters = Arc::new(Counters::new());
-    let renewals = Arc::new(AtomicUsize::new(0));
-    let idempotency = Idempotency::builder(RenewalsFenced(store, renewals.clone())).metrics(counters.clone()).build();
+    let store = RenewalsAnswered::new(store, Write::Fenced);
+    let renewals = store.asked.clone();
+    let idempotency = Idempotency::builder(store).metrics(counters.clone()).build();
     let key = fresh_key("lost-lease");
     let slow = || async {
         tokio::time::sleep(Duration::from_millis(600)).await;

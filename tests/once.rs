@@ -3,16 +3,17 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
+#[path = "conformance/outage.rs"]
+mod outage;
 mod redis_server;
-use idem::{
-    Claimed, Fingerprint, Idempotency, OnceError, OwnerToken, Policy, Record, Store, StoreError, StoreFailure,
-    StoreKey, Write,
-};
+use idem::{Idempotency, OnceError, Policy, Store, StoreError, StoreFailure};
+use outage::Outage;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 struct Charge {
@@ -86,26 +87,18 @@ impl Charger {
     }
 }
 
-/// A store whose every operation fails, as an unreachable backend would.
-struct Unreachable<S>(S);
-
-#[async_trait::async_trait]
-impl<S: Store> Store for Unreachable<S> {
-    async fn claim(&self, _: &StoreKey, _: &Fingerprint, _: Duration) -> Result<Claimed, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn complete(&self, _: &StoreKey, _: &OwnerToken, _: &Record, _: Duration) -> Result<Write, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn release(&self, _: &StoreKey, _: &OwnerToken) -> Result<Write, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: Duration) -> Result<Write, StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
-    async fn wait(&self, _: &StoreKey, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused (test)".into()))
-    }
+/// Starts a call whose work is held in flight until [`Charger::open`], and returns once the work has started.
+async fn spawn_held(
+    idempotency: &Idempotency,
+    charger: &Charger,
+    key: &str,
+) -> JoinHandle<Result<Receipt, OnceError<Timeout>>> {
+    let original = tokio::spawn({
+        let (idempotency, charger, key) = (idempotency.clone(), charger.clone(), key.to_owned());
+        async move { idempotency.once("charges", &key).run(&charge(500), || charger.charge_held(500)).await }
+    });
+    charger.started().await;
+    original
 }
 
 pub async fn once_runs_the_work_once_and_returns_its_stored_result_to_repeats(store: impl Store) {
@@ -172,11 +165,7 @@ pub async fn once_answers_in_flight_to_a_duplicate_while_the_original_runs(store
     let idempotency = Idempotency::new(store);
     let charger = Charger::new();
     let key = fresh_key("in-flight");
-    let original = tokio::spawn({
-        let (idempotency, charger, key) = (idempotency.clone(), charger.clone(), key.clone());
-        async move { idempotency.once("charges", &key).run(&charge(500), || charger.charge_held(500)).await }
-    });
-    charger.started().await;
+    let original = spawn_held(&idempotency, &charger, &key).await;
     let duplicate = idempotency.once("charges", &key).run(&charge(500), || charger.charge(500)).await;
     assert!(matches!(duplicate, Err(OnceError::InFlight)), "{duplicate:?}");
     charger.open();
@@ -188,11 +177,7 @@ pub async fn once_duplicate_waits_for_the_original_within_wait_timeout(store: im
     let idempotency = Idempotency::new(store);
     let charger = Charger::new();
     let key = fresh_key("wait");
-    let original = tokio::spawn({
-        let (idempotency, charger, key) = (idempotency.clone(), charger.clone(), key.clone());
-        async move { idempotency.once("charges", &key).run(&charge(500), || charger.charge_held(500)).await }
-    });
-    charger.started().await;
+    let original = spawn_held(&idempotency, &charger, &key).await;
     let duplicate = tokio::spawn({
         let (idempotency, charger, key) = (idempotency.clone(), charger.clone(), key.clone());
         async move {
@@ -211,11 +196,7 @@ pub async fn once_cancelled_work_releases_its_key_for_a_retry(store: impl Store)
     let idempotency = Idempotency::new(store);
     let charger = Charger::new();
     let key = fresh_key("cancelled");
-    let original = tokio::spawn({
-        let (idempotency, charger, key) = (idempotency.clone(), charger.clone(), key.clone());
-        async move { idempotency.once("charges", &key).run(&charge(500), || charger.charge_held(500)).await }
-    });
-    charger.started().await;
+    let original = spawn_held(&idempotency, &charger, &key).await;
     original.abort();
     assert!(original.await.unwrap_err().is_cancelled());
     // The release happens in the background; a retry willing to wait is woken by it, long before the lease ends.
@@ -267,8 +248,8 @@ pub async fn once_renews_the_lease_of_work_that_outlives_it(store: impl Store) {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
-pub async fn once_fails_closed_with_a_store_error_and_does_not_run(store: impl Store) {
-    let idempotency = Idempotency::new(Unreachable(store));
+pub async fn once_fails_closed_with_a_store_error_and_does_not_run(_store: impl Store) {
+    let idempotency = Idempotency::new(Outage);
     let charger = Charger::new();
     let outcome = idempotency.once("charges", "k").run(&charge(500), || charger.charge(500)).await;
     match outcome {
@@ -280,8 +261,8 @@ pub async fn once_fails_closed_with_a_store_error_and_does_not_run(store: impl S
     assert_eq!(charger.runs(), 0);
 }
 
-pub async fn once_fails_open_when_asked(store: impl Store) {
-    let idempotency = Idempotency::builder(Unreachable(store)).on_store_failure(StoreFailure::FailOpen).build();
+pub async fn once_fails_open_when_asked(_store: impl Store) {
+    let idempotency = Idempotency::builder(Outage).on_store_failure(StoreFailure::FailOpen).build();
     let charger = Charger::new();
     let receipt = idempotency.once("charges", "k").run(&charge(500), || charger.charge(500)).await;
     assert_eq!(receipt.unwrap().charge_id, 1);

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Exactly-once HTTP handlers for axum: `#[idempotent]`, a router-wide layer and a plain async API, backed by
 //! Redis or memory.
 //!

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The `#[idempotent]` attribute of [idem](https://docs.rs/idem). Use it through the `idem` crate:
 //! `use idem::idempotent;`. This crate only parses and generates; all behaviour lives in `idem-runtime`.
 

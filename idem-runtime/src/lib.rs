@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The engine behind [idem](https://docs.rs/idem): keys, fingerprints, claim / wait / store / replay, and the stores.
 //!
 //! Users depend on the `idem` crate, which re-exports everything here together with the `#[idempotent]` macro.

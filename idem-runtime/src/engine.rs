@@ -34,8 +34,8 @@ pub async fn begin(
     fingerprint: Fingerprint,
     policy: &Policy,
 ) -> Result<Outcome, StoreError> {
-    let metrics: Arc<dyn Metrics> = Arc::new(NoMetrics);
-    begin_observed(store, &metrics, key, fingerprint, policy).await.result
+    static NO_METRICS: std::sync::LazyLock<Arc<dyn Metrics>> = std::sync::LazyLock::new(|| Arc::new(NoMetrics));
+    begin_observed(store, &NO_METRICS, key, fingerprint, policy).await.result
 }
 
 /// What [`begin_observed`] decided, and how long it waited for an in-flight original (`None`: it did not wait).

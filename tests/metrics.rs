@@ -137,8 +137,14 @@ impl<S> RenewalsAnswered<S> {
 
 #[async_trait::async_trait]
 impl<S: Store> Store for RenewalsAnswered<S> {
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError> {
-        self.store.claim(key, fingerprint, lease).await
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
+        self.store.claim(key, fingerprint, owner, lease).await
     }
     async fn complete(
         &self,
@@ -152,7 +158,7 @@ impl<S: Store> Store for RenewalsAnswered<S> {
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
         self.store.release(key, owner).await
     }
-    async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: Duration) -> Result<Write, StoreError> {
+    async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: &Fingerprint, _: Duration) -> Result<Write, StoreError> {
         self.asked.fetch_add(1, Ordering::SeqCst);
         Ok(self.answer)
     }
@@ -331,8 +337,13 @@ pub async fn a_lost_lease_is_counted_fenced_and_no_longer_renewed(store: impl St
     let outcome = idempotency.once("jobs", &key).policy(short_lease).run("input", slow).await;
     assert_eq!(outcome.unwrap(), "done");
     assert_eq!(renewals.load(Ordering::SeqCst), 1, "a fenced renewal is not retried every period");
-    // The renewal was fenced, and so was the completion: the lease had lapsed in the store by then.
-    assert_eq!(counts(counters.snapshot()), (1, 0, 0, 0, 0, 2));
+    // The renewal was fenced; the lease then lapsed with nobody else claiming the key, so the completion still
+    // recorded the result (nobody else ran the work) and a retry gets it without running again.
+    assert_eq!(counts(counters.snapshot()), (1, 0, 0, 0, 0, 1));
+    let again = idempotency.once("jobs", &key).policy(short_lease).run("input", || async {
+        Ok::<_, std::io::Error>(String::from("ran twice"))
+    });
+    assert_eq!(again.await.unwrap(), "done", "the late completion was stored and replays");
 }
 
 // --- the request span -----------------------------------------------------------------------------------------

@@ -143,9 +143,11 @@ fn record(body: &'static str) -> Record {
     }
 }
 
-fn owned(claimed: Claimed) -> OwnerToken {
-    match claimed {
-        Claimed::Owned(owner) => owner,
+/// Claims `key` with a fresh owner token, which it returns; panics unless the claim was granted.
+async fn owned(store: &RedisStore, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> OwnerToken {
+    let owner = OwnerToken::generate();
+    match store.claim(key, fingerprint, &owner, lease).await.unwrap() {
+        Claimed::Owned => owner,
         other => panic!("expected to own the claim, got {other:?}"),
     }
 }
@@ -154,18 +156,18 @@ fn owned(claimed: Claimed) -> OwnerToken {
 async fn fencing_and_notification(first: RedisStore, second: RedisStore) {
     let key = StoreKey::derive(&[b"fencing", format!("{:?}", Instant::now()).as_bytes()]);
     let lease = Duration::from_millis(400);
-    let stale = owned(first.claim(&key, &fp("a"), lease).await.unwrap());
+    let stale = owned(&first, &key, &fp("a"), lease).await;
     assert_eq!(
-        second.claim(&key, &fp("a"), lease).await.unwrap(),
+        second.claim(&key, &fp("a"), &OwnerToken::generate(), lease).await.unwrap(),
         Claimed::Existing(Entry::InFlight { fingerprint: fp("a") })
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let fresh = owned(second.claim(&key, &fp("a"), lease).await.unwrap());
+    let fresh = owned(&second, &key, &fp("a"), lease).await;
     let ttl = Duration::from_secs(60);
     assert_eq!(first.complete(&key, &stale, &record("stale"), ttl).await.unwrap(), Write::Fenced);
-    assert_eq!(first.renew(&key, &stale, lease).await.unwrap(), Write::Fenced);
+    assert_eq!(first.renew(&key, &stale, &fp("a"), lease).await.unwrap(), Write::Fenced);
     assert_eq!(first.release(&key, &stale).await.unwrap(), Write::Fenced);
-    assert_eq!(second.renew(&key, &fresh, Duration::from_secs(30)).await.unwrap(), Write::Applied);
+    assert_eq!(second.renew(&key, &fresh, &fp("a"), Duration::from_secs(30)).await.unwrap(), Write::Applied);
 
     // A waiter on the other instance is woken by the completion's notification, long before its timeout.
     let waiter = tokio::spawn({
@@ -174,7 +176,7 @@ async fn fencing_and_notification(first: RedisStore, second: RedisStore) {
             let started = Instant::now();
             first.wait(&key, Duration::from_secs(10)).await.unwrap();
             let waited = started.elapsed();
-            (waited, first.claim(&key, &fp("a"), lease).await.unwrap())
+            (waited, first.claim(&key, &fp("a"), &OwnerToken::generate(), lease).await.unwrap())
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -188,12 +190,12 @@ async fn fencing_and_notification(first: RedisStore, second: RedisStore) {
 /// A waiter whose original's lease runs out with nobody completing is released at the lease's end.
 async fn waiters_wake_when_the_lease_runs_out(store: RedisStore) {
     let key = StoreKey::derive(&[b"expiry", format!("{:?}", Instant::now()).as_bytes()]);
-    owned(store.claim(&key, &fp("a"), Duration::from_millis(500)).await.unwrap());
+    owned(&store, &key, &fp("a"), Duration::from_millis(500)).await;
     let started = Instant::now();
     store.wait(&key, Duration::from_secs(10)).await.unwrap();
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(2), "ended with the lease, not the timeout: {waited:?}");
-    owned(store.claim(&key, &fp("a"), Duration::from_secs(5)).await.unwrap());
+    owned(&store, &key, &fp("a"), Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,9 +88,20 @@ async fn claim_or_wait(
     waited: &mut bool,
 ) -> Result<Outcome, StoreError> {
     let deadline = Instant::now() + policy.wait_timeout_duration();
+    // One token for every attempt: a claim resent after a lost reply is recognised as this caller's own.
+    let owner = OwnerToken::generate();
     loop {
-        let entry = match store.claim(&key, &fingerprint, policy.lease_duration()).await? {
-            Claimed::Owned(owner) => {
+        let claimed = match store.claim(&key, &fingerprint, &owner, policy.lease_duration()).await {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                // The claim may have taken effect with only its reply lost: give it up rather than leave the key
+                // in flight, answering 409, for a whole lease with nobody running the request.
+                release_lost_claim(store.clone(), key, owner);
+                return Err(error);
+            }
+        };
+        let entry = match claimed {
+            Claimed::Owned => {
                 return Ok(Outcome::Execute(Claim {
                     store: store.clone(),
                     metrics: metrics.clone(),
@@ -168,6 +179,7 @@ impl Claim {
             metrics: self.metrics.clone(),
             key: self.key.clone(),
             owner: self.owner.clone()?,
+            fingerprint: self.fingerprint,
             lease: self.lease,
         })
     }
@@ -201,6 +213,7 @@ pub(crate) struct LeaseKeeper {
     metrics: Arc<dyn Metrics>,
     key: StoreKey,
     owner: OwnerToken,
+    fingerprint: Fingerprint,
     lease: Duration,
 }
 
@@ -219,7 +232,7 @@ impl LeaseKeeper {
                 output = &mut work => return output,
                 () = tokio::time::sleep_until(next), if !lost && still_mine() => {
                     next = Instant::now() + period;
-                    let write = self.store.renew(&self.key, &self.owner, self.lease).await;
+                    let write = self.store.renew(&self.key, &self.owner, &self.fingerprint, self.lease).await;
                     lost = matches!(write, Ok(Write::Fenced));
                     report_write(&*self.metrics, &self.key, "renew", &write);
                 }
@@ -245,12 +258,31 @@ fn report_write(metrics: &dyn Metrics, key: &StoreKey, operation: &str, write: &
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let Some(owner) = self.owner.take() else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (store, metrics, key) = (self.store.clone(), self.metrics.clone(), self.key.clone());
-        runtime.spawn(async move {
-            let write = store.release(&key, &owner).await;
-            report_write(&*metrics, &key, "release", &write);
-        });
+        if let Some(owner) = self.owner.take() {
+            release_in_background(self.store.clone(), self.metrics.clone(), self.key.clone(), owner);
+        }
     }
+}
+
+/// Releases `owner`'s claim on `key` on a task of its own (outside a runtime, nothing can be sent: the lease ends
+/// it).
+fn release_in_background(store: Arc<dyn Store>, metrics: Arc<dyn Metrics>, key: StoreKey, owner: OwnerToken) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        let write = store.release(&key, &owner).await;
+        report_write(&*metrics, &key, "release", &write);
+    });
+}
+
+/// Releases a claim whose call failed, in case it took effect with only its reply lost. A release deletes nothing
+/// but `owner`'s own claim, so it is harmless when the claim never landed (the usual case: that is not reported).
+fn release_lost_claim(store: Arc<dyn Store>, key: StoreKey, owner: OwnerToken) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        match store.release(&key, &owner).await {
+            Ok(Write::Applied) => tracing::info!(key = %key, "released a claim whose reply was lost"),
+            Ok(Write::Fenced) => {}
+            Err(error) => tracing::debug!(key = %key, %error, "could not release a claim whose call failed"),
+        }
+    });
 }

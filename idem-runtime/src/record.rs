@@ -10,24 +10,15 @@ use std::fmt;
 pub struct OwnerToken(String);
 
 impl OwnerToken {
-    /// A fresh, unguessable token (128 random bits).
+    /// A fresh, unguessable token: 128 bits from the operating system's random source.
+    ///
+    /// # Panics
+    /// If the operating system has no random source to read (`getrandom` fails), which no supported platform does
+    /// once booted.
     pub fn generate() -> Self {
-        use std::collections::hash_map::RandomState;
-        use std::hash::{BuildHasher, Hasher};
-        // RandomState is seeded from the OS per process and re-keyed per instance: two instances give
-        // independent 64-bit values, enough to tell claimants apart without a `rand` dependency.
-        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let sequence = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let mut words = [0u64; 2];
-        for word in &mut words {
-            let mut hasher = RandomState::new().build_hasher();
-            hasher.write_u64(sequence);
-            hasher.write_u128(now);
-            hasher.write_u32(std::process::id());
-            *word = hasher.finish();
-        }
-        Self(format!("{:016x}{:016x}", words[0], words[1]))
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).expect("the operating system's random source is readable");
+        Self(crate::fingerprint::hex(&bytes))
     }
 
     /// Wraps a token read back from a store.

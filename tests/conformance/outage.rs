@@ -15,7 +15,7 @@ fn down<T>() -> Result<T, StoreError> {
 
 #[async_trait::async_trait]
 impl Store for Outage {
-    async fn claim(&self, _: &StoreKey, _: &Fingerprint, _: Duration) -> Result<Claimed, StoreError> {
+    async fn claim(&self, _: &StoreKey, _: &Fingerprint, _: &OwnerToken, _: Duration) -> Result<Claimed, StoreError> {
         down()
     }
     async fn complete(&self, _: &StoreKey, _: &OwnerToken, _: &Record, _: Duration) -> Result<Write, StoreError> {
@@ -24,7 +24,7 @@ impl Store for Outage {
     async fn release(&self, _: &StoreKey, _: &OwnerToken) -> Result<Write, StoreError> {
         down()
     }
-    async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: Duration) -> Result<Write, StoreError> {
+    async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: &Fingerprint, _: Duration) -> Result<Write, StoreError> {
         down()
     }
     async fn wait(&self, _: &StoreKey, _: Duration) -> Result<(), StoreError> {

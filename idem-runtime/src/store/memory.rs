@@ -122,6 +122,28 @@ impl MemoryStore {
         state.bytes
     }
 
+    /// Puts a fresh in-flight claim for `owner` under the free `key`, within the bounds.
+    fn insert_claim(
+        &self,
+        state: &mut State,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        expires_at: Instant,
+    ) -> Result<(), StoreError> {
+        if state.slots.len() >= self.max_entries {
+            return Err(StoreError::Full(format!("{} entries held (max_entries)", state.slots.len())));
+        }
+        if state.bytes + CLAIM_WEIGHT > self.max_bytes {
+            return Err(StoreError::Full(format!("{} bytes held (max_bytes = {})", state.bytes, self.max_bytes)));
+        }
+        let entry = SlotEntry::InFlight { owner: owner.clone(), fingerprint: *fingerprint };
+        state.bytes += CLAIM_WEIGHT;
+        state.slots.insert(key.clone(), Slot { entry, expires_at, weight: CLAIM_WEIGHT, waiters: None });
+        state.set_expiry(key, expires_at);
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // No code under this lock can panic midway through a change, so a poisoned lock still holds whole data.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -169,28 +191,30 @@ impl State {
 
 #[async_trait::async_trait]
 impl Store for MemoryStore {
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
         let now = Instant::now();
         let mut state = self.lock();
         state.sweep(now);
         if let Some(slot) = state.slots.get(key) {
-            return Ok(Claimed::Existing(match &slot.entry {
-                SlotEntry::InFlight { fingerprint, .. } => Entry::InFlight { fingerprint: *fingerprint },
-                SlotEntry::Completed(record) => Entry::Completed(record.clone()),
-            }));
+            return match &slot.entry {
+                SlotEntry::InFlight { owner: held, .. } if held == owner => {
+                    state.set_expiry(key, now + lease);
+                    Ok(Claimed::Owned)
+                }
+                SlotEntry::InFlight { fingerprint, .. } => {
+                    Ok(Claimed::Existing(Entry::InFlight { fingerprint: *fingerprint }))
+                }
+                SlotEntry::Completed(record) => Ok(Claimed::Existing(Entry::Completed(record.clone()))),
+            };
         }
-        if state.slots.len() >= self.max_entries {
-            return Err(StoreError::Full(format!("{} entries held (max_entries)", state.slots.len())));
-        }
-        if state.bytes + CLAIM_WEIGHT > self.max_bytes {
-            return Err(StoreError::Full(format!("{} bytes held (max_bytes = {})", state.bytes, self.max_bytes)));
-        }
-        let owner = OwnerToken::generate();
-        let entry = SlotEntry::InFlight { owner: owner.clone(), fingerprint: *fingerprint };
-        state.bytes += CLAIM_WEIGHT;
-        state.slots.insert(key.clone(), Slot { entry, expires_at: now, weight: CLAIM_WEIGHT, waiters: None });
-        state.set_expiry(key, now + lease);
-        Ok(Claimed::Owned(owner))
+        self.insert_claim(&mut state, key, fingerprint, owner, now + lease)?;
+        Ok(Claimed::Owned)
     }
 
     async fn complete(
@@ -202,8 +226,15 @@ impl Store for MemoryStore {
     ) -> Result<Write, StoreError> {
         let now = Instant::now();
         let mut state = self.lock();
+        state.sweep(now);
+        match state.slots.get(key).map(|slot| &slot.entry) {
+            Some(SlotEntry::InFlight { owner: held, .. }) if held == owner => {}
+            Some(_) => return Ok(Write::Fenced),
+            // The lease ran out and nobody claimed the key since: nobody else ran the request, so record it.
+            None => self.insert_claim(&mut state, key, &record.fingerprint, owner, now)?,
+        }
         let bytes_held = state.bytes;
-        let Some(slot) = state.owned(key, owner, now) else { return Ok(Write::Fenced) };
+        let Some(slot) = state.slots.get_mut(key) else { return Ok(Write::Fenced) };
         let mut weight = record.weight();
         let record = if bytes_held - slot.weight + weight > self.max_bytes {
             tracing::warn!(key = %key, bytes = weight, "memory store full: keeping the record as not-replayable");
@@ -236,13 +267,21 @@ impl Store for MemoryStore {
         Ok(Write::Applied)
     }
 
-    async fn renew(&self, key: &StoreKey, owner: &OwnerToken, lease: Duration) -> Result<Write, StoreError> {
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Write, StoreError> {
         let now = Instant::now();
         let mut state = self.lock();
-        if state.owned(key, owner, now).is_none() {
-            return Ok(Write::Fenced);
+        state.sweep(now);
+        match state.slots.get(key).map(|slot| &slot.entry) {
+            Some(SlotEntry::InFlight { owner: held, .. }) if held == owner => state.set_expiry(key, now + lease),
+            Some(_) => return Ok(Write::Fenced),
+            None => self.insert_claim(&mut state, key, fingerprint, owner, now + lease)?,
         }
-        state.set_expiry(key, now + lease);
         Ok(Write::Applied)
     }
 
@@ -293,10 +332,17 @@ mod tests {
         }
     }
 
-    fn owned(claimed: Claimed) -> OwnerToken {
-        match claimed {
-            Claimed::Owned(owner) => owner,
-            other => panic!("expected to own the claim, got {other:?}"),
+    /// Claims with a fresh owner token: the token, and what the store answered.
+    async fn claim(store: &MemoryStore, name: &str, fingerprint: &str, lease: Duration) -> (OwnerToken, Claimed) {
+        let owner = OwnerToken::generate();
+        let claimed = store.claim(&key(name), &fp(fingerprint), &owner, lease).await.unwrap();
+        (owner, claimed)
+    }
+
+    async fn owned(store: &MemoryStore, name: &str, fingerprint: &str, lease: Duration) -> OwnerToken {
+        match claim(store, name, fingerprint, lease).await {
+            (owner, Claimed::Owned) => owner,
+            (_, other) => panic!("expected to own the claim, got {other:?}"),
         }
     }
 
@@ -304,45 +350,36 @@ mod tests {
     async fn claim_is_exclusive_until_the_lease_runs_out() {
         let store = MemoryStore::new();
         let lease = Duration::from_secs(30);
-        owned(store.claim(&key("k"), &fp("a"), lease).await.unwrap());
-        assert_eq!(
-            store.claim(&key("k"), &fp("b"), lease).await.unwrap(),
-            Claimed::Existing(Entry::InFlight { fingerprint: fp("a") })
-        );
+        owned(&store, "k", "a", lease).await;
+        assert_eq!(claim(&store, "k", "b", lease).await.1, Claimed::Existing(Entry::InFlight { fingerprint: fp("a") }));
         tokio::time::advance(Duration::from_secs(31)).await;
-        owned(store.claim(&key("k"), &fp("b"), lease).await.unwrap());
+        owned(&store, "k", "b", lease).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_stale_owner_is_fenced_and_changes_nothing() {
         let store = MemoryStore::new();
         let lease = Duration::from_secs(1);
-        let stale = owned(store.claim(&key("k"), &fp("a"), lease).await.unwrap());
+        let stale = owned(&store, "k", "a", lease).await;
         tokio::time::advance(Duration::from_secs(2)).await;
-        let fresh = owned(store.claim(&key("k"), &fp("a"), lease).await.unwrap());
+        let fresh = owned(&store, "k", "a", lease).await;
         let ttl = Duration::from_secs(60);
         assert_eq!(store.complete(&key("k"), &stale, &record(b"old"), ttl).await.unwrap(), Write::Fenced);
         assert_eq!(store.release(&key("k"), &stale).await.unwrap(), Write::Fenced);
-        assert_eq!(store.renew(&key("k"), &stale, lease).await.unwrap(), Write::Fenced);
+        assert_eq!(store.renew(&key("k"), &stale, &fp("a"), lease).await.unwrap(), Write::Fenced);
         assert_eq!(store.complete(&key("k"), &fresh, &record(b"new"), ttl).await.unwrap(), Write::Applied);
-        assert_eq!(
-            store.claim(&key("k"), &fp("a"), lease).await.unwrap(),
-            Claimed::Existing(Entry::Completed(record(b"new")))
-        );
+        assert_eq!(claim(&store, "k", "a", lease).await.1, Claimed::Existing(Entry::Completed(record(b"new"))));
     }
 
     #[tokio::test(start_paused = true)]
     async fn completed_records_expire_after_their_ttl() {
         let store = MemoryStore::new();
-        let owner = owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap());
+        let owner = owned(&store, "k", "a", Duration::from_secs(5)).await;
         store.complete(&key("k"), &owner, &record(b"x"), Duration::from_secs(60)).await.unwrap();
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert!(matches!(
-            store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap(),
-            Claimed::Existing(_)
-        ));
+        assert!(matches!(claim(&store, "k", "a", Duration::from_secs(5)).await.1, Claimed::Existing(_)));
         tokio::time::advance(Duration::from_secs(2)).await;
-        owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(5)).await.unwrap());
+        owned(&store, "k", "a", Duration::from_secs(5)).await;
         assert_eq!(store.len(), 1);
     }
 
@@ -350,18 +387,18 @@ mod tests {
     async fn renew_extends_the_lease() {
         let store = MemoryStore::new();
         let lease = Duration::from_secs(10);
-        let owner = owned(store.claim(&key("k"), &fp("a"), lease).await.unwrap());
+        let owner = owned(&store, "k", "a", lease).await;
         for _ in 0..5 {
             tokio::time::advance(Duration::from_secs(8)).await;
-            assert_eq!(store.renew(&key("k"), &owner, lease).await.unwrap(), Write::Applied);
+            assert_eq!(store.renew(&key("k"), &owner, &fp("a"), lease).await.unwrap(), Write::Applied);
         }
-        assert!(matches!(store.claim(&key("k"), &fp("a"), lease).await.unwrap(), Claimed::Existing(_)));
+        assert!(matches!(claim(&store, "k", "a", lease).await.1, Claimed::Existing(_)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn waiters_wake_on_completion_not_on_timeout() {
         let store = Arc::new(MemoryStore::new());
-        let owner = owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(30)).await.unwrap());
+        let owner = owned(&store, "k", "a", Duration::from_secs(30)).await;
         let started = Instant::now();
         let waiter = tokio::spawn({
             let store = store.clone();
@@ -376,7 +413,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiters_wake_when_the_lease_runs_out() {
         let store = MemoryStore::new();
-        owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(3)).await.unwrap());
+        owned(&store, "k", "a", Duration::from_secs(3)).await;
         let started = Instant::now();
         store.wait(&key("k"), Duration::from_secs(20)).await.unwrap();
         assert_eq!(started.elapsed(), Duration::from_secs(3));
@@ -386,23 +423,26 @@ mod tests {
     async fn a_full_store_refuses_new_claims_but_keeps_what_it_holds() {
         let store = MemoryStore::builder().max_entries(2).build();
         let lease = Duration::from_secs(30);
-        owned(store.claim(&key("a"), &fp("a"), lease).await.unwrap());
-        owned(store.claim(&key("b"), &fp("a"), lease).await.unwrap());
-        assert!(matches!(store.claim(&key("c"), &fp("a"), lease).await, Err(StoreError::Full(_))));
-        assert!(matches!(store.claim(&key("a"), &fp("a"), lease).await.unwrap(), Claimed::Existing(_)));
+        owned(&store, "a", "a", lease).await;
+        owned(&store, "b", "a", lease).await;
+        assert!(matches!(
+            store.claim(&key("c"), &fp("a"), &OwnerToken::generate(), lease).await,
+            Err(StoreError::Full(_))
+        ));
+        assert!(matches!(claim(&store, "a", "a", lease).await.1, Claimed::Existing(_)));
     }
 
     #[tokio::test]
     async fn a_record_too_large_for_the_bound_is_kept_as_not_replayable() {
         let store = MemoryStore::builder().max_bytes(1024).build();
-        let owner = owned(store.claim(&key("k"), &fp("a"), Duration::from_secs(30)).await.unwrap());
+        let owner = owned(&store, "k", "a", Duration::from_secs(30)).await;
         let big = Record {
             fingerprint: fp("a"),
             stored: Stored::Response(StoredResponse { status: 200, headers: vec![], body: vec![0u8; 4096].into() }),
         };
         assert_eq!(store.complete(&key("k"), &owner, &big, Duration::from_secs(60)).await.unwrap(), Write::Applied);
         assert_eq!(
-            store.claim(&key("k"), &fp("a"), Duration::from_secs(30)).await.unwrap(),
+            claim(&store, "k", "a", Duration::from_secs(30)).await.1,
             Claimed::Existing(Entry::Completed(Record {
                 fingerprint: fp("a"),
                 stored: Stored::NotReplayable { status: 200 }

@@ -56,8 +56,9 @@ impl fmt::Display for StoreKey {
 /// The answer to [`Store::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claimed {
-    /// The key was free: the caller now owns an in-flight claim for `lease`.
-    Owned(OwnerToken),
+    /// The key was free (or already held by the same owner: a resent claim): the caller now owns an in-flight claim
+    /// for `lease`.
+    Owned,
     /// The key was taken: what the store holds.
     Existing(Entry),
 }
@@ -67,7 +68,7 @@ pub enum Claimed {
 pub enum Write {
     /// The caller still owned the claim; the write happened.
     Applied,
-    /// The caller no longer owns the claim (its lease expired and the key was released or claimed again):
+    /// The caller no longer owns the claim (its lease expired and another caller claimed or completed the key):
     /// nothing changed.
     Fenced,
 }
@@ -89,14 +90,27 @@ pub enum StoreError {
 /// A place to keep claims and records: one small async trait, so the engine never knows which backend it talks to.
 ///
 /// Every method is one atomic step; implementations must give the same semantics as [`MemoryStore`]:
-/// `claim` is claim-or-read in one step, and `complete`, `release` and `renew` change nothing unless the caller
-/// still owns the claim.
+/// `claim` is claim-or-read in one step, and `complete`, `release` and `renew` never touch a key that another owner
+/// holds or that holds a completed record.
+///
+/// The caller makes the owner token ([`OwnerToken::generate`]) before it claims, so a claim whose reply was lost (a
+/// timeout, a cancelled request, a client that resends after a broken connection) can be recognised when it is
+/// sent again, and released by its maker.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Claims `key` for `lease` if it is free (absent, or its lease ran out), else returns what is there.
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError>;
+    /// Claims `key` for `owner` for `lease` if it is free (absent, or its lease ran out) or already `owner`'s (a
+    /// resent claim: its lease starts again), else returns what is there.
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError>;
 
-    /// Replaces the caller's claim with a completed record kept for `ttl`, and wakes waiters.
+    /// Replaces the caller's claim with a completed record kept for `ttl`, and wakes waiters. A key that is free
+    /// (the caller's lease ran out and nobody claimed it since) is completed too: nobody else ran the request.
+    /// [`Write::Fenced`] when another owner holds the key or a record is already there.
     async fn complete(
         &self,
         key: &StoreKey,
@@ -108,19 +122,33 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the caller's claim so a retry can run again, and wakes waiters.
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError>;
 
-    /// Extends the caller's claim to `lease` from now.
-    async fn renew(&self, key: &StoreKey, owner: &OwnerToken, lease: Duration) -> Result<Write, StoreError>;
+    /// Extends the caller's claim to `lease` from now. A key that is free (the lease ran out while the store could
+    /// not be reached, and nobody claimed it since) is claimed again for the caller with `fingerprint`.
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Write, StoreError>;
 
     /// Returns once the in-flight claim on `key` ends (completed, released or expired) or after `timeout`,
     /// whichever comes first. Returns at once if `key` is not in flight. Implementations wake on a notification,
-    /// not by polling, and must not lose a wake-up that happens while they start waiting.
+    /// not by polling, must not lose a wake-up that happens while they start waiting, and must return by
+    /// `timeout` whatever the network does.
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError>;
 }
 
 #[async_trait::async_trait]
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError> {
-        (**self).claim(key, fingerprint, lease).await
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
+        (**self).claim(key, fingerprint, owner, lease).await
     }
     async fn complete(
         &self,
@@ -134,8 +162,14 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
         (**self).release(key, owner).await
     }
-    async fn renew(&self, key: &StoreKey, owner: &OwnerToken, lease: Duration) -> Result<Write, StoreError> {
-        (**self).renew(key, owner, lease).await
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Write, StoreError> {
+        (**self).renew(key, owner, fingerprint, lease).await
     }
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
         (**self).wait(key, timeout).await

@@ -209,12 +209,19 @@ fn millis(duration: Duration) -> Vec<u8> {
 
 #[async_trait::async_trait]
 impl Store for RedisStore {
-    async fn claim(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claimed, StoreError> {
-        let owner = OwnerToken::generate();
-        let record = codec::in_flight(&owner, fingerprint);
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
+        let record = codec::in_flight(owner, fingerprint);
         let key = self.record_key(key);
         match self.eval(&CLAIM, &[&key], &[record.as_bytes(), &millis(lease)]).await? {
-            Value::Nil => Ok(Claimed::Owned(owner)),
+            Value::Nil => Ok(Claimed::Owned),
+            // Our own claim, sent again after its reply was lost: still ours.
+            Value::BulkString(held) if held.starts_with(codec::owner_prefix(owner).as_bytes()) => Ok(Claimed::Owned),
             Value::BulkString(held) => codec::decode(&held).map(Claimed::Existing).map_err(StoreError::Corrupt),
             other => Err(StoreError::Corrupt(format!("unexpected claim answer {other:?}"))),
         }
@@ -240,10 +247,17 @@ impl Store for RedisStore {
         self.owned_write(&RELEASE, &[&key, &channel], &[owner.as_bytes(), self.publish.as_bytes()]).await
     }
 
-    async fn renew(&self, key: &StoreKey, owner: &OwnerToken, lease: Duration) -> Result<Write, StoreError> {
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Write, StoreError> {
         let key = self.record_key(key);
+        let claim = codec::in_flight(owner, fingerprint);
         let owner = codec::owner_prefix(owner);
-        self.owned_write(&RENEW, &[&key], &[owner.as_bytes(), &millis(lease)]).await
+        self.owned_write(&RENEW, &[&key], &[owner.as_bytes(), &millis(lease), claim.as_bytes()]).await
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {

@@ -152,6 +152,12 @@ impl Once<'_> {
                 span.record("outcome", "mismatch");
                 return Err(OnceError::Mismatch);
             }
+            // Not an outage: running the work would ignore what the store holds, so even fail-open refuses.
+            Err(error @ StoreError::Corrupt(_)) => {
+                span.record("outcome", "corrupt-record");
+                tracing::error!(%error, "idempotency record unreadable: the work did not run");
+                return Err(OnceError::Store(error));
+            }
             Err(error) => {
                 return match shared.on_store_failure {
                     StoreFailure::FailClosed => {

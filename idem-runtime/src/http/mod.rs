@@ -8,7 +8,7 @@ pub use problem::Problem;
 
 use crate::engine::{Claim, Outcome, begin_observed};
 use crate::layer::{Adoptable, Handoff};
-use crate::store::StoreKey;
+use crate::store::{StoreError, StoreKey};
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
@@ -210,6 +210,12 @@ impl Idempotency {
             Ok(Outcome::Mismatch) => {
                 span.record("outcome", "mismatch");
                 Problem::KeyReused.into_response()
+            }
+            // Not an outage: running the handler would ignore what the store holds, so even fail-open refuses.
+            Err(error @ StoreError::Corrupt(_)) => {
+                span.record("outcome", "corrupt-record");
+                tracing::error!(%error, "idempotency record unreadable: answering 500, nothing ran");
+                Problem::CorruptRecord.into_response()
             }
             Err(error) => match shared.on_store_failure {
                 StoreFailure::FailClosed => {

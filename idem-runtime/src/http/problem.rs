@@ -37,6 +37,10 @@ pub enum Problem {
     HandlerPanicked,
     /// `not-configured` (500): an annotated handler found no `Idempotency` in the app state or extensions.
     NotConfigured,
+    /// `corrupt-record` (500): the store holds something under this key that is not a record idem can read
+    /// (damaged, of another type, or written by a newer version). Nothing ran and nothing is replayed; the key stays
+    /// unusable until the entry expires or an operator removes it.
+    CorruptRecord,
 }
 
 const RETRY_AFTER_IN_PROGRESS: HeaderValue = HeaderValue::from_static("1");
@@ -56,6 +60,7 @@ impl Problem {
             Problem::NotReplayable { .. } => "not-replayable",
             Problem::HandlerPanicked => "handler-panicked",
             Problem::NotConfigured => "not-configured",
+            Problem::CorruptRecord => "corrupt-record",
         }
     }
 
@@ -69,7 +74,9 @@ impl Problem {
             Problem::InProgress | Problem::NotReplayable { .. } => StatusCode::CONFLICT,
             Problem::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Problem::HandlerPanicked | Problem::NotConfigured => StatusCode::INTERNAL_SERVER_ERROR,
+            Problem::HandlerPanicked | Problem::NotConfigured | Problem::CorruptRecord => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -85,6 +92,7 @@ impl Problem {
             Problem::NotReplayable { .. } => "Response not replayable",
             Problem::HandlerPanicked => "Handler failed",
             Problem::NotConfigured => "Idempotency not configured",
+            Problem::CorruptRecord => "Idempotency record unreadable",
         }
     }
 
@@ -112,6 +120,9 @@ impl Problem {
             Problem::HandlerPanicked => "The request failed; nothing was recorded, so it can be retried.".to_owned(),
             Problem::NotConfigured => "The server has no idempotency store configured: add `Idempotency` to the app \
                  state (with `FromRef`) or install it with `.layer(Extension(idempotency))`."
+                .to_owned(),
+            Problem::CorruptRecord => "The idempotency store holds an unreadable entry for this key; the request was \
+                 not processed and nothing was replayed. Use a new key, or ask the operator to remove the entry."
                 .to_owned(),
         }
     }

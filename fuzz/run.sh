@@ -12,7 +12,7 @@
 # compiler. `--target` keeps the instrumentation off build scripts and proc-macros. Each target starts from
 # fuzz/seeds/<target>, grows fuzz/corpus/<target>, and writes a crashing input to fuzz/artifacts/<target>/;
 # replay one with `fuzz/target/<triple>/release/<target> fuzz/artifacts/<target>/crash-…`. A summary line per
-# target (executions, corpus, crashes) is printed at the end; full logs are in fuzz/logs/.
+# target (executions, coverage, corpus, crashes) is printed at the end; full logs are in fuzz/logs/.
 #
 # The crate is laid out as cargo-fuzz expects, so with cargo-fuzz installed this works too:
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run record_decode -s none -- -max_total_time=300
@@ -46,9 +46,13 @@ for target in "${targets[@]}"; do
   code=$?
   set -e
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-  corpus=$(find "corpus/$target" -type f | wc -l)
+  # libFuzzer's own count of the inputs that still add coverage; the directory keeps every input it ever saved.
+  active=$(sed -n 's/.*DONE .* corp: \([0-9]*\)\/.*/\1/p' "$log" | tail -1)
+  saved=$(find "corpus/$target" -type f | wc -l)
+  coverage=$(sed -n 's/.*DONE .* cov: \([0-9]*\) .*/\1/p' "$log" | tail -1)
   crashes=$(find "artifacts/$target" -type f | wc -l)
-  echo "$target: ${runs:-?} executions in ${seconds}s, corpus ${corpus} inputs, ${crashes} crash artifacts (exit ${code})"
+  echo "$target: ${runs:-?} executions in ${seconds}s, coverage ${coverage:-?} edges," \
+    "corpus ${active:-?} inputs (${saved} saved), ${crashes} crash artifacts (exit ${code})"
   ((code == 0)) || status=$code
 done
 exit $status

@@ -1,6 +1,7 @@
 //! Hostile requests through a real router: arbitrary `Idempotency-Key` header instances (repeated, quoted, broken
 //! escapes, tabs, non-ASCII, past 255 characters), arbitrary bodies and arbitrary extra headers, each sent twice to
-//! an `#[idempotent]` handler and to a route under the `IdempotencyLayer`, on a `MemoryStore`.
+//! an `#[idempotent]` handler, to a plain route under the `IdempotencyLayer`, and to an annotated route under the
+//! layer (the layer claims, the handler adopts), on a `MemoryStore`.
 //!
 //! Properties: nothing panics; idem never answers a 5xx problem of its own; a key the reference reading of
 //! DESIGN.md §3 below calls malformed is answered `400 invalid-key` without running the handler; a well-formed key
@@ -117,6 +118,7 @@ struct App {
     idempotency: Idempotency,
     annotated_runs: Arc<AtomicUsize>,
     layered_runs: Arc<AtomicUsize>,
+    both_runs: Arc<AtomicUsize>,
 }
 
 impl FromRef<App> for Idempotency {
@@ -140,6 +142,11 @@ async fn annotated(State(app): State<App>, headers: HeaderMap, body: Bytes) -> R
     answer(&app.annotated_runs, &headers, body)
 }
 
+#[idempotent]
+async fn annotated_under_layer(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    answer(&app.both_runs, &headers, body)
+}
+
 async fn plain(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     answer(&app.layered_runs, &headers, body)
 }
@@ -147,9 +154,16 @@ async fn plain(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
 /// A fresh store per case, so a key drawn twice by two cases cannot meet a different request.
 fn app() -> (Router, App) {
     let idempotency = Idempotency::builder(MemoryStore::new()).layer_body_limit(BODY_LIMIT).build();
-    let app = App { idempotency: idempotency.clone(), annotated_runs: Arc::default(), layered_runs: Arc::default() };
-    let layered =
-        Router::new().route("/layered", post(plain).put(plain).patch(plain).delete(plain)).layer(idempotency.layer());
+    let app = App {
+        idempotency: idempotency.clone(),
+        annotated_runs: Arc::default(),
+        layered_runs: Arc::default(),
+        both_runs: Arc::default(),
+    };
+    let layered = Router::new()
+        .route("/layered", post(plain).put(plain).patch(plain).delete(plain))
+        .route("/both", post(annotated_under_layer).layer(DefaultBodyLimit::max(BODY_LIMIT)))
+        .layer(idempotency.layer());
     let annotated = Router::new().route("/annotated", post(annotated)).layer(DefaultBodyLimit::max(BODY_LIMIT));
     (layered.merge(annotated).with_state(app.clone()), app)
 }
@@ -302,6 +316,8 @@ impl Reply {
 enum Door {
     Annotated,
     Layered,
+    /// An annotated handler under the layer: on first contact the layer claims and the handler adopts.
+    Both,
 }
 
 async fn check(case: &Case, door: Door) {
@@ -309,6 +325,7 @@ async fn check(case: &Case, door: Door) {
     let (method, path, runs) = match door {
         Door::Annotated => (Method::POST, "/annotated", &app.annotated_runs),
         Door::Layered => (case.method.clone(), "/layered", &app.layered_runs),
+        Door::Both => (Method::POST, "/both", &app.both_runs),
     };
     let first = Reply::read(&router, case.request(method.clone(), path)).await;
     let retry = Reply::read(&router, case.request(method, path)).await;
@@ -325,7 +342,7 @@ async fn check(case: &Case, door: Door) {
             retry.assert_problem(400, "invalid-key");
             assert_eq!(runs, 0, "a malformed key never runs the handler");
         }
-        (Verdict::Absent, Door::Annotated) => {
+        (Verdict::Absent, Door::Annotated | Door::Both) => {
             first.assert_problem(400, "missing-key");
             retry.assert_problem(400, "missing-key");
             assert_eq!(runs, 0);
@@ -380,6 +397,7 @@ fn hostile_requests_get_a_clear_answer_and_run_the_handler_at_most_once() {
             runtime.block_on(async {
                 check(&case, Door::Annotated).await;
                 check(&case, Door::Layered).await;
+                check(&case, Door::Both).await;
             });
             Ok(())
         })

@@ -4,15 +4,17 @@
 //! The decoder is the trust boundary between Redis and a replay: whatever sits under a record's name (another
 //! program's value, a damaged write, a record from a newer idem) is either a record this build could have written
 //! itself, or an error that the engine answers with `500 corrupt-record`. So it refuses what the encoder never
-//! writes: a status outside `http`'s 100–999, header names or values `http` rejects, a fingerprint that is not 64
-//! hex digits, a body both as text and as base64, headers or a body on a not-replayable record.
+//! writes: a status outside `http`'s 100–999, header names or values `http` rejects, a framing header
+//! (`content-length`, `transfer-encoding`: a wrong one makes the server drop the connection on every replay), a
+//! fingerprint that is not 64 hex digits, a body both as text and as base64, headers or a body on a not-replayable
+//! record.
 //!
 //! Versions: every record carries `"v"`, the format version (a record without one, written before `v` existed,
 //! is version 1). A newer idem bumps it only for a change an older reader would misread, and may add fields that
 //! older readers can ignore without bumping it; a reader refuses any version it does not know rather than guess.
 
 use crate::{Entry, Fingerprint, OwnerToken, Record, Stored, StoredResponse};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -180,16 +182,20 @@ fn fingerprint_of(hex: &str) -> Result<Fingerprint, String> {
 }
 
 /// A header as `http` would accept it on a response: a replay never drops or mangles a header silently.
-fn decode_header(header: Header) -> Result<(String, Bytes), String> {
-    if HeaderName::from_bytes(header.name.as_bytes()).is_err() {
-        return Err(format!("header name {} is not a valid header name", excerpt(&header.name)));
+fn decode_header(stored: Header) -> Result<(String, Bytes), String> {
+    let Ok(name) = HeaderName::from_bytes(stored.name.as_bytes()) else {
+        return Err(format!("header name {} is not a valid header name", excerpt(&stored.name)));
+    };
+    // The encoder never keeps them (the server frames the replayed body itself).
+    if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        return Err(format!("a stored {name} header"));
     }
-    let value = decode_bytes(header.value, header.value_base64)?;
+    let value = decode_bytes(stored.value, stored.value_base64)?;
     if HeaderValue::from_bytes(&value).is_err() {
         let shown = String::from_utf8_lossy(&value);
-        return Err(format!("header {} has an invalid value {}", excerpt(&header.name), excerpt(&shown)));
+        return Err(format!("header {} has an invalid value {}", excerpt(&stored.name), excerpt(&shown)));
     }
-    Ok((header.name, value))
+    Ok((stored.name, value))
 }
 
 #[cfg(test)]
@@ -303,6 +309,11 @@ mod tests {
             (serde_json::json!({ "status": "200" }), "not a record"),
             (serde_json::json!({ "headers": [{ "name": "bad name", "value": "x" }] }), "header name"),
             (serde_json::json!({ "headers": [{ "name": "", "value": "x" }] }), "header name"),
+            (serde_json::json!({ "headers": [{ "name": "Content-Length", "value": "2" }] }), "content-length"),
+            (
+                serde_json::json!({ "headers": [{ "name": "transfer-encoding", "value": "chunked" }] }),
+                "transfer-encoding",
+            ),
             (serde_json::json!({ "headers": [{ "name": "x-a", "value": "line\nbreak" }] }), "invalid value"),
             (serde_json::json!({ "headers": [{ "name": "x-a", "value_base64": "AA==" }] }), "invalid value"),
             (serde_json::json!({ "headers": [{ "name": "x-a", "value_base64": "%%" }] }), "bad base64"),

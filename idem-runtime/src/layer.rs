@@ -32,6 +32,11 @@ use tracing::Instrument;
 /// It also puts the `Idempotency` in the request extensions, so `#[idempotent]` handlers under it find the engine
 /// without `FromRef`.
 ///
+/// On a route that is not annotated the layer cannot tell a handler's answer from a rejection by an extractor, the
+/// router or a middleware further in, so it never stores the statuses such rejections use
+/// ([`IdempotencyBuilder::layer_unstored_statuses`](crate::IdempotencyBuilder::layer_unstored_statuses); default
+/// 400, 401, 403, 404, 405, 408, 409, 413, 415, 422 and 429): they are sent, the key is released, a retry runs.
+///
 /// ```
 /// use axum::{Router, routing::post};
 /// use idem_runtime::{Idempotency, MemoryStore, Policy};
@@ -54,9 +59,12 @@ use tracing::Instrument;
 /// - When the layer claims a key it offers the claim to the handler through the request extensions. The annotated
 ///   handler adopts it (no second claim, no second fingerprint), runs, stores the response with its own `ttl`,
 ///   `lease` and `store_server_errors`, and sets the `Idempotency-Key`, `X-Idempotency-Status` and
-///   `X-Idempotency-Signature` headers itself; the layer then passes the response through untouched.
-/// - The annotated handler also records its route (method and [`MatchedPath`]) with the layer's engine the first
-///   time a request reaches it, before its extractors run. From then on the layer does not process that route at
+///   `X-Idempotency-Signature` headers itself; the layer then passes the response through untouched. The claim's
+///   renewal task goes with it and renews at once with the annotation's `lease` before the handler runs, so the key
+///   is never unowned, whichever of the two leases is longer.
+/// - The annotated handler also records its route (method and [`MatchedPath`]) with the layer that wraps that route
+///   (each route under `Router::layer` gets its own service, with its own record) the first time a request reaches
+///   it, before its extractors run. From then on the layer does not process that route at
 ///   all and the annotation applies in full: `wait_timeout`, `validate_signature`, `required` and axum's
 ///   `DefaultBodyLimit` included.
 /// - So until a request has reached an annotated handler once in a process (its **first contact**), requests to

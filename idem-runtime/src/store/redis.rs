@@ -133,10 +133,9 @@ impl RedisStore {
     }
 
     fn node(commands: Commands, source: ClientSource) -> Self {
-        let link = Link::Node { source, sink: None, alive: Arc::default() };
         Self {
             commands,
-            notifier: Notifier::new(link, Arc::default()),
+            notifier: Notifier::new(Link::Node(source), Arc::default()),
             prefix: "idem:".to_owned(),
             publish: "PUBLISH",
             replicas: None,
@@ -261,18 +260,54 @@ impl Store for RedisStore {
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        let mut subscription = self.notifier.subscribe(&self.channel(key)).await?;
-        // Re-read only after subscribing: a completion from now on is announced to us.
+        // One deadline bounds it all (the subscription, the re-read, the notification), whatever the network does.
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+        let mut registration = self.notifier.register(&self.channel(key));
+        // Re-read only once subscribed: a completion from then on is announced to us.
+        if !registration.subscribed(deadline).await {
+            return Ok(());
+        }
         let key = self.record_key(key);
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
-        let (held, pttl): (Option<Vec<u8>>, i64) = self.commands.query(&pipe).await?;
+        let Ok(read) = tokio::time::timeout_at(deadline, self.commands.query(&pipe)).await else {
+            return Ok(());
+        };
+        let (held, pttl): (Option<Vec<u8>>, i64) = read?;
         if !held.is_some_and(|held| codec::is_in_flight(&held)) {
             return Ok(());
         }
-        // A lease that runs out with nobody completing also ends the wait.
-        let lease_left = Duration::from_millis(pttl.max(0) as u64);
-        let _ = tokio::time::timeout(timeout.min(lease_left), subscription.notified()).await;
+        // A lease that runs out with nobody completing also ends the wait. A record without a TTL (PTTL -1: written
+        // by hand or by another tool) has no lease to run out; reading it as "no time left" made the caller's
+        // claim-and-wait loop spin until its deadline.
+        let until = match pttl {
+            -1 => deadline,
+            left if left >= 0 => deadline.min(tokio::time::Instant::now() + Duration::from_millis(left as u64)),
+            // -2: the record expired between the GET and the PTTL.
+            _ => return Ok(()),
+        };
+        registration.notified(until).await;
         Ok(())
+    }
+}
+
+/// Tuning of the pub/sub link that wakes waiting duplicates.
+impl RedisStore {
+    /// How long the pub/sub connection that wakes waiting duplicates may take to connect, to confirm a `SUBSCRIBE`
+    /// or `UNSUBSCRIBE`, or to answer a heartbeat `PING`, before it is considered dead and replaced (default 1 s).
+    /// Waits never take longer than their own timeout whatever this is: a slow link only makes a waiter wait for
+    /// its timeout instead of being woken early. Set it before the store's first wait.
+    pub fn with_pubsub_timeout(self, timeout: Duration) -> Self {
+        self.notifier.configure(|settings| settings.timeout = timeout);
+        self
+    }
+
+    /// How long the pub/sub connection may stay silent before a `PING` checks that it is still alive (default 1 s),
+    /// so a connection that died silently (a lost NAT entry, a dropped firewall session) is replaced before a
+    /// waiter needs it. Set it before the store's first wait.
+    pub fn with_pubsub_heartbeat(self, interval: Duration) -> Self {
+        self.notifier.configure(|settings| settings.heartbeat = interval);
+        self
     }
 }

@@ -340,9 +340,10 @@ pub async fn a_lost_lease_is_counted_fenced_and_no_longer_renewed(store: impl St
     // The renewal was fenced; the lease then lapsed with nobody else claiming the key, so the completion still
     // recorded the result (nobody else ran the work) and a retry gets it without running again.
     assert_eq!(counts(counters.snapshot()), (1, 0, 0, 0, 0, 1));
-    let again = idempotency.once("jobs", &key).policy(short_lease).run("input", || async {
-        Ok::<_, std::io::Error>(String::from("ran twice"))
-    });
+    let again = idempotency
+        .once("jobs", &key)
+        .policy(short_lease)
+        .run("input", || async { Ok::<_, std::io::Error>(String::from("ran twice")) });
     assert_eq!(again.await.unwrap(), "done", "the late completion was stored and replays");
 }
 

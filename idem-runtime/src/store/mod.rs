@@ -6,7 +6,7 @@ mod redis;
 
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
-pub use redis::RedisStore;
+pub use redis::{RedisStore, RedisStoreBuilder};
 
 use crate::{Entry, Fingerprint, OwnerToken, Record};
 use std::fmt;

@@ -5,6 +5,9 @@
 
 mod engine;
 mod fingerprint;
+#[cfg(all(feature = "redis", not(test)))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 mod idempotency;
 mod layer;

@@ -44,7 +44,8 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redi
 /// A [`Store`] on Redis.
 ///
 /// Every state change is one Lua script, so a replay costs one round trip and a first request two (claim,
-/// complete), plus one renewal per third of a lease while a long handler runs. Records live under
+/// complete; three with [`RedisStore::wait_for_replicas`]), plus one renewal per third of a lease while a long
+/// handler runs. Records live under
 /// `{prefix}{<digest>}` (default prefix `idem:`), as JSON readable with `redis-cli GET`, always with a TTL;
 /// completions are announced on `{prefix}{<digest>}:done` (sharded pub/sub on a Cluster), which shares the record's
 /// hash tag and so its slot.

@@ -333,6 +333,8 @@ async fn without_a_replica_claims_fail_closed_and_replays_never_wait() {
         // The old code sent WAIT on the shared connection: replays queued behind it and timed out.
         assert!(took < wait / 2, "a replay never waits for replicas: {took:?}");
     }
+    let claim_times: Vec<Duration> = claims.iter().map(|claim| claim.as_ref().unwrap().2).collect();
+    println!("claims waiting for a missing replica took {claim_times:?}");
     for claim in claims {
         let (key, claimed, took) = claim.unwrap();
         let error = claimed.expect_err("a claim no replica acknowledged fails closed").to_string();

@@ -455,3 +455,15 @@ async fn a_key_of_another_type_at_a_records_name_is_corrupt_not_unavailable() {
     let other = StoreKey::derive(&[b"fine"]);
     owned(&store, &other, &fp("a"), Duration::from_secs(30)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_sent_again_by_its_owner_is_owned_and_its_lease_starts_again() {
+    let server = RedisServer::start();
+    let store = RedisStore::open(server.url()).await.unwrap();
+    let key = StoreKey::derive(&[b"resent"]);
+    let owner = OwnerToken::generate();
+    assert_eq!(store.claim(&key, &fp("a"), &owner, Duration::from_secs(2)).await.unwrap(), Claimed::Owned);
+    assert_eq!(store.claim(&key, &fp("a"), &owner, Duration::from_secs(600)).await.unwrap(), Claimed::Owned);
+    let pttl: i64 = server.cli(&["PTTL", &record_key(&key)]).trim().parse().unwrap();
+    assert!(pttl > 500_000, "the resent claim's lease (600 s) replaced the first one (2 s): {pttl} ms");
+}

@@ -99,7 +99,9 @@ async fn a_store_used_through_an_outage_serves_within_a_second_of_the_restart() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_fails_claims_within_the_response_timeout_then_serves_once_thawed() {
     let server = RedisServer::start();
-    let store = RedisStore::open(server.url()).await.unwrap();
+    // A response timeout far from the default (500 ms), so the bound below shows the builder's is the one applied.
+    let response_timeout = Duration::from_millis(1500);
+    let store = RedisStore::builder().response_timeout(response_timeout).open(server.url()).await.unwrap();
     assert_eq!(claim(&store, "before").await.0.unwrap(), Claimed::Owned);
 
     server.freeze();
@@ -108,8 +110,9 @@ async fn a_frozen_redis_fails_claims_within_the_response_timeout_then_serves_onc
     let (claimed, second) = claim(&store, "frozen-2").await;
     assert_unavailable(&claimed);
     println!("claims against a frozen redis-server took {first:?} then {second:?}");
-    // The response timeout (500 ms by default), plus slack for a busy machine.
-    assert!(first < Duration::from_millis(1500), "{first:?}");
+    // The response timeout, plus slack for a busy machine.
+    assert!(first >= response_timeout - Duration::from_millis(50), "waited for the answer: {first:?}");
+    assert!(first < response_timeout + Duration::from_millis(1000), "{first:?}");
     assert!(second < Duration::from_millis(200), "known down, failed at once: {second:?}");
 
     server.thaw();
@@ -122,5 +125,53 @@ async fn a_frozen_redis_fails_claims_within_the_response_timeout_then_serves_onc
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!("served again {:?} after the thaw", thawed.elapsed());
+    assert_eq!(claimed.unwrap(), Claimed::Owned);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_does_not_resolve_fails_within_the_connect_timeout() {
+    let started = Instant::now();
+    let opened = RedisStore::builder()
+        .connect_timeout(Duration::from_millis(300))
+        .open("redis://idem-outage-test.invalid:6379/")
+        .await;
+    let took = started.elapsed();
+    assert!(matches!(opened, Err(StoreError::Unavailable(_))), "{opened:?}");
+    assert!(took < Duration::from_millis(1300), "{took:?}");
+}
+
+/// With the caller's own `ConnectionManager` (as the reference service builds it), requests still fail fast while
+/// Redis is down; how soon it reconnects afterwards is the manager's own retry policy (redis-rs' default backoff).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_on_your_connection_manager_fails_fast_and_recovers() {
+    let mut server = RedisServer::start();
+    let client = idem::redis::Client::open(server.url()).unwrap();
+    let manager = client.get_connection_manager().await.unwrap();
+    let store = RedisStore::from_connection_manager(manager, client);
+    assert_eq!(claim(&store, "before").await.0.unwrap(), Claimed::Owned);
+
+    server.kill();
+    let mut took = Vec::new();
+    for attempt in 0..5 {
+        let (claimed, elapsed) = claim(&store, &format!("while-down-{attempt}")).await;
+        assert_unavailable(&claimed);
+        took.push(elapsed);
+    }
+    println!("claims through a ConnectionManager against a killed redis-server took {took:?}");
+    assert!(took[0] < Duration::from_millis(1500), "first claim: {took:?}");
+    for (attempt, elapsed) in took.iter().enumerate().skip(1) {
+        assert!(*elapsed < Duration::from_millis(200), "claim {attempt}: {took:?}");
+    }
+
+    server.restart();
+    let restarted = Instant::now();
+    let claimed = loop {
+        let (claimed, _) = claim(&store, "after-restart").await;
+        if claimed.is_ok() || restarted.elapsed() > Duration::from_secs(15) {
+            break claimed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("served again {:?} after the restart", restarted.elapsed());
     assert_eq!(claimed.unwrap(), Claimed::Owned);
 }

@@ -333,6 +333,8 @@ async fn without_a_replica_claims_fail_closed_and_replays_never_wait() {
         // The old code sent WAIT on the shared connection: replays queued behind it and timed out.
         assert!(took < wait / 2, "a replay never waits for replicas: {took:?}");
     }
+    let claim_times: Vec<Duration> = claims.iter().map(|claim| claim.as_ref().unwrap().2).collect();
+    println!("claims waiting for a missing replica took {claim_times:?}");
     for claim in claims {
         let (key, claimed, took) = claim.unwrap();
         let error = claimed.expect_err("a claim no replica acknowledged fails closed").to_string();
@@ -452,4 +454,16 @@ async fn a_key_of_another_type_at_a_records_name_is_corrupt_not_unavailable() {
     // A server error says nothing about reachability: the store is not marked down.
     let other = StoreKey::derive(&[b"fine"]);
     owned(&store, &other, &fp("a"), Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_sent_again_by_its_owner_is_owned_and_its_lease_starts_again() {
+    let server = RedisServer::start();
+    let store = RedisStore::open(server.url()).await.unwrap();
+    let key = StoreKey::derive(&[b"resent"]);
+    let owner = OwnerToken::generate();
+    assert_eq!(store.claim(&key, &fp("a"), &owner, Duration::from_secs(2)).await.unwrap(), Claimed::Owned);
+    assert_eq!(store.claim(&key, &fp("a"), &owner, Duration::from_secs(600)).await.unwrap(), Claimed::Owned);
+    let pttl: i64 = server.cli(&["PTTL", &record_key(&key)]).trim().parse().unwrap();
+    assert!(pttl > 500_000, "the resent claim's lease (600 s) replaced the first one (2 s): {pttl} ms");
 }

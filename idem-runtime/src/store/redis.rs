@@ -9,6 +9,7 @@ mod replicas;
 use super::{Claimed, Store, StoreError, StoreKey, Write};
 use crate::{Fingerprint, OwnerToken, Record};
 use connection::{Backend, Commands, Failure, NodeLink, SentinelLink, Timeouts, unavailable};
+use health::Health;
 use notify::{ClientSource, Link, Notifier, Waiters};
 use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClientBuilder;
@@ -44,7 +45,8 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redi
 /// A [`Store`] on Redis.
 ///
 /// Every state change is one Lua script, so a replay costs one round trip and a first request two (claim,
-/// complete), plus one renewal per third of a lease while a long handler runs. Records live under
+/// complete; three with [`RedisStore::wait_for_replicas`]), plus one renewal per third of a lease while a long
+/// handler runs. Records live under
 /// `{prefix}{<digest>}` (default prefix `idem:`), as JSON readable with `redis-cli GET`, always with a TTL;
 /// completions are announced on `{prefix}{<digest>}:done` (sharded pub/sub on a Cluster), which shares the record's
 /// hash tag and so its slot.
@@ -213,7 +215,7 @@ impl RedisStoreBuilder {
     }
 
     fn commands(&self, backend: Backend) -> Arc<Commands> {
-        let commands = Arc::new(Commands { backend, health: Arc::default(), timeouts: self.timeouts });
+        let commands = Arc::new(Commands { backend, health: Health::default(), timeouts: self.timeouts });
         // Now if a runtime is running, else on the first call.
         commands.health.start_probe(&commands);
         commands
@@ -353,7 +355,8 @@ impl RedisStore {
     }
 
     /// Runs a script followed by `WAIT` on an exclusive connection: the script's answer and how many replicas
-    /// acknowledged.
+    /// acknowledged. Sent as `EVAL` (the source, not the hash): after a `NOSCRIPT` the pipeline's `WAIT` would still
+    /// run, and with no replica in reach a second attempt would wait the timeout twice.
     async fn eval_replicated(
         &self,
         acks: &ReplicaAcks,
@@ -361,17 +364,10 @@ impl RedisStore {
         keys: &[&str],
         args: &[&[u8]],
     ) -> Result<(Value, u32), StoreError> {
-        let pipeline = |by_hash: bool| {
-            let mut pipe = redis::pipe();
-            script.call(&mut pipe, by_hash, keys, args);
-            acks.wait_command(&mut pipe);
-            pipe
-        };
-        let result = match acks.query::<(Value, u32)>(&self.commands, &pipeline(true)).await {
-            Err(Failure::NoScript) => acks.query::<(Value, u32)>(&self.commands, &pipeline(false)).await,
-            result => result,
-        };
-        Ok(result?)
+        let mut pipe = redis::pipe();
+        script.call(&mut pipe, false, keys, args);
+        acks.wait_command(&mut pipe);
+        Ok(acks.query::<(Value, u32)>(&self.commands, &pipe).await?)
     }
 
     /// Makes a claim just taken durable: renews it on an exclusive connection followed by `WAIT`. Fewer replicas
@@ -438,18 +434,19 @@ impl Store for RedisStore {
         let record = codec::in_flight(owner, fingerprint);
         let key = self.record_key(key);
         match self.eval(&CLAIM, &[&key], &[record.as_bytes(), &millis(lease)]).await? {
-            Value::Nil => {
-                // Only a claim that took the key waits for replicas: a replay wrote nothing.
-                if let Some(acks) = self.replica_acks() {
-                    self.replicate_claim(acks, &key, owner, &record, lease).await?;
-                }
-                Ok(Claimed::Owned)
-            }
+            Value::Nil => {}
             // Our own claim, sent again after its reply was lost: still ours.
-            Value::BulkString(held) if held.starts_with(codec::owner_prefix(owner).as_bytes()) => Ok(Claimed::Owned),
-            Value::BulkString(held) => codec::decode(&held).map(Claimed::Existing).map_err(StoreError::Corrupt),
-            other => Err(StoreError::Corrupt(format!("unexpected claim answer {other:?}"))),
+            Value::BulkString(held) if held.starts_with(codec::owner_prefix(owner).as_bytes()) => {}
+            Value::BulkString(held) => {
+                return codec::decode(&held).map(Claimed::Existing).map_err(StoreError::Corrupt);
+            }
+            other => return Err(StoreError::Corrupt(format!("unexpected claim answer {other:?}"))),
         }
+        // Only a claim the caller holds waits for replicas: a replay wrote nothing, and never waits.
+        if let Some(acks) = self.replica_acks() {
+            self.replicate_claim(acks, &key, owner, &record, lease).await?;
+        }
+        Ok(Claimed::Owned)
     }
 
     async fn complete(

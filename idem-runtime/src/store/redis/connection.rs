@@ -138,7 +138,7 @@ impl From<StoreError> for Failure {
 /// Sends commands with the store's rules; shared with the background probe.
 pub(super) struct Commands {
     pub(super) backend: Backend,
-    pub(super) health: Arc<Health>,
+    pub(super) health: Health,
     pub(super) timeouts: Timeouts,
 }
 
@@ -146,18 +146,9 @@ impl Commands {
     /// Sends `pipe` in one round trip, within [`Timeouts::call_budget`]; fails at once while the store is known to
     /// be down.
     pub(super) async fn query<T: FromRedisValue>(self: &Arc<Self>, pipe: &Pipeline) -> Result<T, Failure> {
-        self.query_within(pipe, Duration::ZERO).await
-    }
-
-    /// [`Commands::query`] for a pipeline that may block on the server up to `blocking` (`WAIT`).
-    pub(super) async fn query_within<T: FromRedisValue>(
-        self: &Arc<Self>,
-        pipe: &Pipeline,
-        blocking: Duration,
-    ) -> Result<T, Failure> {
         self.health.start_probe(self);
         self.health.check()?;
-        self.guarded(self.timeouts.call_budget() + blocking, self.query_retrying(pipe)).await
+        self.guarded(self.timeouts.call_budget(), self.query_retrying(pipe)).await
     }
 
     /// Runs `call` within `budget`; a call that runs out of time or fails for want of a connection marks the store
@@ -203,7 +194,7 @@ impl Commands {
     /// the caller's.
     async fn query_retrying<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
         match self.backend.run(pipe).await {
-            Err(error) if is_connection_error(&error) && !is_timeout(&error) => {
+            Err(error) if is_connection_error(&error) && !error.is_timeout() => {
                 tracing::debug!(%error, "redis connection broke; retrying once on a fresh connection");
                 self.backend.forget_connection().await;
                 self.backend.run(pipe).await
@@ -242,10 +233,6 @@ pub(super) fn is_connection_error(error: &RedisError) -> bool {
         || error.is_timeout()
         || error.is_unrecoverable_error()
         || error.kind() == redis::ErrorKind::ClusterConnectionNotFound
-}
-
-fn is_timeout(error: &RedisError) -> bool {
-    error.is_timeout()
 }
 
 /// Turns a Redis error into what the store answers.
@@ -381,7 +368,7 @@ impl SentinelLink {
             }
             Err(error) => {
                 if is_connection_error(&error) {
-                    tracing::warn!(%error, "lost the Redis primary; asking Sentinel again");
+                    tracing::debug!(%error, "lost the Redis primary; asking Sentinel again");
                 }
                 Err(error)
             }

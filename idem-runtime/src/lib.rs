@@ -5,7 +5,7 @@
 
 mod engine;
 mod fingerprint;
-#[cfg(all(feature = "redis", not(test)))]
+#[cfg(feature = "redis")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

@@ -1,6 +1,6 @@
 //! A [`Store`] on Redis: single node, Cluster or Sentinel; exactly-once across every process that shares it.
 
-mod codec;
+pub(crate) mod codec;
 mod connection;
 mod health;
 mod notify;

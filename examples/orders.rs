@@ -152,9 +152,10 @@ async fn backend() -> Result<(Idempotency, Executions, String), Box<dyn std::err
         return Ok((Idempotency::new(store), Executions::Cluster(counter), format!("redis cluster {urls}")));
     }
     if let Ok(url) = std::env::var("REDIS_URL") {
-        let client = idem::redis::Client::open(url.as_str())?;
-        let counter = client.get_connection_manager().await?;
-        let store = RedisStore::from_connection_manager(counter.clone(), client);
+        // The store opens its own connections, so it fails fast during an outage and heals by itself; the counter
+        // shares nothing with it.
+        let store = RedisStore::open(url.as_str()).await?;
+        let counter = idem::redis::Client::open(url.as_str())?.get_connection_manager().await?;
         return Ok((Idempotency::new(store), Executions::Redis(counter), format!("redis {url}")));
     }
     Ok((Idempotency::new(MemoryStore::new()), Executions::Memory(Arc::default()), "memory".to_owned()))

@@ -91,7 +91,17 @@ async fn the_store_follows_the_primary_through_a_failover() {
     };
     // The record written before the crash was replicated (WAIT): its retry replays from the new primary.
     assert_eq!((after.0, after.1.as_str(), after.2.as_deref()), (StatusCode::CREATED, before.1.as_str(), Some("hit")));
-    // New keys run once on the new primary.
+    // The new primary has no replica yet: a first request cannot be made durable, so it fails closed (the claim is
+    // released, the handler does not run).
+    let (status, body, _) = send(&app, "after-failover").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // The old primary comes back as the new primary's replica: new keys run once, acknowledged by it.
+    primary.restart();
+    primary.cli(&["REPLICAOF", "127.0.0.1", &replica.port.to_string()]);
+    wait_for("the old primary to replicate the new one", Duration::from_secs(15), || {
+        primary.cli(&["INFO", "replication"]).contains("master_link_status:up")
+    });
     let fresh = send(&app, "after-failover").await;
     assert_eq!((fresh.0, fresh.2.as_deref()), (StatusCode::CREATED, Some("new")));
     assert_eq!(send(&app, "after-failover").await.2.as_deref(), Some("hit"));

@@ -51,13 +51,13 @@ async fn send(app: &Router, key: &str, body: &str) -> (StatusCode, String, Optio
     (status, String::from_utf8(body.to_vec()).unwrap(), hit)
 }
 
-/// Commands the server ran, sorted, minus the ones this test sends itself to read the counts. Redis counts the
-/// calls a script makes too: every script here starts with one `GET`, so `get == evalsha` also proves the client
-/// sent no `GET` of its own.
+/// Commands the server ran, sorted, minus the ones this test sends itself to read the counts and the store's
+/// background `PING` (a few per second per process, not per request). Redis counts the calls a script makes too:
+/// every script here starts with one `GET`, so `get == evalsha` also proves the client sent no `GET` of its own.
 fn commands_run(server: &RedisServer) -> Vec<(String, u64)> {
     let mut calls: Vec<_> = all_command_calls(server)
         .into_iter()
-        .filter(|(name, _)| name != "info" && name != "config|resetstat")
+        .filter(|(name, _)| name != "info" && name != "config|resetstat" && name != "ping")
         .collect();
     calls.sort();
     calls
@@ -270,4 +270,200 @@ async fn a_redis_that_goes_down_fails_closed_and_is_used_again_when_it_is_back()
     assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CREATED, "charged b", Some("new")));
     assert_eq!(send(&app, "while-down", "b").await.2.as_deref(), Some("hit"));
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+fn record_key(key: &StoreKey) -> String {
+    format!("idem:{{{}}}", key.as_str())
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A primary and a replica that has synced with it.
+fn primary_and_replica() -> (RedisServer, RedisServer) {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    wait_for("the replica to sync", Duration::from_secs(15), || {
+        replica.cli(&["INFO", "replication"]).contains("master_link_status:up")
+    });
+    (primary, replica)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_replica_claims_fail_closed_and_replays_never_wait() {
+    let server = RedisServer::start();
+    let plain = RedisStore::open(server.url()).await.unwrap();
+    // A WAIT timeout well above a replay's round trip, so "replays never wait" is a wide margin on a busy machine.
+    let wait = Duration::from_secs(1);
+    let store = Arc::new(RedisStore::open(server.url()).await.unwrap().wait_for_replicas(1, wait));
+    let done = StoreKey::derive(&[b"replicas", b"done"]);
+    let owner = owned(&plain, &done, &fp("a"), Duration::from_secs(30)).await;
+    assert_eq!(plain.complete(&done, &owner, &record("done"), Duration::from_secs(60)).await.unwrap(), Write::Applied);
+
+    let claims = (0..10).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let key = StoreKey::derive(&[b"replicas", format!("claim-{i}").as_bytes()]);
+            let started = Instant::now();
+            let claimed = store.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await;
+            (key, claimed, started.elapsed())
+        })
+    });
+    let replays = (0..10).map(|_| {
+        let (store, done) = (store.clone(), done.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let claimed = store.claim(&done, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await;
+            (claimed, started.elapsed())
+        })
+    });
+    let (claims, replays) =
+        tokio::join!(futures_util::future::join_all(claims), futures_util::future::join_all(replays));
+
+    let replay_times: Vec<Duration> = replays.iter().map(|replay| replay.as_ref().unwrap().1).collect();
+    println!("replays next to 10 claims waiting for a missing replica took {replay_times:?}");
+    for replay in replays {
+        let (claimed, took) = replay.unwrap();
+        assert_eq!(claimed.unwrap(), Claimed::Existing(Entry::Completed(record("done"))));
+        // The old code sent WAIT on the shared connection: replays queued behind it and timed out.
+        assert!(took < wait / 2, "a replay never waits for replicas: {took:?}");
+    }
+    let claim_times: Vec<Duration> = claims.iter().map(|claim| claim.as_ref().unwrap().2).collect();
+    println!("claims waiting for a missing replica took {claim_times:?}");
+    for claim in claims {
+        let (key, claimed, took) = claim.unwrap();
+        let error = claimed.expect_err("a claim no replica acknowledged fails closed").to_string();
+        assert!(error.contains("0 of 1 replicas"), "{error}");
+        assert!(!error.contains("timed out"), "{error}");
+        assert!(took >= wait - Duration::from_millis(50), "it waited for the replica: {took:?}");
+        // Released, not left in flight: another caller can claim the key at once.
+        owned(&plain, &key, &fp("a"), Duration::from_secs(30)).await;
+    }
+    assert_eq!(server.cli(&["--scan"]).lines().count(), 11, "the completed key and the 10 claims taken since");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_replica_first_requests_succeed_and_records_are_on_the_replica_when_complete_returns() {
+    let (primary, replica) = primary_and_replica();
+    let store = Arc::new(RedisStore::open(primary.url()).await.unwrap().wait_for_replicas(1, Duration::from_secs(1)));
+    let mut replica_connection =
+        idem::redis::Client::open(replica.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let writes = (0..10).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let key = StoreKey::derive(&[b"replicated", format!("{i}").as_bytes()]);
+            let owner = owned(&store, &key, &fp("a"), Duration::from_secs(30)).await;
+            assert_eq!(
+                store.complete(&key, &owner, &record("r"), Duration::from_secs(60)).await.unwrap(),
+                Write::Applied
+            );
+            key
+        })
+    });
+    for key in futures_util::future::join_all(writes).await {
+        let key = key.unwrap();
+        let held: Option<String> =
+            idem::redis::cmd("GET").arg(record_key(&key)).query_async(&mut replica_connection).await.unwrap();
+        let held: serde_json::Value = serde_json::from_str(&held.expect("on the replica")).unwrap();
+        assert_eq!(held["state"], "completed");
+    }
+    assert_eq!(store.unreplicated_completions(), 0);
+
+    // Through the engine: ten concurrent first requests all run once and succeed.
+    let (app, runs) = app(RedisStore::open(primary.url()).await.unwrap().wait_for_replicas(1, Duration::from_secs(1)));
+    let answers = futures_util::future::join_all((0..10).map(|i| {
+        let app = app.clone();
+        async move { send(&app, &format!("http-{i}"), "x").await }
+    }))
+    .await;
+    for (status, _, state) in answers {
+        assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreplicated_completion_is_applied_and_counted() {
+    let server = RedisServer::start();
+    let plain = RedisStore::open(server.url()).await.unwrap();
+    let store = RedisStore::open(server.url()).await.unwrap().wait_for_replicas(1, Duration::from_millis(100));
+    let key = StoreKey::derive(&[b"unreplicated"]);
+    // Claimed without waiting for replicas, then completed by the store that does.
+    let owner = owned(&plain, &key, &fp("a"), Duration::from_secs(30)).await;
+    assert_eq!(store.complete(&key, &owner, &record("kept"), Duration::from_secs(60)).await.unwrap(), Write::Applied);
+    assert_eq!(store.unreplicated_completions(), 1);
+    assert_eq!(
+        plain.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await.unwrap(),
+        Claimed::Existing(Entry::Completed(record("kept"))),
+        "the record is on the primary and replays from there"
+    );
+}
+
+/// The price of `wait_for_replicas` against a real replica: prints medians, asserts no timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_replicas_cost_is_measured() {
+    let (primary, _replica) = primary_and_replica();
+    let plain = RedisStore::open(primary.url()).await.unwrap();
+    let waiting = RedisStore::open(primary.url()).await.unwrap().wait_for_replicas(1, Duration::from_secs(1));
+    let mut report = Vec::new();
+    for (name, store) in [("without WAIT", &plain), ("wait_for_replicas(1)", &waiting), ("without WAIT, again", &plain)]
+    {
+        let mut first_requests = Vec::new();
+        let mut replays = Vec::new();
+        for i in 0..300 {
+            let key = StoreKey::derive(&[name.as_bytes(), format!("{i}").as_bytes()]);
+            let started = Instant::now();
+            let owner = owned(store, &key, &fp("a"), Duration::from_secs(30)).await;
+            assert_eq!(
+                store.complete(&key, &owner, &record("r"), Duration::from_secs(60)).await.unwrap(),
+                Write::Applied
+            );
+            first_requests.push(started.elapsed());
+            let started = Instant::now();
+            let replay = store.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await.unwrap();
+            replays.push(started.elapsed());
+            assert!(matches!(replay, Claimed::Existing(Entry::Completed(_))));
+        }
+        first_requests.sort();
+        replays.sort();
+        report.push(format!(
+            "{name}: claim+complete median {:?} (p90 {:?}), replay median {:?}",
+            first_requests[150], first_requests[270], replays[150]
+        ));
+    }
+    assert_eq!(waiting.unreplicated_completions(), 0);
+    println!("{}", report.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_at_a_records_name_is_corrupt_not_unavailable() {
+    let server = RedisServer::start();
+    let store = RedisStore::open(server.url()).await.unwrap();
+    let key = StoreKey::derive(&[b"wrongtype"]);
+    server.cli(&["HSET", &record_key(&key), "field", "value"]);
+    let claimed = store.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await;
+    assert!(
+        matches!(&claimed, Err(idem::StoreError::Corrupt(message)) if message.contains("WRONGTYPE")),
+        "{claimed:?}"
+    );
+    // A server error says nothing about reachability: the store is not marked down.
+    let other = StoreKey::derive(&[b"fine"]);
+    owned(&store, &other, &fp("a"), Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_sent_again_by_its_owner_is_owned_and_its_lease_starts_again() {
+    let server = RedisServer::start();
+    let store = RedisStore::open(server.url()).await.unwrap();
+    let key = StoreKey::derive(&[b"resent"]);
+    let owner = OwnerToken::generate();
+    assert_eq!(store.claim(&key, &fp("a"), &owner, Duration::from_secs(2)).await.unwrap(), Claimed::Owned);
+    assert_eq!(store.claim(&key, &fp("a"), &owner, Duration::from_secs(600)).await.unwrap(), Claimed::Owned);
+    let pttl: i64 = server.cli(&["PTTL", &record_key(&key)]).trim().parse().unwrap();
+    assert!(pttl > 500_000, "the resent claim's lease (600 s) replaced the first one (2 s): {pttl} ms");
 }

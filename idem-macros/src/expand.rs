@@ -2,6 +2,7 @@
 //! hands the request to the runtime, then runs the user's own extractors one by one.
 
 use crate::args::Args;
+use crate::policy;
 use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::parse::Parser;
@@ -80,7 +81,7 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
     inner_sig.ident = inner.clone();
     let block = &function.block;
 
-    let policy = policy(args, &private);
+    let policy = policy::policy(args, &private);
     let (state_param, state_value, state_ty, probe) = match &state {
         Some(ty) => (
             quote!(#private::State(__idem_state): #private::State<#ty>,),
@@ -205,7 +206,7 @@ fn state_inner(ty: &Type) -> Option<&Type> {
 /// The spans of the first and the last token of `tokens`. An expression whose first token carries one and whose
 /// last token carries the other is reported by rustc on the whole of `tokens`, which a proc macro on stable cannot
 /// express with one `Span`.
-fn span_range(tokens: &impl ToTokens) -> (Span, Span) {
+pub fn span_range(tokens: &impl ToTokens) -> (Span, Span) {
     let mut tokens = tokens.to_token_stream().into_iter();
     let first = tokens.next().map_or_else(Span::call_site, |token| token.span());
     let last = tokens.last().map_or(first, |token| token.span());
@@ -213,7 +214,7 @@ fn span_range(tokens: &impl ToTokens) -> (Span, Span) {
 }
 
 /// `tokens` with every span, groups included, set to `span`.
-fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+pub fn respan(tokens: TokenStream, span: Span) -> TokenStream {
     tokens
         .into_iter()
         .map(|token| match token {
@@ -228,30 +229,4 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
             }
         })
         .collect()
-}
-
-fn policy(args: &Args, private: &TokenStream) -> TokenStream {
-    let mut policy = quote!(#private::Policy::new());
-    let duration = |nanos: u64| quote!(::core::time::Duration::from_nanos(#nanos));
-    if let Some(ttl) = args.ttl {
-        let ttl = duration(ttl.nanos);
-        policy = quote!(#policy.ttl(#ttl));
-    }
-    if let Some(wait) = args.wait_timeout {
-        let wait = duration(wait.nanos);
-        policy = quote!(#policy.wait_timeout(#wait));
-    }
-    let lease = duration(args.lease_nanos());
-    policy = quote!(#policy.lease(#lease));
-    for (setter, value) in [
-        ("validate_signature", args.validate_signature),
-        ("required", args.required),
-        ("store_server_errors", args.store_server_errors),
-    ] {
-        if let Some(value) = value {
-            let setter = format_ident!("{}", setter);
-            policy = quote!(#policy.#setter(#value));
-        }
-    }
-    policy
 }

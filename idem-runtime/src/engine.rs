@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 /// What to do with a request, decided by [`begin`].
 #[derive(Debug)]
@@ -102,14 +103,8 @@ async fn claim_or_wait(
         };
         let entry = match claimed {
             Claimed::Owned => {
-                return Ok(Outcome::Execute(Claim {
-                    store: store.clone(),
-                    metrics: metrics.clone(),
-                    key,
-                    owner: Some(owner),
-                    fingerprint,
-                    lease: policy.lease_duration(),
-                }));
+                let claim = Claim::new(store, metrics, key, owner, fingerprint, policy.lease_duration());
+                return Ok(Outcome::Execute(claim));
             }
             Claimed::Existing(entry) => entry,
         };
@@ -143,6 +138,8 @@ pub struct Claim {
     owner: Option<OwnerToken>,
     fingerprint: Fingerprint,
     lease: Duration,
+    /// The task renewing the lease, once [`Claim::keep_alive`] started it.
+    keeper: std::sync::Mutex<Option<Keeper>>,
 }
 
 impl std::fmt::Debug for Claim {
@@ -152,6 +149,25 @@ impl std::fmt::Debug for Claim {
 }
 
 impl Claim {
+    fn new(
+        store: &Arc<dyn Store>,
+        metrics: &Arc<dyn Metrics>,
+        key: StoreKey,
+        owner: OwnerToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            key,
+            owner: Some(owner),
+            fingerprint,
+            lease,
+            keeper: std::sync::Mutex::new(None),
+        }
+    }
+
     /// The key this claim owns.
     pub fn key(&self) -> &StoreKey {
         &self.key
@@ -162,35 +178,60 @@ impl Claim {
         self.fingerprint
     }
 
-    /// Runs `work` while renewing the lease every third of its length, so work that outlives its lease is never
-    /// run a second time by a duplicate.
+    /// Runs `work` while the lease is renewed every third of its length beside it, so work that outlives its lease
+    /// is never run a second time by a duplicate. Renewing goes on (on a task of its own, so a slow store never
+    /// holds the work up) until the claim is completed, released or dropped.
     pub async fn keep_alive<F: Future>(&self, work: F) -> F::Output {
-        match self.lease_keeper() {
-            Some(keeper) => keeper.keep_alive(work, || true).await,
-            None => work.await,
+        self.start_keeping();
+        work.await
+    }
+
+    /// Starts the task that renews the lease, unless it runs already.
+    pub(crate) fn start_keeping(&self) {
+        let mut keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if keeper.is_none()
+            && let Some(owner) = &self.owner
+        {
+            let renewal = Renewal {
+                store: self.store.clone(),
+                metrics: self.metrics.clone(),
+                key: self.key.clone(),
+                owner: owner.clone(),
+                fingerprint: self.fingerprint,
+            };
+            *keeper = Some(Keeper::spawn(renewal, self.lease));
         }
     }
 
-    /// What renewing this claim's lease takes, detached from the claim so the claim itself can be handed over while
-    /// its lease is kept.
-    pub(crate) fn lease_keeper(&self) -> Option<LeaseKeeper> {
-        Some(LeaseKeeper {
-            store: self.store.clone(),
-            metrics: self.metrics.clone(),
-            key: self.key.clone(),
-            owner: self.owner.clone()?,
-            fingerprint: self.fingerprint,
-            lease: self.lease,
-        })
+    /// Renews the lease for `lease` from now on, at once: an adopting front door brings its own lease. With a keeper
+    /// running, the keeper makes this renewal after any of its own in flight, so an older renewal can never land
+    /// after it and shorten the new lease; from then on it renews every third of `lease`.
+    pub(crate) async fn renew_for(&mut self, lease: Duration) -> Result<Write, StoreError> {
+        self.lease = lease;
+        let keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match (keeper, &self.owner) {
+            (Some(keeper), _) => keeper.renew_for(lease).await,
+            (None, Some(owner)) => {
+                let write = self.store.renew(&self.key, owner, &self.fingerprint, lease).await;
+                report_write(&*self.metrics, &self.key, "renew", &write);
+                write
+            }
+            (None, None) => Ok(Write::Fenced),
+        }
     }
 
-    /// Renews for `lease` from now on (an adopting front door brings its own lease).
-    pub(crate) fn set_lease(&mut self, lease: Duration) {
-        self.lease = lease;
+    /// Stops renewing, once any renewal in flight has landed: a renewal arriving after the release could otherwise
+    /// claim the freed key again.
+    async fn stop_keeping(&self) {
+        let keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(keeper) = keeper {
+            keeper.stop().await;
+        }
     }
 
     /// Records the result for `ttl` and wakes waiting duplicates.
     pub async fn complete(mut self, stored: Stored, ttl: Duration) -> Result<Write, StoreError> {
+        self.stop_keeping().await;
         let owner = self.owner.take().expect("a live claim has an owner");
         let record = Record { fingerprint: self.fingerprint, stored };
         let write = self.store.complete(&self.key, &owner, &record, ttl).await;
@@ -200,6 +241,7 @@ impl Claim {
 
     /// Gives the key up so a retry runs the work again, and wakes waiting duplicates.
     pub async fn release(mut self) -> Result<Write, StoreError> {
+        self.stop_keeping().await;
         let owner = self.owner.take().expect("a live claim has an owner");
         let write = self.store.release(&self.key, &owner).await;
         report_write(&*self.metrics, &self.key, "release", &write);
@@ -207,36 +249,102 @@ impl Claim {
     }
 }
 
-/// Renews one claim's lease while some work runs.
-pub(crate) struct LeaseKeeper {
+/// What renewing one claim's lease takes.
+struct Renewal {
     store: Arc<dyn Store>,
     metrics: Arc<dyn Metrics>,
     key: StoreKey,
     owner: OwnerToken,
     fingerprint: Fingerprint,
-    lease: Duration,
 }
 
-impl LeaseKeeper {
-    /// Runs `work`, renewing the lease every third of its length for as long as `still_mine()` says so. Once a
-    /// renewal is fenced the claim is gone for good (another caller may own the key now), so renewing stops; the
-    /// work still runs to its end, and its result will not be stored.
-    pub(crate) async fn keep_alive<F: Future>(&self, work: F, still_mine: impl Fn() -> bool) -> F::Output {
-        let period = (self.lease / 3).max(Duration::from_millis(10));
-        let mut work = std::pin::pin!(work);
-        let mut next = Instant::now() + period;
+impl Renewal {
+    /// One renewal, given up after one renewal period: a store that hangs must not hold up the next renewal, nor
+    /// the completion that waits for this one to land.
+    async fn renew(&self, lease: Duration) -> Result<Write, StoreError> {
+        let renewal = self.store.renew(&self.key, &self.owner, &self.fingerprint, lease);
+        let write = match tokio::time::timeout(renewal_period(lease), renewal).await {
+            Ok(write) => write,
+            Err(_) => Err(StoreError::Unavailable("the lease renewal timed out".to_owned())),
+        };
+        report_write(&*self.metrics, &self.key, "renew", &write);
+        write
+    }
+}
+
+/// How often a lease of `lease` is renewed: three times per lease, so two renewals in a row can fail (a store
+/// briefly out of reach) before it lapses.
+fn renewal_period(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(10))
+}
+
+/// The handle of a claim's renewal task. The task makes one renewal at a time, so renewals land in the order it
+/// makes them.
+#[derive(Clone)]
+struct Keeper {
+    commands: tokio::sync::mpsc::UnboundedSender<KeeperCommand>,
+}
+
+enum KeeperCommand {
+    /// Renew now for this lease, then every third of it; answer with the renewal.
+    RenewFor(Duration, tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
+    /// Stop; answer once no renewal is in flight.
+    Stop(tokio::sync::oneshot::Sender<()>),
+}
+
+impl Keeper {
+    fn spawn(renewal: Renewal, lease: Duration) -> Self {
+        let (commands, received) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(Self::run(renewal, lease, received).in_current_span());
+        Self { commands }
+    }
+
+    async fn run(
+        renewal: Renewal,
+        mut lease: Duration,
+        mut commands: tokio::sync::mpsc::UnboundedReceiver<KeeperCommand>,
+    ) {
+        let mut next = Instant::now() + renewal_period(lease);
+        // Once a renewal is fenced the claim is gone for good (another caller owns the key now): renewing stops.
+        // The work still runs to its end; its result will not be stored.
         let mut lost = false;
         loop {
             tokio::select! {
-                biased;
-                output = &mut work => return output,
-                () = tokio::time::sleep_until(next), if !lost && still_mine() => {
-                    next = Instant::now() + period;
-                    let write = self.store.renew(&self.key, &self.owner, &self.fingerprint, self.lease).await;
-                    lost = matches!(write, Ok(Write::Fenced));
-                    report_write(&*self.metrics, &self.key, "renew", &write);
+                command = commands.recv() => match command {
+                    Some(KeeperCommand::RenewFor(new_lease, answer)) => {
+                        lease = new_lease;
+                        next = Instant::now() + renewal_period(lease);
+                        let write = renewal.renew(lease).await;
+                        lost = matches!(write, Ok(Write::Fenced));
+                        let _ = answer.send(write);
+                    }
+                    Some(KeeperCommand::Stop(done)) => {
+                        let _ = done.send(());
+                        return;
+                    }
+                    // The claim is gone (dropped: it releases itself).
+                    None => return,
+                },
+                () = tokio::time::sleep_until(next), if !lost => {
+                    next = Instant::now() + renewal_period(lease);
+                    lost = matches!(renewal.renew(lease).await, Ok(Write::Fenced));
                 }
             }
+        }
+    }
+
+    async fn renew_for(&self, lease: Duration) -> Result<Write, StoreError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if self.commands.send(KeeperCommand::RenewFor(lease, answer)).is_err() {
+            return Ok(Write::Fenced);
+        }
+        answered.await.unwrap_or(Ok(Write::Fenced))
+    }
+
+    async fn stop(self) {
+        let (done, stopped) = tokio::sync::oneshot::channel();
+        if self.commands.send(KeeperCommand::Stop(done)).is_ok() {
+            let _ = stopped.await;
         }
     }
 }
@@ -258,20 +366,18 @@ fn report_write(metrics: &dyn Metrics, key: &StoreKey, operation: &str, write: &
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if let Some(owner) = self.owner.take() {
-            release_in_background(self.store.clone(), self.metrics.clone(), self.key.clone(), owner);
-        }
+        let Some(owner) = self.owner.take() else { return };
+        let keeper = self.keeper.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let (store, metrics, key) = (self.store.clone(), self.metrics.clone(), self.key.clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            if let Some(keeper) = keeper {
+                keeper.stop().await;
+            }
+            let write = store.release(&key, &owner).await;
+            report_write(&*metrics, &key, "release", &write);
+        });
     }
-}
-
-/// Releases `owner`'s claim on `key` on a task of its own (outside a runtime, nothing can be sent: the lease ends
-/// it).
-fn release_in_background(store: Arc<dyn Store>, metrics: Arc<dyn Metrics>, key: StoreKey, owner: OwnerToken) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-    runtime.spawn(async move {
-        let write = store.release(&key, &owner).await;
-        report_write(&*metrics, &key, "release", &write);
-    });
 }
 
 /// Releases a claim whose call failed, in case it took effect with only its reply lost. A release deletes nothing

@@ -1,14 +1,7 @@
 //! NOT PUBLIC API: entry points for the fuzz targets in `fuzz/`, exempt from semver, gone whenever they are not
 //! needed. Use [`RedisStore`](crate::RedisStore) instead.
-//!
-//! The record codec is private to the Redis store, whose module this file must not widen, so it is compiled a
-//! second time here from the same source file. Left out of the crate's own test build, where the codec's unit
-//! tests would otherwise run twice.
 
-// Deliberately the same file as the store's codec: this copy is what the fuzz targets reach.
-#[allow(dead_code, clippy::duplicate_mod)]
-#[path = "store/redis/codec.rs"]
-mod codec;
+use crate::store::redis::codec;
 
 /// Decodes a Redis record as the store does after a claim finds one.
 pub fn decode_record(raw: &[u8]) -> Result<crate::Entry, String> {

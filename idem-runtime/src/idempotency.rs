@@ -1,11 +1,10 @@
 //! The app-wide handle: one store and the settings every route shares.
 
-use crate::layer::AnnotatedRoutes;
 use crate::metrics::{Metrics, NoMetrics};
 use crate::store::Store;
 use crate::{MemoryStore, Policy};
-use axum::http::HeaderName;
 use axum::http::request::Parts;
+use axum::http::{HeaderName, StatusCode};
 use std::sync::Arc;
 
 /// A function of the request that names who is asking; records are scoped by it so one client never receives
@@ -50,8 +49,8 @@ pub(crate) struct Shared {
     pub(crate) layer_policy: Policy,
     pub(crate) layer_body_limit: usize,
     pub(crate) metrics: Arc<dyn Metrics>,
-    /// Routes whose `#[idempotent]` handlers have been called, which the layer leaves to them.
-    pub(crate) annotated: AnnotatedRoutes,
+    /// Statuses the layer sends but never stores, since it cannot tell whether the handler answered them.
+    pub(crate) layer_unstored: Vec<StatusCode>,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -91,7 +90,7 @@ impl Idempotency {
                 layer_policy: Policy::new().required(false),
                 layer_body_limit: 2 << 20,
                 metrics: Arc::new(NoMetrics),
-                annotated: AnnotatedRoutes::default(),
+                layer_unstored: LAYER_UNSTORED.to_vec(),
             },
         }
     }
@@ -101,6 +100,23 @@ impl Idempotency {
         &self.shared.store
     }
 }
+
+/// What the layer never stores by default: answers that routing, extractors and middleware give without the handler
+/// running (a malformed body, an unknown route, a rate limit, missing credentials), which a retry must be able to
+/// get past. The same set `axum-idempotent` and Stripe leave unstored.
+const LAYER_UNSTORED: [StatusCode; 11] = [
+    StatusCode::BAD_REQUEST,
+    StatusCode::UNAUTHORIZED,
+    StatusCode::FORBIDDEN,
+    StatusCode::NOT_FOUND,
+    StatusCode::METHOD_NOT_ALLOWED,
+    StatusCode::REQUEST_TIMEOUT,
+    StatusCode::CONFLICT,
+    StatusCode::PAYLOAD_TOO_LARGE,
+    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    StatusCode::UNPROCESSABLE_ENTITY,
+    StatusCode::TOO_MANY_REQUESTS,
+];
 
 /// The default principal: the `Authorization` header's bytes (hashed into the store key, never stored raw).
 fn authorization_principal(parts: &Parts) -> Vec<u8> {
@@ -173,6 +189,26 @@ impl IdempotencyBuilder {
     /// annotated (default: [`Policy::new`] with `required(false)`).
     pub fn layer_policy(mut self, policy: Policy) -> Self {
         self.shared.layer_policy = policy;
+        self
+    }
+
+    /// Statuses the [`IdempotencyLayer`](crate::IdempotencyLayer) sends through but never stores on routes that are
+    /// not annotated, where it cannot tell a handler's answer from a rejection by an extractor, the router or a
+    /// middleware further in. A retry then runs again. Default: 400, 401, 403, 404, 405, 408, 409, 413, 415, 422
+    /// and 429 (5xx follow the layer policy's `store_server_errors`). Annotated routes tell the two apart and store
+    /// every answer their handler gives.
+    ///
+    /// ```
+    /// use axum::http::StatusCode;
+    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// // A plain handler whose own 409 is a final answer worth replaying:
+    /// let idempotency = Idempotency::builder(MemoryStore::new())
+    ///     .layer_unstored_statuses([StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND, StatusCode::TOO_MANY_REQUESTS])
+    ///     .build();
+    /// # let _ = idempotency;
+    /// ```
+    pub fn layer_unstored_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        self.shared.layer_unstored = statuses.into_iter().collect();
         self
     }
 

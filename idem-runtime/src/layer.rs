@@ -32,6 +32,11 @@ use tracing::Instrument;
 /// It also puts the `Idempotency` in the request extensions, so `#[idempotent]` handlers under it find the engine
 /// without `FromRef`.
 ///
+/// On a route that is not annotated the layer cannot tell a handler's answer from a rejection by an extractor, the
+/// router or a middleware further in, so it never stores the statuses such rejections use
+/// ([`IdempotencyBuilder::layer_unstored_statuses`](crate::IdempotencyBuilder::layer_unstored_statuses); default
+/// 400, 401, 403, 404, 405, 408, 409, 413, 415, 422 and 429): they are sent, the key is released, a retry runs.
+///
 /// ```
 /// use axum::{Router, routing::post};
 /// use idem_runtime::{Idempotency, MemoryStore, Policy};
@@ -54,9 +59,12 @@ use tracing::Instrument;
 /// - When the layer claims a key it offers the claim to the handler through the request extensions. The annotated
 ///   handler adopts it (no second claim, no second fingerprint), runs, stores the response with its own `ttl`,
 ///   `lease` and `store_server_errors`, and sets the `Idempotency-Key`, `X-Idempotency-Status` and
-///   `X-Idempotency-Signature` headers itself; the layer then passes the response through untouched.
-/// - The annotated handler also records its route (method and [`MatchedPath`]) with the layer's engine the first
-///   time a request reaches it, before its extractors run. From then on the layer does not process that route at
+///   `X-Idempotency-Signature` headers itself; the layer then passes the response through untouched. The claim's
+///   renewal task goes with it and renews at once with the annotation's `lease` before the handler runs, so the key
+///   is never unowned, whichever of the two leases is longer.
+/// - The annotated handler also records its route (method and [`MatchedPath`]) with the layer that wraps that route
+///   (each route under `Router::layer` gets its own service, with its own record) the first time a request reaches
+///   it, before its extractors run. From then on the layer does not process that route at
 ///   all and the annotation applies in full: `wait_timeout`, `validate_signature`, `required` and axum's
 ///   `DefaultBodyLimit` included.
 /// - So until a request has reached an annotated handler once in a process (its **first contact**), requests to
@@ -92,7 +100,10 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IdempotencyService { inner, idempotency: self.idempotency.clone() }
+        // `Router::layer` layers each route (each method of each path) on its own, so a registry per service is a
+        // registry per route: an annotation elsewhere, even in another router on the same engine, cannot switch this
+        // route's protection off.
+        IdempotencyService { inner, idempotency: self.idempotency.clone(), annotated: Arc::default() }
     }
 }
 
@@ -101,6 +112,8 @@ impl<S> Layer<S> for IdempotencyLayer {
 pub struct IdempotencyService<S> {
     inner: S,
     idempotency: Idempotency,
+    /// The annotated routes behind this service, as their handlers reported them (shared by its clones).
+    annotated: Arc<AnnotatedRoutes>,
 }
 
 impl<S, B> Service<axum::http::Request<B>> for IdempotencyService<S>
@@ -129,7 +142,17 @@ where
         request.extensions_mut().insert(idempotency.clone());
         // A layer further out already owns this request's claim (layers nested with nested routers): one claim.
         let claimed_outside = request.extensions().get::<Handoff>().is_some();
-        if !is_unsafe(request.method()) || claimed_outside || idempotency.is_annotated(&request) {
+        let annotated = request
+            .extensions()
+            .get::<MatchedPath>()
+            .is_some_and(|path| self.annotated.contains(request.method(), path.as_str()));
+        match request.extensions_mut().get_mut::<LayerRoutes>() {
+            Some(routes) => routes.0.push(self.annotated.clone()),
+            None => {
+                request.extensions_mut().insert(LayerRoutes(vec![self.annotated.clone()]));
+            }
+        }
+        if !is_unsafe(request.method()) || claimed_outside || annotated {
             return Box::pin(async move { inner.call(request).await.map(IntoResponse::into_response) });
         }
         Box::pin(async move {
@@ -140,9 +163,19 @@ where
             // here, the claim released as for a rejection, and returned as the error it was.
             let failed = Arc::new(Mutex::new(None));
             let parked = failed.clone();
+            let engine = idempotency.clone();
             let run = move |request: Request| async move {
                 match inner.call(request).await {
-                    Ok(response) => Execution::Ran(response.into_response()),
+                    // The layer cannot tell a handler's answer from a rejection by an extractor, the router or a
+                    // middleware further in (a 404, a 429): those statuses are sent but never stored.
+                    Ok(response) => {
+                        let response = response.into_response();
+                        if engine.shared.layer_unstored.contains(&response.status()) {
+                            Execution::Rejected(response)
+                        } else {
+                            Execution::Ran(response)
+                        }
+                    }
                     Err(error) => {
                         *parked.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
                         Execution::Rejected(StatusCode::INTERNAL_SERVER_ERROR.into_response())
@@ -163,19 +196,13 @@ fn is_unsafe(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
 }
 
-impl Idempotency {
-    /// Whether an annotated handler has claimed this request's route, so the layer leaves it alone.
-    fn is_annotated(&self, request: &Request) -> bool {
-        request
-            .extensions()
-            .get::<MatchedPath>()
-            .is_some_and(|path| self.shared.annotated.contains(request.method(), path.as_str()))
-    }
-}
-
 /// The routes whose handlers are annotated, as `#[idempotent]` handlers report them on first contact.
 #[derive(Debug, Default)]
 pub(crate) struct AnnotatedRoutes(RwLock<HashMap<Box<str>, Vec<Method>>>);
+
+/// The registries of every layer a request passed, for an annotated handler to report its route to.
+#[derive(Clone)]
+pub(crate) struct LayerRoutes(pub(crate) Vec<Arc<AnnotatedRoutes>>);
 
 impl AnnotatedRoutes {
     pub(crate) fn contains(&self, method: &Method, path: &str) -> bool {
@@ -212,10 +239,6 @@ impl Handoff {
 
     pub(crate) fn take(&self) -> Option<Adoptable> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
-    }
-
-    pub(crate) fn is_taken(&self) -> bool {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).is_none()
     }
 }
 

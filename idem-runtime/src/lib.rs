@@ -5,7 +5,7 @@
 
 mod engine;
 mod fingerprint;
-#[cfg(all(feature = "redis", not(test)))]
+#[cfg(feature = "redis")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
@@ -30,9 +30,9 @@ pub use metrics::{Counters, Event, Metrics, Snapshot, WAIT_BUCKETS, WaitHistogra
 pub use once::{Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
-#[cfg(feature = "redis")]
-pub use store::RedisStore;
 pub use store::{Claimed, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
+#[cfg(feature = "redis")]
+pub use store::{RedisStore, RedisStoreBuilder};
 
 /// The `deadpool-redis` crate accepted by [`RedisStore::from_pool`].
 #[cfg(feature = "redis")]

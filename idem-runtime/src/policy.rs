@@ -5,6 +5,9 @@ use std::time::Duration;
 /// How one route (or the plain API call) treats idempotency keys. Const-constructible, so the macro can keep it in
 /// a `static`.
 ///
+/// Durations saturate rather than fail: each is at most [`Policy::MAX_DURATION`] (about 31 years, which every store
+/// and clock can represent), `ttl` is at least a millisecond and `lease` at least [`Policy::MIN_LEASE`].
+///
 /// ```
 /// use idem_runtime::Policy;
 /// use std::time::Duration;
@@ -27,7 +30,24 @@ impl Default for Policy {
     }
 }
 
+/// `duration`, limited to `min..=Policy::MAX_DURATION`.
+const fn clamp(duration: Duration, min: Duration) -> Duration {
+    if duration.as_nanos() > Policy::MAX_DURATION.as_nanos() {
+        Policy::MAX_DURATION
+    } else if duration.as_nanos() < min.as_nanos() {
+        min
+    } else {
+        duration
+    }
+}
+
 impl Policy {
+    /// The longest `ttl`, `lease` or `wait_timeout` kept: 10⁹ seconds (about 31 years). Longer ones are cut to it.
+    pub const MAX_DURATION: Duration = Duration::from_secs(1_000_000_000);
+
+    /// The shortest lease kept: 30 ms, so renewing every third of it stays a timer, not a busy loop.
+    pub const MIN_LEASE: Duration = Duration::from_millis(30);
+
     /// The macro's defaults: `ttl` 24 h, `wait_timeout` 0, `lease` 30 s, signature validated, key required,
     /// 5xx not stored.
     pub const fn new() -> Self {
@@ -43,20 +63,20 @@ impl Policy {
 
     /// How long a completed response is kept and replayed.
     pub const fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
+        self.ttl = clamp(ttl, Duration::from_millis(1));
         self
     }
 
     /// How long a duplicate waits for an in-flight original before answering `409 in-progress` (zero: at once).
     pub const fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
-        self.wait_timeout = wait_timeout;
+        self.wait_timeout = clamp(wait_timeout, Duration::ZERO);
         self
     }
 
     /// How long an in-flight claim lives without renewal. The engine renews it every third of this while the
     /// handler runs, so a crashed process blocks its keys for at most one lease.
     pub const fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.lease = clamp(lease, Self::MIN_LEASE);
         self
     }
 

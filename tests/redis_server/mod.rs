@@ -133,6 +133,23 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
+    /// Stops the server with SIGSTOP: it keeps its port and accepts TCP connections (the kernel does), but answers
+    /// nothing, like a host that hangs or a network that drops packets.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a server stopped by [`RedisServer::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = std::fs::read_to_string(self.dir.join("redis.pid")).expect("redis.pid");
+        let status = Command::new("kill").args([signal, pid.trim()]).status().expect("run kill");
+        assert!(status.success(), "kill {signal} {}", pid.trim());
+    }
+
     fn wait_until_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -7,8 +7,8 @@ mod replay;
 pub use problem::Problem;
 
 use crate::engine::{Claim, Outcome, begin_observed};
-use crate::layer::{Adoptable, Handoff};
-use crate::store::{StoreError, StoreKey};
+use crate::layer::{Adoptable, Handoff, LayerRoutes};
+use crate::store::{StoreError, StoreKey, Write};
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
@@ -103,11 +103,23 @@ impl Idempotency {
         Fut: Future<Output = Execution> + Send + 'static,
     {
         let Adoptable { mut claim, echo } = adoptable;
-        claim.set_lease(policy.lease_duration());
         let fingerprint = claim.fingerprint();
-        let mut response = match execute(claim, policy, self.shared.max_record_bytes, request, run, None).await {
-            Finished::Ran(response) => with_status(response, "new"),
-            Finished::Rejected(response) | Finished::Adopted(response) => response,
+        // The layer's lease runs on until this renewal lands with the annotation's lease: the key is never unowned,
+        // whichever of the two leases is longer.
+        let mut response = match claim.renew_for(policy.lease_duration()).await {
+            Ok(Write::Applied) => {
+                match execute(claim, policy, self.shared.max_record_bytes, request, run, None).await {
+                    Finished::Ran(response) => with_status(response, "new"),
+                    Finished::Rejected(response) | Finished::Adopted(response) => response,
+                }
+            }
+            // The layer's claim lapsed before the handler was reached and the key is someone else's now.
+            Ok(Write::Fenced) => Problem::InProgress.into_response(),
+            Err(error) => {
+                tracing::error!(%error, "idempotency store failed while taking the claim over: answering 503");
+                drop(claim);
+                Problem::StoreUnavailable.into_response()
+            }
         };
         identify(&mut response, echo, fingerprint);
         response
@@ -137,7 +149,7 @@ impl Idempotency {
             }
             Ok(None) => {
                 span.record("outcome", "no-key");
-                return run(request).await.into_response();
+                return run_unprotected(request, run).await;
             }
             Err(error) => {
                 span.record("outcome", "invalid-key");
@@ -226,7 +238,7 @@ impl Idempotency {
                 StoreFailure::FailOpen => {
                     span.record("outcome", "store-error-fail-open");
                     tracing::error!(%error, "idempotency store failed: running the request unprotected (fail open)");
-                    return run(request).await.into_response();
+                    return run_unprotected(request, run).await;
                 }
             },
         };
@@ -280,12 +292,14 @@ fn target<'a>(original: Option<&'a OriginalUri>, uri: &'a Uri) -> &'a Uri {
     original.map_or(uri, |original| &original.0)
 }
 
-/// Tells the layer in front (if any) that this route is annotated, so it leaves the route to its annotation from
+/// Tells the layers in front (if any) that this route is annotated, so they leave the route to its annotation from
 /// now on.
 fn register_annotated_route(request: &Request) {
     let extensions = request.extensions();
-    if let (Some(layer), Some(path)) = (extensions.get::<Idempotency>(), extensions.get::<MatchedPath>()) {
-        layer.shared.annotated.insert(request.method(), path.as_str());
+    if let (Some(layers), Some(path)) = (extensions.get::<LayerRoutes>(), extensions.get::<MatchedPath>()) {
+        for routes in &layers.0 {
+            routes.insert(request.method(), path.as_str());
+        }
     }
 }
 
@@ -326,20 +340,14 @@ where
     let ttl = policy.ttl_duration();
     let store_server_errors = policy.stores_server_errors();
     let task = async move {
+        claim.start_keeping();
         let (claim, ran) = match handoff {
-            None => {
-                let ran = claim.keep_alive(AssertUnwindSafe(run(request)).catch_unwind()).await;
-                (claim, ran)
-            }
+            None => (claim, AssertUnwindSafe(run(request)).catch_unwind().await),
             Some(echo) => {
-                let keeper = claim.lease_keeper();
+                // The claim travels with its renewal task: an adopting handler takes both over.
                 let offered = Handoff::offer(Adoptable { claim, echo });
                 request.extensions_mut().insert(offered.clone());
-                let work = AssertUnwindSafe(run(request)).catch_unwind();
-                let ran = match keeper {
-                    Some(keeper) => keeper.keep_alive(work, || !offered.is_taken()).await,
-                    None => work.await,
-                };
+                let ran = AssertUnwindSafe(run(request)).catch_unwind().await;
                 match offered.take() {
                     Some(adoptable) => (adoptable.claim, ran),
                     None => {
@@ -373,6 +381,24 @@ where
         tracing::error!(%error, "the idempotent handler's task ended abnormally");
         Finished::Ran(Problem::HandlerPanicked.into_response())
     })
+}
+
+/// Runs a request that no claim protects (no key and none required, or a store failure under fail-open) the way a
+/// protected one runs: on its own task, so a client that disconnects does not cancel it halfway through its side
+/// effects, and with a panic answered as a 500 problem rather than a dropped connection.
+async fn run_unprotected<F, Fut>(request: Request, run: F) -> Response
+where
+    F: FnOnce(Request) -> Fut + Send + 'static,
+    Fut: Future<Output = Execution> + Send + 'static,
+{
+    let task = AssertUnwindSafe(run(request)).catch_unwind();
+    match tokio::spawn(task.instrument(tracing::Span::current())).await {
+        Ok(Ok(execution)) => execution.into_response(),
+        Ok(Err(_)) | Err(_) => {
+            tracing::error!("a handler run without an idempotency claim panicked");
+            Problem::HandlerPanicked.into_response()
+        }
+    }
 }
 
 fn is_length_limit(error: &axum::Error) -> bool {

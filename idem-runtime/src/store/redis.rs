@@ -1,17 +1,21 @@
 //! A [`Store`] on Redis: single node, Cluster or Sentinel; exactly-once across every process that shares it.
 
-mod codec;
+pub(crate) mod codec;
 mod connection;
+mod health;
 mod notify;
+mod replicas;
 
 use super::{Claimed, Store, StoreError, StoreKey, Write};
 use crate::{Fingerprint, OwnerToken, Record};
-use connection::{Commands, Failure, SentinelLink, unavailable};
+use connection::{Backend, Commands, Failure, NodeLink, SentinelLink, Timeouts, unavailable};
+use health::Health;
 use notify::{ClientSource, Link, Notifier, Waiters};
 use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClientBuilder;
 use redis::sentinel::{SentinelClient, SentinelServerType};
-use redis::{Client, IntoConnectionInfo, ProtocolVersion, Value};
+use redis::{Client, IntoConnectionInfo, Pipeline, ProtocolVersion, Value};
+use replicas::ReplicaAcks;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -25,6 +29,12 @@ impl Script {
     fn new(source: &'static str) -> Self {
         Self { source, sha: redis::Script::new(source).get_hash().to_owned() }
     }
+
+    /// This script with `keys` and `args`, by hash or by source.
+    fn call(&self, pipe: &mut Pipeline, by_hash: bool, keys: &[&str], args: &[&[u8]]) {
+        let command = if by_hash { pipe.cmd("EVALSHA").arg(&self.sha) } else { pipe.cmd("EVAL").arg(self.source) };
+        command.arg(keys.len()).arg(keys).arg(args);
+    }
 }
 
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/claim.lua")));
@@ -35,10 +45,19 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redi
 /// A [`Store`] on Redis.
 ///
 /// Every state change is one Lua script, so a replay costs one round trip and a first request two (claim,
-/// complete), plus one renewal per third of a lease while a long handler runs. Records live under
+/// complete; three with [`RedisStore::wait_for_replicas`]), plus one renewal per third of a lease while a long
+/// handler runs. Records live under
 /// `{prefix}{<digest>}` (default prefix `idem:`), as JSON readable with `redis-cli GET`, always with a TTL;
 /// completions are announced on `{prefix}{<digest>}:done` (sharded pub/sub on a Cluster), which shares the record's
 /// hash tag and so its slot.
+///
+/// **Outages.** Every call answers within the connect timeout plus the response timeout (1 s by default, see
+/// [`RedisStore::builder`]), whatever the network does. Once a call finds Redis unreachable (refused, reset, no
+/// answer in time), the calls after it fail at once with [`StoreError::Unavailable`] (the engine answers
+/// `503 store-unavailable` with `Retry-After`) while a background task probes Redis every probe interval; its
+/// first answer puts the store back in service, so an idle process serves its first request after an outage
+/// normally. A call that finds its connection broken (Redis restarted, a proxy closed it) is sent once more on a
+/// fresh connection. On a Cluster the connection routes around failed nodes itself and only the timeouts apply.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), idem_runtime::StoreError> {
@@ -48,56 +67,119 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redi
 /// # let _ = idempotency; Ok(()) }
 /// ```
 pub struct RedisStore {
-    commands: Commands,
+    commands: Arc<Commands>,
     notifier: Arc<Notifier>,
     prefix: String,
     publish: &'static str,
-    replicas: Option<(u32, Duration)>,
+    replicas: Option<ReplicaAcks>,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.commands {
-            Commands::Manager(_) => "node",
-            Commands::Pool(_) => "pool",
-            Commands::Cluster(_) => "cluster",
-            Commands::Sentinel(_) => "sentinel",
-        };
-        f.debug_struct("RedisStore").field("kind", &kind).field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("RedisStore")
+            .field("kind", &self.commands.backend.kind())
+            .field("prefix", &self.prefix)
+            .field("timeouts", &self.commands.timeouts)
+            .finish_non_exhaustive()
     }
 }
 
-impl RedisStore {
+/// Builds a [`RedisStore`] with its timeouts; [`RedisStore::open`] and the other constructors use the defaults.
+///
+/// | setting | default | what it bounds |
+/// |---|---|---|
+/// | [`connect_timeout`](Self::connect_timeout) | 500 ms | opening a connection: DNS, TCP, handshake |
+/// | [`response_timeout`](Self::response_timeout) | 500 ms | one command's answer (a frozen server, a lost packet) |
+/// | [`probe_interval`](Self::probe_interval) | 250 ms | time between two background checks (`PING`, or a reconnection while down) |
+///
+/// A store call answers within `connect_timeout + response_timeout` (plus the `WAIT` timeout for the writes that
+/// wait for replicas). While Redis is down, calls fail at once; the store serves again within about one probe
+/// interval of Redis answering.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), idem_runtime::StoreError> {
+/// use idem_runtime::RedisStore;
+/// use std::time::Duration;
+/// let store = RedisStore::builder()
+///     .connect_timeout(Duration::from_millis(300))
+///     .response_timeout(Duration::from_millis(200))
+///     .probe_interval(Duration::from_millis(100))
+///     .open("redis://127.0.0.1:6379")
+///     .await?;
+/// # let _ = store; Ok(()) }
+/// ```
+///
+/// With a connection you configured yourself ([`connection_manager`](Self::connection_manager),
+/// [`pool`](Self::pool), [`cluster_builder`](Self::cluster_builder), [`sentinel_client`](Self::sentinel_client)),
+/// the store still bounds each call and fails fast while Redis is down, but that connection's own settings decide
+/// how it reconnects: a [`ConnectionManager`] with redis-rs' default backoff may take several seconds to reconnect
+/// after Redis returns.
+#[derive(Debug, Clone, Default)]
+#[must_use = "a builder does nothing until a connecting method (`open`, `cluster`, …) is called"]
+pub struct RedisStoreBuilder {
+    timeouts: Timeouts,
+}
+
+impl RedisStoreBuilder {
+    /// Bounds opening a connection (default 500 ms).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.timeouts.connect = timeout;
+        self
+    }
+
+    /// Bounds waiting for one command's answer (default 500 ms).
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.timeouts.response = timeout;
+        self
+    }
+
+    /// How often the background task checks on Redis (default 250 ms): a `PING` while it is up, so a connection that
+    /// broke while idle is replaced before a request needs it, and a reconnection attempt while it is down.
+    pub fn probe_interval(mut self, interval: Duration) -> Self {
+        self.timeouts.probe_interval = interval;
+        self
+    }
+
     /// Connects to a single node (or a proxy) by URL, e.g. `redis://127.0.0.1:6379/0`.
-    pub async fn open(url: impl IntoConnectionInfo) -> Result<Self, StoreError> {
-        Self::from_client(Client::open(url).map_err(unavailable)?).await
+    pub async fn open(self, url: impl IntoConnectionInfo) -> Result<RedisStore, StoreError> {
+        self.client(Client::open(url).map_err(unavailable)?).await
     }
 
-    /// Uses a client: a [`ConnectionManager`] for commands (it reconnects by itself) and one pub/sub connection.
-    pub async fn from_client(client: Client) -> Result<Self, StoreError> {
-        let manager = client.get_connection_manager().await.map_err(unavailable)?;
-        Ok(Self::from_connection_manager(manager, client))
+    /// Uses a client for one multiplexed command connection (replaced when it breaks) and one pub/sub connection.
+    /// Fails if the server does not answer now.
+    pub async fn client(self, client: Client) -> Result<RedisStore, StoreError> {
+        let link = NodeLink::new(client.clone(), &self.timeouts);
+        link.connect().await.map_err(unavailable)?;
+        Ok(RedisStore::node(self.commands(Backend::Node(Box::new(link))), ClientSource::Fixed(client)))
     }
 
-    /// Uses an existing [`ConnectionManager`] for commands; `client` (the same server) opens the pub/sub connection
-    /// that wakes waiting duplicates.
-    pub fn from_connection_manager(manager: ConnectionManager, client: Client) -> Self {
-        Self::node(Commands::Manager(manager), ClientSource::Fixed(client))
+    /// Uses your [`ConnectionManager`] for commands (its own settings decide how it reconnects); `client` (the same
+    /// server) opens the pub/sub connection that wakes waiting duplicates and the connections that wait for
+    /// replicas.
+    pub fn connection_manager(self, manager: ConnectionManager, client: Client) -> RedisStore {
+        RedisStore::node(self.commands(Backend::Manager(manager, client.clone())), ClientSource::Fixed(client))
     }
 
     /// Uses a deadpool-redis pool for commands; `client` (the same server) opens the pub/sub connection.
-    pub fn from_pool(pool: deadpool_redis::Pool, client: Client) -> Self {
-        Self::node(Commands::Pool(pool), ClientSource::Fixed(client))
+    pub fn pool(self, pool: deadpool_redis::Pool, client: Client) -> RedisStore {
+        RedisStore::node(self.commands(Backend::Pool(pool)), ClientSource::Fixed(client))
     }
 
-    /// Connects to a Redis Cluster through any of its nodes.
-    pub async fn cluster<T: IntoConnectionInfo>(nodes: impl IntoIterator<Item = T>) -> Result<Self, StoreError> {
-        Self::from_cluster_builder(ClusterClientBuilder::new(nodes)).await
+    /// Connects to a Redis Cluster through any of its nodes, with this builder's connect and response timeouts.
+    pub async fn cluster<T: IntoConnectionInfo>(
+        self,
+        nodes: impl IntoIterator<Item = T>,
+    ) -> Result<RedisStore, StoreError> {
+        let timeouts = self.timeouts;
+        // The response timeout also bounds the Cluster connection's own retries (redirections, reconnections).
+        let builder =
+            ClusterClientBuilder::new(nodes).connection_timeout(timeouts.connect).response_timeout(timeouts.response);
+        self.cluster_builder(builder).await
     }
 
-    /// Connects to a Redis Cluster configured by `builder` (credentials, TLS, timeouts). The store switches it to
-    /// RESP3 and installs its own push handler, which sharded pub/sub needs.
-    pub async fn from_cluster_builder(builder: ClusterClientBuilder) -> Result<Self, StoreError> {
+    /// Connects to a Redis Cluster configured by `builder` (credentials, TLS, its own timeouts and retries). The
+    /// store switches it to RESP3 and installs its own push handler, which sharded pub/sub needs.
+    pub async fn cluster_builder(self, builder: ClusterClientBuilder) -> Result<RedisStore, StoreError> {
         let waiters = Arc::new(Waiters::default());
         let dispatch = waiters.clone();
         let client = builder
@@ -109,8 +191,8 @@ impl RedisStore {
             .build()
             .map_err(unavailable)?;
         let connection = client.get_async_connection().await.map_err(unavailable)?;
-        Ok(Self {
-            commands: Commands::Cluster(connection.clone()),
+        Ok(RedisStore {
+            commands: self.commands(Backend::Cluster(connection.clone())),
             notifier: Notifier::new(Link::Cluster(connection), waiters),
             prefix: "idem:".to_owned(),
             publish: "SPUBLISH",
@@ -120,23 +202,79 @@ impl RedisStore {
 
     /// Finds the primary of `service` through Sentinel (`sentinels` are the Sentinels' URLs), and finds it again
     /// after a failover.
-    pub fn sentinel<T: IntoConnectionInfo>(sentinels: Vec<T>, service: &str) -> Result<Self, StoreError> {
+    pub fn sentinel<T: IntoConnectionInfo>(self, sentinels: Vec<T>, service: &str) -> Result<RedisStore, StoreError> {
         let client = SentinelClient::build(sentinels, service.to_owned(), None, SentinelServerType::Master)
             .map_err(unavailable)?;
-        Ok(Self::from_sentinel_client(client))
+        Ok(self.sentinel_client(client))
+    }
+
+    /// Uses a configured [`SentinelClient`] (it must name the primary: [`SentinelServerType::Master`]).
+    pub fn sentinel_client(self, client: SentinelClient) -> RedisStore {
+        let link = Arc::new(SentinelLink::new(client, &self.timeouts));
+        RedisStore::node(self.commands(Backend::Sentinel(link.clone())), ClientSource::Sentinel(link))
+    }
+
+    fn commands(&self, backend: Backend) -> Arc<Commands> {
+        let commands = Arc::new(Commands { backend, health: Health::default(), timeouts: self.timeouts });
+        // Now if a runtime is running, else on the first call.
+        commands.health.start_probe(&commands);
+        commands
+    }
+}
+
+impl RedisStore {
+    /// A builder, to set timeouts; the constructors below use its defaults.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// Connects to a single node (or a proxy) by URL, e.g. `redis://127.0.0.1:6379/0`.
+    pub async fn open(url: impl IntoConnectionInfo) -> Result<Self, StoreError> {
+        Self::builder().open(url).await
+    }
+
+    /// Uses a client: one multiplexed connection for commands (replaced when it breaks) and one pub/sub connection.
+    pub async fn from_client(client: Client) -> Result<Self, StoreError> {
+        Self::builder().client(client).await
+    }
+
+    /// Uses an existing [`ConnectionManager`] for commands; `client` (the same server) opens the pub/sub connection
+    /// that wakes waiting duplicates. The manager's own settings decide how soon it reconnects after an outage.
+    pub fn from_connection_manager(manager: ConnectionManager, client: Client) -> Self {
+        Self::builder().connection_manager(manager, client)
+    }
+
+    /// Uses a deadpool-redis pool for commands; `client` (the same server) opens the pub/sub connection.
+    pub fn from_pool(pool: deadpool_redis::Pool, client: Client) -> Self {
+        Self::builder().pool(pool, client)
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes.
+    pub async fn cluster<T: IntoConnectionInfo>(nodes: impl IntoIterator<Item = T>) -> Result<Self, StoreError> {
+        Self::builder().cluster(nodes).await
+    }
+
+    /// Connects to a Redis Cluster configured by `builder` (credentials, TLS, timeouts). The store switches it to
+    /// RESP3 and installs its own push handler, which sharded pub/sub needs.
+    pub async fn from_cluster_builder(builder: ClusterClientBuilder) -> Result<Self, StoreError> {
+        Self::builder().cluster_builder(builder).await
+    }
+
+    /// Finds the primary of `service` through Sentinel (`sentinels` are the Sentinels' URLs), and finds it again
+    /// after a failover.
+    pub fn sentinel<T: IntoConnectionInfo>(sentinels: Vec<T>, service: &str) -> Result<Self, StoreError> {
+        Self::builder().sentinel(sentinels, service)
     }
 
     /// Uses a configured [`SentinelClient`] (it must name the primary: [`SentinelServerType::Master`]).
     pub fn from_sentinel_client(client: SentinelClient) -> Self {
-        let link = Arc::new(SentinelLink::new(client));
-        Self::node(Commands::Sentinel(link.clone()), ClientSource::Sentinel(link))
+        Self::builder().sentinel_client(client)
     }
 
-    fn node(commands: Commands, source: ClientSource) -> Self {
-        let link = Link::Node { source, sink: None, alive: Arc::default() };
+    fn node(commands: Arc<Commands>, source: ClientSource) -> Self {
         Self {
             commands,
-            notifier: Notifier::new(link, Arc::default()),
+            notifier: Notifier::new(Link::Node(source), Arc::default()),
             prefix: "idem:".to_owned(),
             publish: "PUBLISH",
             replicas: None,
@@ -155,14 +293,38 @@ impl RedisStore {
         self
     }
 
-    /// Waits, after each claim and completion, until `replicas` replicas acknowledged it (Redis `WAIT`), at most
-    /// `timeout`. This narrows the window in which a failover to a replica that had not yet received a claim or a
-    /// record lets a retry run a second time. `WAIT` travels in the same pipeline as the script, so it adds no round
-    /// trip, only the replication latency. Keep `timeout` below the connection's response timeout (redis-rs: 500 ms
-    /// by default), or a write with no replica in reach fails as a timeout. Ignored on a Cluster.
+    /// Makes each new claim and each completion wait until `replicas` replicas acknowledged it (Redis `WAIT`), at
+    /// most `timeout`, so a failover to a replica loses neither: without it, a claim or a record the primary
+    /// acknowledged but had not yet replicated is gone after a failover, and a retry runs a second time.
+    ///
+    /// - **A claim that fewer than `replicas` replicas acknowledged fails closed**: the store releases it and
+    ///   answers [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`, the handler does not run),
+    ///   as for any write the store could not make durable. With no replica in reach every first request fails so.
+    /// - **A completion that fewer than `replicas` acknowledged is still [`Write::Applied`]**: the handler has
+    ///   already run and its response goes to the client; it is on the primary, and replays are served from there.
+    ///   The store logs a warning and counts it ([`RedisStore::unreplicated_completions`]; with the `metrics`
+    ///   feature also `idem_redis_unreplicated_completions_total`): if that primary fails over before the replica
+    ///   catches up, a retry may run again.
+    ///
+    /// `WAIT` counts the writes of the connection it is sent on and blocks that connection until it answers, so
+    /// these writes go, each followed by its `WAIT`, on connections of their own checked out exclusively (at most
+    /// 32 at once; a deadpool-redis pool's own connections with [`RedisStore::from_pool`]); the shared connection,
+    /// and with it replays, renewals and releases, never waits. A claim is made on the shared connection like any
+    /// other; only when it took the key does the store renew it on an exclusive connection followed by `WAIT` (the
+    /// replication stream is ordered: a replica that has the renewal has the claim). This costs a first request
+    /// one more round trip plus the replication latency for the claim, and the replication latency for the
+    /// completion; a replay costs nothing more. Those calls may take `timeout` longer than the store's usual
+    /// deadline. With [`RedisStore::from_pool`], keep `timeout` under the pool's response timeout (redis-rs: 500 ms
+    /// by default). Ignored on a Cluster.
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
-        self.replicas = Some((replicas, timeout));
+        self.replicas = Some(ReplicaAcks::new(replicas, timeout));
         self
+    }
+
+    /// How many completions fewer replicas acknowledged than [`RedisStore::wait_for_replicas`] asks for (0 when it
+    /// is not set).
+    pub fn unreplicated_completions(&self) -> u64 {
+        self.replicas.as_ref().map_or(0, ReplicaAcks::unreplicated_completions)
     }
 
     fn record_key(&self, key: &StoreKey) -> String {
@@ -173,17 +335,16 @@ impl RedisStore {
         format!("{}{{{}}}:done", self.prefix, key.as_str())
     }
 
-    /// Runs a script in one round trip (`WAIT` joins the same pipeline when configured).
+    /// The replica policy, unless on a Cluster (where `WAIT` is not used).
+    fn replica_acks(&self) -> Option<&ReplicaAcks> {
+        self.replicas.as_ref().filter(|_| self.commands.tracks_health())
+    }
+
+    /// Runs a script in one round trip on the shared connection.
     async fn eval(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<Value, StoreError> {
-        let wait = self.replicas.filter(|_| !matches!(self.commands, Commands::Cluster(_)));
         let pipeline = |by_hash: bool| {
             let mut pipe = redis::pipe();
-            let command =
-                if by_hash { pipe.cmd("EVALSHA").arg(&script.sha) } else { pipe.cmd("EVAL").arg(script.source) };
-            command.arg(keys.len()).arg(keys).arg(args);
-            if let Some((replicas, timeout)) = wait {
-                pipe.cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64).ignore();
-            }
+            script.call(&mut pipe, by_hash, keys, args);
             pipe
         };
         let result = match self.commands.query::<(Value,)>(&pipeline(true)).await {
@@ -193,13 +354,67 @@ impl RedisStore {
         Ok(result?.0)
     }
 
+    /// Runs a script followed by `WAIT` on an exclusive connection: the script's answer and how many replicas
+    /// acknowledged. Sent as `EVAL` (the source, not the hash): after a `NOSCRIPT` the pipeline's `WAIT` would still
+    /// run, and with no replica in reach a second attempt would wait the timeout twice.
+    async fn eval_replicated(
+        &self,
+        acks: &ReplicaAcks,
+        script: &Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<(Value, u32), StoreError> {
+        let mut pipe = redis::pipe();
+        script.call(&mut pipe, false, keys, args);
+        acks.wait_command(&mut pipe);
+        Ok(acks.query::<(Value, u32)>(&self.commands, &pipe).await?)
+    }
+
+    /// Makes a claim just taken durable: renews it on an exclusive connection followed by `WAIT`. Fewer replicas
+    /// than required, or no answer: the claim is released and the caller gets [`StoreError::Unavailable`].
+    async fn replicate_claim(
+        &self,
+        acks: &ReplicaAcks,
+        key: &str,
+        owner: &OwnerToken,
+        claim: &str,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let prefix = codec::owner_prefix(owner);
+        let args: [&[u8]; 3] = [prefix.as_bytes(), &millis(lease), claim.as_bytes()];
+        let failure = match self.eval_replicated(acks, &RENEW, &[key], &args).await {
+            Ok((Value::Int(1), acked)) if acked >= acks.replicas => return Ok(()),
+            Ok((Value::Int(1), acked)) => StoreError::Unavailable(format!(
+                "redis: the claim reached {acked} of {} replicas within {:?}; released it",
+                acks.replicas, acks.timeout
+            )),
+            // Another owner holds the key already: only possible with a lease shorter than a round trip.
+            Ok((Value::Int(0), _)) => StoreError::Unavailable("redis: lost the claim before it was replicated".into()),
+            Ok((other, _)) => StoreError::Corrupt(format!("unexpected renewal answer {other:?}")),
+            Err(error) => error,
+        };
+        // Released here rather than left to the lease, so the client's retry can claim it at once. The release goes
+        // on the shared connection; if it fails, the engine releases the failed claim again in the background.
+        let channel = format!("{key}:done");
+        let args: [&[u8]; 2] = [prefix.as_bytes(), self.publish.as_bytes()];
+        if let Err(error) = self.owned_write(&RELEASE, &[key, &channel], &args).await {
+            tracing::debug!(%error, "could not release an unreplicated claim; its lease will end it");
+        }
+        Err(failure)
+    }
+
     /// Runs an owner-checked script and reads its 1 / 0 answer.
     async fn owned_write(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<Write, StoreError> {
-        match self.eval(script, keys, args).await? {
-            Value::Int(1) => Ok(Write::Applied),
-            Value::Int(0) => Ok(Write::Fenced),
-            other => Err(StoreError::Corrupt(format!("unexpected script answer {other:?}"))),
-        }
+        written(self.eval(script, keys, args).await?)
+    }
+}
+
+/// Reads an owner-checked script's 1 / 0 answer.
+fn written(answer: Value) -> Result<Write, StoreError> {
+    match answer {
+        Value::Int(1) => Ok(Write::Applied),
+        Value::Int(0) => Ok(Write::Fenced),
+        other => Err(StoreError::Corrupt(format!("unexpected script answer {other:?}"))),
     }
 }
 
@@ -219,12 +434,19 @@ impl Store for RedisStore {
         let record = codec::in_flight(owner, fingerprint);
         let key = self.record_key(key);
         match self.eval(&CLAIM, &[&key], &[record.as_bytes(), &millis(lease)]).await? {
-            Value::Nil => Ok(Claimed::Owned),
+            Value::Nil => {}
             // Our own claim, sent again after its reply was lost: still ours.
-            Value::BulkString(held) if held.starts_with(codec::owner_prefix(owner).as_bytes()) => Ok(Claimed::Owned),
-            Value::BulkString(held) => codec::decode(&held).map(Claimed::Existing).map_err(StoreError::Corrupt),
-            other => Err(StoreError::Corrupt(format!("unexpected claim answer {other:?}"))),
+            Value::BulkString(held) if held.starts_with(codec::owner_prefix(owner).as_bytes()) => {}
+            Value::BulkString(held) => {
+                return codec::decode(&held).map(Claimed::Existing).map_err(StoreError::Corrupt);
+            }
+            other => return Err(StoreError::Corrupt(format!("unexpected claim answer {other:?}"))),
         }
+        // Only a claim the caller holds waits for replicas: a replay wrote nothing, and never waits.
+        if let Some(acks) = self.replica_acks() {
+            self.replicate_claim(acks, &key, owner, &record, lease).await?;
+        }
+        Ok(Claimed::Owned)
     }
 
     async fn complete(
@@ -238,7 +460,23 @@ impl Store for RedisStore {
         let owner = codec::owner_prefix(owner);
         let record = codec::completed(record);
         let args: [&[u8]; 4] = [owner.as_bytes(), record.as_bytes(), &millis(ttl), self.publish.as_bytes()];
-        self.owned_write(&COMPLETE, &[&key, &channel], &args).await
+        let Some(acks) = self.replica_acks() else {
+            return self.owned_write(&COMPLETE, &[&key, &channel], &args).await;
+        };
+        let (answer, acked) = self.eval_replicated(acks, &COMPLETE, &[&key, &channel], &args).await?;
+        let write = written(answer)?;
+        if write == Write::Applied && acked < acks.replicas {
+            // The handler ran and its response stands; only a failover before the replicas catch up could lose it.
+            acks.count_unreplicated_completion();
+            tracing::warn!(
+                key = %key,
+                acked,
+                required = acks.replicas,
+                timeout = ?acks.timeout,
+                "completed record acknowledged by fewer replicas than required; a failover now could run a retry again"
+            );
+        }
+        Ok(write)
     }
 
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
@@ -261,18 +499,54 @@ impl Store for RedisStore {
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        let mut subscription = self.notifier.subscribe(&self.channel(key)).await?;
-        // Re-read only after subscribing: a completion from now on is announced to us.
+        // One deadline bounds it all (the subscription, the re-read, the notification), whatever the network does.
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+        let mut registration = self.notifier.register(&self.channel(key));
+        // Re-read only once subscribed: a completion from then on is announced to us.
+        if !registration.subscribed(deadline).await {
+            return Ok(());
+        }
         let key = self.record_key(key);
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
-        let (held, pttl): (Option<Vec<u8>>, i64) = self.commands.query(&pipe).await?;
+        let Ok(read) = tokio::time::timeout_at(deadline, self.commands.query(&pipe)).await else {
+            return Ok(());
+        };
+        let (held, pttl): (Option<Vec<u8>>, i64) = read?;
         if !held.is_some_and(|held| codec::is_in_flight(&held)) {
             return Ok(());
         }
-        // A lease that runs out with nobody completing also ends the wait.
-        let lease_left = Duration::from_millis(pttl.max(0) as u64);
-        let _ = tokio::time::timeout(timeout.min(lease_left), subscription.notified()).await;
+        // A lease that runs out with nobody completing also ends the wait. A record without a TTL (PTTL -1: written
+        // by hand or by another tool) has no lease to run out; reading it as "no time left" made the caller's
+        // claim-and-wait loop spin until its deadline.
+        let until = match pttl {
+            -1 => deadline,
+            left if left >= 0 => deadline.min(tokio::time::Instant::now() + Duration::from_millis(left as u64)),
+            // -2: the record expired between the GET and the PTTL.
+            _ => return Ok(()),
+        };
+        registration.notified(until).await;
         Ok(())
+    }
+}
+
+/// Tuning of the pub/sub link that wakes waiting duplicates.
+impl RedisStore {
+    /// How long the pub/sub connection that wakes waiting duplicates may take to connect, to confirm a `SUBSCRIBE`
+    /// or `UNSUBSCRIBE`, or to answer a heartbeat `PING`, before it is considered dead and replaced (default 1 s).
+    /// Waits never take longer than their own timeout whatever this is: a slow link only makes a waiter wait for
+    /// its timeout instead of being woken early. Set it before the store's first wait.
+    pub fn with_pubsub_timeout(self, timeout: Duration) -> Self {
+        self.notifier.configure(|settings| settings.timeout = timeout);
+        self
+    }
+
+    /// How long the pub/sub connection may stay silent before a `PING` checks that it is still alive (default 1 s),
+    /// so a connection that died silently (a lost NAT entry, a dropped firewall session) is replaced before a
+    /// waiter needs it. Set it before the store's first wait.
+    pub fn with_pubsub_heartbeat(self, interval: Duration) -> Self {
+        self.notifier.configure(|settings| settings.heartbeat = interval);
+        self
     }
 }

@@ -103,7 +103,7 @@ pub(super) fn is_in_flight(raw: &[u8]) -> bool {
     raw.starts_with(br#"{"state":"in_flight""#)
 }
 
-pub(super) fn completed(record: &Record) -> String {
+pub(crate) fn completed(record: &Record) -> String {
     let fingerprint = record.fingerprint.to_hex();
     let json = match &record.stored {
         Stored::Response(response) => {
@@ -140,7 +140,7 @@ pub(super) fn completed(record: &Record) -> String {
 }
 
 /// Reads a record back, or says why it is not one this build could have written.
-pub(super) fn decode(raw: &[u8]) -> Result<Entry, String> {
+pub(crate) fn decode(raw: &[u8]) -> Result<Entry, String> {
     let json: Json = serde_json::from_slice(raw).map_err(|e| format!("not a record: {e}"))?;
     match json {
         Json::InFlight { fingerprint, v, .. } => {

@@ -1,21 +1,116 @@
-//! Where commands go: one enum over the ways a user can hand us Redis, so the store's logic is written once.
+//! Where commands go: one type over the ways a user can hand us Redis, so the store's logic is written once, with
+//! the rules every call follows: a deadline, fail fast while the store is known to be down, one retry on a fresh
+//! connection after a broken one.
 
+use super::health::Health;
 use crate::StoreError;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
-use redis::{Client, FromRedisValue, Pipeline, RedisError, RedisResult};
+use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline, RedisError, RedisResult};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-pub(super) enum Commands {
-    /// A single node (or a proxy), reconnecting by itself.
-    Manager(ConnectionManager),
+/// How long the store waits for Redis, and how often it checks on it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Timeouts {
+    /// Opening a connection (DNS, TCP, handshake).
+    pub(super) connect: Duration,
+    /// One command's answer.
+    pub(super) response: Duration,
+    /// Between two probes of the store (a `PING` while it is up, a reconnection attempt while it is down).
+    pub(super) probe_interval: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_millis(500),
+            response: Duration::from_millis(500),
+            probe_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Timeouts {
+    /// The most one store call may take: a fresh connection and one answer. A call that finds a broken
+    /// connection retries within the same budget, so the caller's bound does not double.
+    pub(super) fn call_budget(&self) -> Duration {
+        self.connect + self.response
+    }
+
+    pub(super) fn connection_config(&self, extra_response: Duration) -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect))
+            .set_response_timeout(Some(self.response + extra_response))
+    }
+}
+
+/// The ways a user can hand us Redis.
+pub(super) enum Backend {
+    /// A single node (or a proxy) through our own connection, replaced when it breaks.
+    Node(Box<NodeLink>),
+    /// A single node through the caller's [`ConnectionManager`], which reconnects by its own settings; `client`
+    /// (the same server) opens the connections that wait for replicas.
+    Manager(ConnectionManager, Client),
     /// A deadpool-redis pool: one pooled connection per operation.
     Pool(deadpool_redis::Pool),
     /// A Redis Cluster: commands routed by key slot.
     Cluster(ClusterConnection),
     /// The primary that Sentinel names, found again after a failover.
     Sentinel(Arc<SentinelLink>),
+}
+
+impl Backend {
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Backend::Node(_) | Backend::Manager(..) => "node",
+            Backend::Pool(_) => "pool",
+            Backend::Cluster(_) => "cluster",
+            Backend::Sentinel(_) => "sentinel",
+        }
+    }
+
+    /// One attempt at `pipe`, on whatever connection is current.
+    async fn run<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
+        match self {
+            Backend::Node(link) => link.query(pipe).await,
+            Backend::Manager(manager, _) => pipe.query_async(&mut manager.clone()).await,
+            Backend::Pool(pool) => {
+                let mut connection = pool.get().await.map_err(pool_error)?;
+                pipe.query_async(&mut connection).await
+            }
+            Backend::Cluster(cluster) => pipe.query_async(&mut cluster.clone()).await,
+            Backend::Sentinel(link) => link.query(pipe).await,
+        }
+    }
+
+    /// Forgets the current connection after it failed, so the next attempt opens a fresh one. A node link forgets
+    /// the connection it saw fail by itself; a [`ConnectionManager`], a pool and a Cluster connection replace broken
+    /// connections themselves.
+    async fn forget_connection(&self) {
+        if let Backend::Sentinel(link) = self {
+            link.forget().await;
+        }
+    }
+
+    /// Drops the current connection whatever its state (the probe, starting over while the store is down: the old
+    /// connection may be the one a frozen server never answers).
+    async fn start_over(&self) {
+        match self {
+            Backend::Node(link) => link.forget_current(),
+            Backend::Sentinel(link) => link.forget().await,
+            Backend::Manager(..) | Backend::Pool(_) | Backend::Cluster(_) => {}
+        }
+    }
+}
+
+pub(super) fn pool_error(error: deadpool_redis::PoolError) -> RedisError {
+    match error {
+        deadpool_redis::PoolError::Backend(error) => error,
+        other => RedisError::from(std::io::Error::other(format!("redis pool: {other}"))),
+    }
 }
 
 /// Why a query failed: the one server answer the store handles itself, or a store failure.
@@ -34,41 +129,209 @@ impl From<Failure> for StoreError {
     }
 }
 
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Self {
+        Failure::Store(error)
+    }
+}
+
+/// Sends commands with the store's rules; shared with the background probe.
+pub(super) struct Commands {
+    pub(super) backend: Backend,
+    pub(super) health: Health,
+    pub(super) timeouts: Timeouts,
+}
+
 impl Commands {
-    /// Sends `pipe` in one round trip.
-    pub(super) async fn query<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, Failure> {
-        let result = match self {
-            Commands::Manager(manager) => pipe.query_async(&mut manager.clone()).await,
-            Commands::Pool(pool) => {
-                let mut connection = pool
-                    .get()
-                    .await
-                    .map_err(|error| Failure::Store(StoreError::Unavailable(format!("redis pool: {error}"))))?;
-                pipe.query_async(&mut connection).await
-            }
-            Commands::Cluster(cluster) => pipe.query_async(&mut cluster.clone()).await,
-            Commands::Sentinel(link) => link.query(pipe).await,
+    /// Sends `pipe` in one round trip, within [`Timeouts::call_budget`]; fails at once while the store is known to
+    /// be down.
+    pub(super) async fn query<T: FromRedisValue>(self: &Arc<Self>, pipe: &Pipeline) -> Result<T, Failure> {
+        self.health.start_probe(self);
+        self.health.check()?;
+        self.guarded(self.timeouts.call_budget(), self.query_retrying(pipe)).await
+    }
+
+    /// Runs `call` within `budget`; a call that runs out of time or fails for want of a connection marks the store
+    /// down, so the requests after it fail at once until the probe finds it answering again.
+    pub(super) async fn guarded<T>(
+        &self,
+        budget: Duration,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, Failure> {
+        let result = match tokio::time::timeout(budget, call).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {budget:?}"),
+            ))),
         };
-        result.map_err(|error| match error.kind() {
-            redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => Failure::NoScript,
-            _ => Failure::Store(unavailable(error)),
+        result.map_err(|error| {
+            if is_connection_error(&error) && self.tracks_health() {
+                self.health.mark_down(&error);
+            }
+            classify(error)
         })
     }
+
+    /// A Cluster is many nodes that fail one by one: its connection routes around them, and one shard's outage must
+    /// not fail the others' keys, so the store-wide health state does not apply to it.
+    pub(super) fn tracks_health(&self) -> bool {
+        !matches!(self.backend, Backend::Cluster(_))
+    }
+
+    /// One attempt, and one more on a fresh connection if the first found its connection broken (the server
+    /// restarted, or a proxy closed an idle connection while nobody used it).
+    ///
+    /// Sending a script twice cannot make anything run twice: a claim carries the caller's owner token, so a claim
+    /// that landed before its connection broke is found again as the caller's own in-flight record
+    /// ([`Claimed::Owned`](crate::Claimed::Owned)), never as someone else's; `complete`, `release` and `renew` check
+    /// the owner, so a resent one never writes over another caller's claim or record, and one that had already
+    /// landed changes nothing (at worst it answers [`Write::Fenced`](crate::Write::Fenced), which the engine only
+    /// logs). If a claim's reply is lost for good, the call fails and the engine releases the claim in the
+    /// background (`release_lost_claim`), so the key is not left in flight with nobody running the request.
+    ///
+    /// A timeout is not retried: the server may be slow or frozen rather than gone, and a second wait would double
+    /// the caller's.
+    async fn query_retrying<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
+        match self.backend.run(pipe).await {
+            Err(error) if is_connection_error(&error) && !error.is_timeout() => {
+                tracing::debug!(%error, "redis connection broke; retrying once on a fresh connection");
+                self.backend.forget_connection().await;
+                self.backend.run(pipe).await
+            }
+            Err(error) => {
+                if is_connection_error(&error) {
+                    self.backend.forget_connection().await;
+                }
+                Err(error)
+            }
+            result => result,
+        }
+    }
+
+    /// `PING`s the store, bypassing the fail-fast gate (the probe's own check).
+    pub(super) async fn ping(&self) -> Result<(), Failure> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PING");
+        self.guarded(self.timeouts.call_budget(), async {
+            // A probe that finds the store down starts from a fresh connection: the old one may be the frozen one.
+            if self.health.is_down() {
+                self.backend.start_over().await;
+            }
+            self.query_retrying::<(String,)>(&pipe).await
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+/// The connection broke, could not be made, or the server did not answer in time: not an answer from Redis.
+pub(super) fn is_connection_error(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.is_unrecoverable_error()
+        || error.kind() == redis::ErrorKind::ClusterConnectionNotFound
+}
+
+/// Turns a Redis error into what the store answers.
+pub(super) fn classify(error: RedisError) -> Failure {
+    if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+        return Failure::NoScript;
+    }
+    let codes = error.clone().into_server_errors();
+    // A key of another type at a record's name (someone wrote a hash there): the store holds something that is not
+    // a record, which no retry fixes.
+    if codes.is_some_and(|codes| codes.iter().any(|(_, error)| error.code() == "WRONGTYPE")) {
+        return Failure::Store(StoreError::Corrupt(format!("redis: {error}")));
+    }
+    Failure::Store(unavailable(error))
 }
 
 pub(super) fn unavailable(error: RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {error}"))
 }
 
+/// One multiplexed connection to a node, opened on first use and replaced after it breaks.
+pub(super) struct NodeLink {
+    client: Client,
+    config: AsyncConnectionConfig,
+    /// The current connection and its number.
+    current: tokio::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// The number of the newest connection seen failing: a call forgets only the connection it saw fail, not one
+    /// that another call has opened since.
+    broken: AtomicU64,
+    opened: AtomicU64,
+}
+
+impl NodeLink {
+    pub(super) fn new(client: Client, timeouts: &Timeouts) -> Self {
+        Self {
+            client,
+            config: timeouts.connection_config(Duration::ZERO),
+            current: tokio::sync::Mutex::new(None),
+            broken: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The current connection, opening one when there is none or the current one was seen failing. Callers that
+    /// arrive while a connection is being opened wait for it rather than open their own.
+    async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        let mut current = self.current.lock().await;
+        if let Some((number, connection)) = &*current
+            && *number > self.broken.load(Ordering::Acquire)
+        {
+            return Ok((*number, connection.clone()));
+        }
+        *current = None;
+        let connection = self.client.get_multiplexed_async_connection_with_config(&self.config).await?;
+        let number = self.opened.fetch_add(1, Ordering::AcqRel) + 1;
+        *current = Some((number, connection.clone()));
+        Ok((number, connection))
+    }
+
+    /// Opens the connection now (the constructor's check that the server answers).
+    pub(super) async fn connect(&self) -> RedisResult<()> {
+        self.connection().await.map(drop)
+    }
+
+    /// Forgets whichever connection is current (the probe, starting over after an outage).
+    fn forget_current(&self) {
+        self.broken.fetch_max(self.opened.load(Ordering::Acquire), Ordering::AcqRel);
+    }
+
+    async fn query<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
+        let (number, mut connection) = self.connection().await?;
+        let result = pipe.query_async(&mut connection).await;
+        if let Err(error) = &result
+            && is_connection_error(error)
+        {
+            self.broken.fetch_max(number, Ordering::AcqRel);
+        }
+        result
+    }
+}
+
 /// The connection to whichever node Sentinel says is the primary, replaced when it fails.
 pub(super) struct SentinelLink {
     sentinel: tokio::sync::Mutex<SentinelClient>,
     current: tokio::sync::Mutex<Option<(Client, MultiplexedConnection)>>,
+    config: AsyncConnectionConfig,
 }
 
 impl SentinelLink {
-    pub(super) fn new(sentinel: SentinelClient) -> Self {
-        Self { sentinel: tokio::sync::Mutex::new(sentinel), current: tokio::sync::Mutex::new(None) }
+    pub(super) fn new(sentinel: SentinelClient, timeouts: &Timeouts) -> Self {
+        Self {
+            sentinel: tokio::sync::Mutex::new(sentinel),
+            current: tokio::sync::Mutex::new(None),
+            config: timeouts.connection_config(Duration::ZERO),
+        }
     }
 
     /// The primary's client, asking Sentinel when there is no live connection.
@@ -82,36 +345,34 @@ impl SentinelLink {
             return Ok(connection.clone());
         }
         let client = self.sentinel.lock().await.async_get_client().await?;
-        let connection = client.get_multiplexed_async_connection().await?;
+        let connection = client.get_multiplexed_async_connection_with_config(&self.config).await?;
         tracing::info!(primary = ?client.get_connection_info().addr(), "connected to the primary named by Sentinel");
         *current = Some((client.clone(), connection.clone()));
         Ok((client, connection))
     }
 
-    async fn forget(&self) {
+    pub(super) async fn forget(&self) {
         self.current.lock().await.take();
     }
 
-    /// Runs `pipe` on the primary; if the connection broke or the node is no longer the primary, asks Sentinel
-    /// again and retries once.
+    /// Runs `pipe` on the primary; if the node is no longer the primary, asks Sentinel again and retries once (a
+    /// broken connection is retried by [`Commands`]).
     async fn query<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
         let (_, mut connection) = self.connection().await?;
         match pipe.query_async(&mut connection).await {
-            Err(error) if primary_lost(&error) => {
-                tracing::warn!(%error, "lost the Redis primary; asking Sentinel again");
+            Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) => {
+                tracing::warn!(%error, "the Redis node is no longer the primary; asking Sentinel again");
                 self.forget().await;
                 let (_, mut connection) = self.connection().await?;
                 pipe.query_async(&mut connection).await
             }
+            Err(error) => {
+                if is_connection_error(&error) {
+                    tracing::debug!(%error, "lost the Redis primary; asking Sentinel again");
+                }
+                Err(error)
+            }
             result => result,
         }
     }
-}
-
-fn primary_lost(error: &RedisError) -> bool {
-    error.is_io_error()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || error.is_timeout()
-        || error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
 }

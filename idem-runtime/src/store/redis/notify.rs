@@ -1,48 +1,218 @@
 //! Waking waiters: one pub/sub subscription per channel with waiters, shared by all of them, dispatched in-process.
 //!
-//! A waiter registers (and the first one for a channel subscribes) before it re-reads the key, so a completion that
-//! lands in between still wakes it: no lost wake-ups, no polling.
+//! Waiters never touch the network here. They register in [`Waiters`] (a map under a std mutex, held for a few
+//! map operations) and nudge the store's one background link task, which owns the subscriptions: it reconciles the
+//! channels Redis has subscribed with the channels that have waiters (one `SUBSCRIBE` or `UNSUBSCRIBE` for many
+//! channels at once) and marks channels confirmed. A waiter re-reads its key only once its channel is confirmed, so
+//! a completion that lands in between still wakes it: no lost wake-ups, no polling. Since only the link task
+//! (un)subscribes, a last waiter leaving and a new one arriving can never reorder an `UNSUBSCRIBE` after a
+//! `SUBSCRIBE`.
+//!
+//! The network can only delay the link task, never a waiter past its own deadline. Every connect, pub/sub command
+//! and idle heartbeat `PING` has a timeout; a link that misses one, errs or closes is dropped and replaced (with a
+//! bounded backoff), every channel with waiters is subscribed again, and every waiter is woken to re-check its key,
+//! since a completion announced while the link was down was missed.
 
-use super::connection::{SentinelLink, unavailable};
-use crate::StoreError;
+use super::connection::SentinelLink;
 use futures_util::StreamExt;
-use redis::aio::PubSubSink;
+use redis::aio::PubSub;
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, PushInfo, PushKind, Value};
+use redis::{Client, PushInfo, PushKind, RedisResult, Value};
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
-/// Channels with waiters, each with its count and its [`Notify`].
+/// Default for [`LinkSettings::timeout`].
+pub(super) const DEFAULT_PUBSUB_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default for [`LinkSettings::heartbeat`].
+pub(super) const DEFAULT_PUBSUB_HEARTBEAT: Duration = Duration::from_secs(1);
+/// The first pause before connecting again after a failed attempt, doubled per failure up to [`LAST_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+/// The longest pause between attempts; a link that stayed up this long reconnects at once when it drops.
+const LAST_RETRY: Duration = Duration::from_secs(2);
+
+/// How the link task guards its connection.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LinkSettings {
+    /// Longest wait for a connection, a `SUBSCRIBE` / `UNSUBSCRIBE` confirmation or a heartbeat's reply.
+    pub(super) timeout: Duration,
+    /// How long the pub/sub connection may stay silent before a `PING` checks it.
+    pub(super) heartbeat: Duration,
+}
+
+impl Default for LinkSettings {
+    fn default() -> Self {
+        Self { timeout: DEFAULT_PUBSUB_TIMEOUT, heartbeat: DEFAULT_PUBSUB_HEARTBEAT }
+    }
+}
+
+/// Where a channel stands on the current link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subscribed {
+    /// Not subscribed (or a `SUBSCRIBE` is on its way): its waiters must not re-read yet.
+    No,
+    /// Confirmed by Redis: every completion from now on is announced.
+    Yes,
+    /// Its last waiter left and an `UNSUBSCRIBE` is on its way: a new waiter must wait for a new `SUBSCRIBE`.
+    Leaving,
+}
+
+struct Channel {
+    /// Woken when the channel is confirmed, when a completion is announced on it, and when the link drops.
+    notify: Arc<Notify>,
+    waiters: usize,
+    subscribed: Subscribed,
+}
+
+impl Channel {
+    fn new() -> Self {
+        Self { notify: Arc::new(Notify::new()), waiters: 0, subscribed: Subscribed::No }
+    }
+}
+
+/// What the link task has to send to match Redis to the registry.
+#[derive(Default)]
+struct Plan {
+    subscribe: Vec<String>,
+    unsubscribe: Vec<String>,
+}
+
+impl Plan {
+    fn is_empty(&self) -> bool {
+        self.subscribe.is_empty() && self.unsubscribe.is_empty()
+    }
+}
+
+/// The registry of channels with waiters, shared by the waiters, the link task and (on a Cluster) the push handler.
 #[derive(Default)]
 pub(super) struct Waiters {
-    channels: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Wakes the link task when there is something to (un)subscribe. `notify_one` keeps a permit, so a nudge sent
+    /// while the task is busy is not lost.
+    nudge: Notify,
 }
 
 impl Waiters {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<Notify>, usize)>> {
-        self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
+        self.channels.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Wakes every waiter of `channel`.
+    fn register(waiters: &Arc<Self>, channel: &str) -> Registration {
+        let notify = waiters.join(channel);
+        Registration { waiters: waiters.clone(), channel: channel.to_owned(), notify, armed: None }
+    }
+
+    fn join(&self, channel: &str) -> Arc<Notify> {
+        let mut channels = self.lock();
+        let entry = channels.entry(channel.to_owned()).or_insert_with(Channel::new);
+        entry.waiters += 1;
+        if entry.subscribed != Subscribed::Yes {
+            self.nudge.notify_one();
+        }
+        entry.notify.clone()
+    }
+
+    fn leave(&self, channel: &str) {
+        let mut channels = self.lock();
+        let Some(entry) = channels.get_mut(channel) else { return };
+        entry.waiters -= 1;
+        if entry.waiters > 0 {
+            return;
+        }
+        match entry.subscribed {
+            Subscribed::No => {
+                channels.remove(channel);
+            }
+            Subscribed::Yes => self.nudge.notify_one(),
+            Subscribed::Leaving => {}
+        }
+    }
+
+    fn is_subscribed(&self, channel: &str) -> bool {
+        self.lock().get(channel).is_some_and(|entry| entry.subscribed == Subscribed::Yes)
+    }
+
+    /// Whether a channel with waiters lacks its subscription (so a link is needed now).
+    fn needs_subscription(&self) -> bool {
+        self.lock().values().any(|entry| entry.waiters > 0 && entry.subscribed == Subscribed::No)
+    }
+
+    /// What to (un)subscribe; channels to unsubscribe are marked [`Subscribed::Leaving`] at once.
+    fn plan(&self) -> Plan {
+        let mut plan = Plan::default();
+        for (name, entry) in self.lock().iter_mut() {
+            match entry.subscribed {
+                Subscribed::No if entry.waiters > 0 => plan.subscribe.push(name.clone()),
+                Subscribed::Yes if entry.waiters == 0 => {
+                    entry.subscribed = Subscribed::Leaving;
+                    plan.unsubscribe.push(name.clone());
+                }
+                _ => {}
+            }
+        }
+        plan
+    }
+
+    /// Redis confirmed `channels`: their waiters may re-read their keys.
+    fn subscribed(&self, channels: &[String]) {
+        let mut registry = self.lock();
+        for name in channels {
+            // A channel whose waiters all left meanwhile is kept as subscribed so the next plan unsubscribes it.
+            let entry = registry.entry(name.clone()).or_insert_with(Channel::new);
+            entry.subscribed = Subscribed::Yes;
+            entry.notify.notify_waiters();
+        }
+    }
+
+    /// `channels` are no longer subscribed (or may not be: a failed `UNSUBSCRIBE` is treated alike, since a stray
+    /// subscription only delivers messages nobody listens to).
+    fn unsubscribed(&self, channels: &[String]) {
+        let mut registry = self.lock();
+        for name in channels {
+            if let Some(entry) = registry.get_mut(name) {
+                entry.subscribed = Subscribed::No;
+                if entry.waiters == 0 {
+                    registry.remove(name);
+                }
+            }
+        }
+    }
+
+    /// The link dropped with every subscription: nothing is confirmed any more, and every waiter re-checks its key.
+    fn link_lost(&self) {
+        self.lock().retain(|_, entry| {
+            entry.subscribed = Subscribed::No;
+            entry.notify.notify_waiters();
+            entry.waiters > 0
+        });
+    }
+
+    /// A Cluster node connection dropped (redis-rs resubscribes by itself, later): confirm every channel with
+    /// waiters again, and wake every waiter to re-check its key.
+    fn confirm_again(&self) {
+        for entry in self.lock().values_mut() {
+            if entry.waiters > 0 && entry.subscribed == Subscribed::Yes {
+                entry.subscribed = Subscribed::No;
+            }
+            entry.notify.notify_waiters();
+        }
+        self.nudge.notify_one();
+    }
+
+    /// Wakes every waiter of `channel`: a completion or a release was announced.
     pub(super) fn wake(&self, channel: &[u8]) {
         let channels = self.lock();
-        if let Some((notify, _)) = std::str::from_utf8(channel).ok().and_then(|channel| channels.get(channel)) {
-            notify.notify_waiters();
+        if let Some(entry) = std::str::from_utf8(channel).ok().and_then(|channel| channels.get(channel)) {
+            entry.notify.notify_waiters();
         }
     }
 
-    /// Wakes everyone (the subscription connection dropped: they must re-check rather than wait for nothing).
-    fn wake_all(&self) {
-        for (notify, _) in self.lock().values() {
-            notify.notify_waiters();
-        }
-    }
-
-    /// Dispatches a RESP3 push (Cluster: `smessage`; a disconnection wakes everyone).
+    /// Dispatches a RESP3 push from a Cluster connection.
     pub(super) fn dispatch(&self, push: PushInfo) {
         match push.kind {
             PushKind::Message | PushKind::SMessage => {
@@ -50,148 +220,352 @@ impl Waiters {
                     self.wake(channel);
                 }
             }
-            PushKind::Disconnection => self.wake_all(),
+            PushKind::Disconnection => self.confirm_again(),
             _ => {}
         }
     }
 }
 
-/// Where the subscriptions live.
+/// Where the subscriptions live. Cloned into each link task.
+#[derive(Clone)]
 pub(super) enum Link {
-    /// One pub/sub connection to the node (or the primary Sentinel names), made on first use and after it drops.
-    Node { source: ClientSource, sink: Option<PubSubSink>, alive: Arc<AtomicBool> },
+    /// One pub/sub connection to the node (or the primary Sentinel names), made when a channel needs it and
+    /// replaced when it dies.
+    Node(ClientSource),
     /// A Cluster connection speaking RESP3 whose pushes go to [`Waiters::dispatch`]; `SSUBSCRIBE` is routed to the
     /// node that owns the channel's slot.
     Cluster(ClusterConnection),
 }
 
+#[derive(Clone)]
 pub(super) enum ClientSource {
     Fixed(Client),
     Sentinel(Arc<SentinelLink>),
 }
 
+/// The store's side of notifications: the registry, and the link task it starts on first use (and again if the
+/// runtime that ran it shut down).
 pub(super) struct Notifier {
     waiters: Arc<Waiters>,
-    /// Held across (un)subscribe round trips so a channel's count and its subscription change together.
-    link: tokio::sync::Mutex<Link>,
-}
-
-/// A registered waiter: await [`Subscription::notified`]; dropping it unsubscribes when it was the last one.
-pub(super) struct Subscription {
-    notifier: Arc<Notifier>,
-    channel: Option<String>,
-    notified: Pin<Box<OwnedNotified>>,
-}
-
-impl Subscription {
-    pub(super) async fn notified(&mut self) {
-        self.notified.as_mut().await;
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        let Some(channel) = self.channel.take() else { return };
-        let notifier = self.notifier.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { notifier.leave(&channel).await });
-        }
-    }
+    link: Link,
+    settings: Mutex<LinkSettings>,
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Notifier {
     pub(super) fn new(link: Link, waiters: Arc<Waiters>) -> Arc<Self> {
-        Arc::new(Self { waiters, link: tokio::sync::Mutex::new(link) })
+        Arc::new(Self { waiters, link, settings: Mutex::default(), task: Mutex::new(None) })
     }
 
-    pub(super) async fn subscribe(self: &Arc<Self>, channel: &str) -> Result<Subscription, StoreError> {
-        let mut link = self.link.lock().await;
-        let (notify, first) = {
-            let mut channels = self.waiters.lock();
-            let (notify, count) = channels.entry(channel.to_owned()).or_insert_with(|| (Arc::new(Notify::new()), 0));
-            *count += 1;
-            (notify.clone(), *count == 1)
-        };
-        let mut notified = Box::pin(notify.notified_owned());
-        notified.as_mut().enable();
-        let subscription = Subscription { notifier: self.clone(), channel: Some(channel.to_owned()), notified };
-        if let Err(error) = self.join(&mut link, channel, first).await {
-            drop(link);
-            drop(subscription);
-            return Err(error);
-        }
-        Ok(subscription)
+    /// Changes the link's settings; a link task already running keeps the ones it started with.
+    pub(super) fn configure(&self, change: impl FnOnce(&mut LinkSettings)) {
+        change(&mut self.settings.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
-    async fn join(&self, link: &mut Link, channel: &str, first: bool) -> Result<(), StoreError> {
-        match link {
-            Link::Node { source, sink, alive } => {
-                if !alive.load(Ordering::Acquire) || sink.is_none() {
-                    *sink = Some(self.connect(source, alive).await?);
-                    // A fresh connection carries no subscriptions: restore every channel with waiters.
-                    let channels: Vec<String> = self.waiters.lock().keys().cloned().collect();
-                    if let Some(sink) = sink {
-                        sink.subscribe(channels).await.map_err(unavailable)?;
-                    }
-                    return Ok(());
-                }
-                match sink {
-                    Some(sink) if first => sink.subscribe(channel).await.map_err(unavailable),
-                    _ => Ok(()),
-                }
-            }
-            Link::Cluster(cluster) if first => cluster.ssubscribe(channel).await.map_err(unavailable),
-            Link::Cluster(_) => Ok(()),
-        }
+    /// Registers a waiter on `channel`. Must run inside a Tokio runtime (the link task is spawned on first use).
+    pub(super) fn register(&self, channel: &str) -> Registration {
+        self.ensure_link_task();
+        Waiters::register(&self.waiters, channel)
     }
 
-    async fn connect(&self, source: &ClientSource, alive: &mut Arc<AtomicBool>) -> Result<PubSubSink, StoreError> {
-        let client = match source {
-            ClientSource::Fixed(client) => client.clone(),
-            ClientSource::Sentinel(link) => link.client().await.map_err(unavailable)?,
-        };
-        let (sink, mut stream) = client.get_async_pubsub().await.map_err(unavailable)?.split();
-        let now_alive = Arc::new(AtomicBool::new(true));
-        *alive = now_alive.clone();
-        let waiters = self.waiters.clone();
-        tokio::spawn(async move {
-            while let Some(message) = stream.next().await {
-                waiters.wake(message.get_channel_name().as_bytes());
-            }
-            now_alive.store(false, Ordering::Release);
-            waiters.wake_all();
-        });
-        Ok(sink)
-    }
-
-    async fn leave(&self, channel: &str) {
-        let mut link = self.link.lock().await;
-        let last = {
-            let mut channels = self.waiters.lock();
-            match channels.get_mut(channel) {
-                Some((_, count)) if *count > 1 => {
-                    *count -= 1;
-                    false
-                }
-                Some(_) => {
-                    channels.remove(channel);
-                    true
-                }
-                None => false,
-            }
-        };
-        if !last {
+    fn ensure_link_task(&self) {
+        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if task.as_ref().is_some_and(|task| !task.is_finished()) {
             return;
         }
-        let result = match &mut *link {
-            Link::Node { sink: Some(sink), alive, .. } if alive.load(Ordering::Acquire) => {
-                sink.unsubscribe(channel).await
+        let settings = *self.settings.lock().unwrap_or_else(PoisonError::into_inner);
+        let (link, waiters) = (self.link.clone(), self.waiters.clone());
+        *task = Some(tokio::spawn(async move {
+            match link {
+                Link::Node(source) => run_node(source, &waiters, settings).await,
+                Link::Cluster(cluster) => run_cluster(cluster, &waiters, settings).await,
             }
-            Link::Node { .. } => Ok(()),
-            Link::Cluster(cluster) => cluster.sunsubscribe(channel).await,
+        }));
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
+            task.abort();
+        }
+    }
+}
+
+/// A registered waiter; dropping it leaves the channel (the link task unsubscribes once nobody waits on it).
+pub(super) struct Registration {
+    waiters: Arc<Waiters>,
+    channel: String,
+    notify: Arc<Notify>,
+    /// Armed before the subscription was seen confirmed, so nothing announced after it is missed.
+    armed: Option<Pin<Box<OwnedNotified>>>,
+}
+
+impl Registration {
+    /// Waits until the channel is confirmed subscribed: `false` if that did not happen by `deadline`.
+    pub(super) async fn subscribed(&mut self, deadline: Instant) -> bool {
+        loop {
+            let mut notified = Box::pin(self.notify.clone().notified_owned());
+            notified.as_mut().enable();
+            if self.waiters.is_subscribed(&self.channel) {
+                self.armed = Some(notified);
+                return true;
+            }
+            if timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// After [`Registration::subscribed`]: waits until a completion is announced on the channel, the link drops
+    /// (the waiter must re-check), or `until`.
+    pub(super) async fn notified(&mut self, until: Instant) {
+        if let Some(notified) = self.armed.take() {
+            let _ = timeout_at(until, notified).await;
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.waiters.leave(&self.channel);
+    }
+}
+
+/// The next pause before reconnecting, given the last one and how long the link that just ended lived.
+fn next_retry(last: Option<Duration>, lived: Duration) -> Option<Duration> {
+    if lived >= LAST_RETRY {
+        return None;
+    }
+    Some(last.map_or(FIRST_RETRY, |last| (last * 2).min(LAST_RETRY)))
+}
+
+async fn connect(source: &ClientSource) -> RedisResult<PubSub> {
+    let client = match source {
+        ClientSource::Fixed(client) => client.clone(),
+        ClientSource::Sentinel(link) => link.client().await?,
+    };
+    client.get_async_pubsub().await
+}
+
+/// The link task on a node (or Sentinel's primary): connects when a channel needs it, serves the connection until
+/// it dies, and starts again.
+async fn run_node(source: ClientSource, waiters: &Waiters, settings: LinkSettings) {
+    // A task that replaces one whose runtime shut down starts with no subscriptions.
+    waiters.link_lost();
+    let mut retry = None;
+    loop {
+        while !waiters.needs_subscription() {
+            waiters.nudge.notified().await;
+        }
+        if let Some(pause) = retry {
+            sleep(pause).await;
+        }
+        let started = Instant::now();
+        let ended = match timeout(settings.timeout, connect(&source)).await {
+            Ok(Ok(pubsub)) => serve(pubsub, waiters, settings).await,
+            Ok(Err(error)) => format!("connecting failed: {error}"),
+            Err(_) => format!("connecting timed out after {:?}", settings.timeout),
         };
-        if let Err(error) = result {
-            tracing::debug!(%error, channel, "unsubscribe failed; the connection will be replaced when next needed");
+        if retry.is_none() {
+            tracing::warn!(reason = %ended, "the Redis pub/sub link that wakes waiting duplicates is down; replacing it");
+        } else {
+            tracing::debug!(reason = %ended, "the Redis pub/sub link is still down");
+        }
+        waiters.link_lost();
+        retry = next_retry(retry, started.elapsed());
+    }
+}
+
+/// Keeps one pub/sub connection in line with the registry and delivers its messages, until it fails: returns why.
+async fn serve(pubsub: PubSub, waiters: &Waiters, settings: LinkSettings) -> String {
+    let (mut sink, mut stream) = pubsub.split();
+    let mut next_heartbeat = Instant::now() + settings.heartbeat;
+    loop {
+        loop {
+            let plan = waiters.plan();
+            if plan.is_empty() {
+                break;
+            }
+            if !plan.subscribe.is_empty() {
+                match timeout(settings.timeout, sink.subscribe(&plan.subscribe)).await {
+                    Ok(Ok(())) => waiters.subscribed(&plan.subscribe),
+                    Ok(Err(error)) => return format!("SUBSCRIBE failed: {error}"),
+                    Err(_) => return format!("SUBSCRIBE timed out after {:?}", settings.timeout),
+                }
+            }
+            if !plan.unsubscribe.is_empty() {
+                let result = timeout(settings.timeout, sink.unsubscribe(&plan.unsubscribe)).await;
+                waiters.unsubscribed(&plan.unsubscribe);
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return format!("UNSUBSCRIBE failed: {error}"),
+                    Err(_) => return format!("UNSUBSCRIBE timed out after {:?}", settings.timeout),
+                }
+            }
+            next_heartbeat = Instant::now() + settings.heartbeat;
+        }
+        tokio::select! {
+            () = waiters.nudge.notified() => {}
+            message = stream.next() => match message {
+                Some(message) => {
+                    waiters.wake(message.get_channel_name().as_bytes());
+                    next_heartbeat = Instant::now() + settings.heartbeat;
+                }
+                None => return "the connection closed".to_owned(),
+            },
+            () = sleep_until(next_heartbeat) => {
+                match timeout(settings.timeout, sink.ping::<Value>()).await {
+                    Ok(Ok(_)) => next_heartbeat = Instant::now() + settings.heartbeat,
+                    Ok(Err(error)) => return format!("heartbeat PING failed: {error}"),
+                    Err(_) => return format!("heartbeat PING timed out after {:?}", settings.timeout),
+                }
+            }
+        }
+    }
+}
+
+/// The link task on a Cluster: sharded subscriptions over the store's Cluster connection, one `SSUBSCRIBE` per
+/// channel (channels of different slots cannot share one), sent together. redis-rs reconnects the nodes and
+/// reports a lost one as a push ([`Waiters::dispatch`]); here every command has a timeout, and a failed one is
+/// retried after a pause without holding up anyone: waiters keep their own deadlines.
+async fn run_cluster(cluster: ClusterConnection, waiters: &Waiters, settings: LinkSettings) {
+    waiters.confirm_again();
+    let mut retry = None;
+    loop {
+        let plan = waiters.plan();
+        if plan.is_empty() {
+            waiters.nudge.notified().await;
+            continue;
+        }
+        let subscribing = plan.subscribe.iter().map(|channel| {
+            let mut cluster = cluster.clone();
+            async move { (channel, timeout(settings.timeout, cluster.ssubscribe(channel)).await) }
+        });
+        let unsubscribing = plan.unsubscribe.iter().map(|channel| {
+            let mut cluster = cluster.clone();
+            async move { timeout(settings.timeout, cluster.sunsubscribe(channel)).await }
+        });
+        let (subscribed, unsubscribed) = futures_util::future::join(
+            futures_util::future::join_all(subscribing),
+            futures_util::future::join_all(unsubscribing),
+        )
+        .await;
+        waiters.unsubscribed(&plan.unsubscribe);
+        let confirmed: Vec<String> = subscribed
+            .iter()
+            .filter(|(_, result)| matches!(result, Ok(Ok(()))))
+            .map(|(channel, _)| (*channel).clone())
+            .collect();
+        waiters.subscribed(&confirmed);
+        let failed = subscribed.len() - confirmed.len()
+            + unsubscribed.iter().filter(|result| !matches!(result, Ok(Ok(())))).count();
+        if failed == 0 {
+            retry = None;
+            continue;
+        }
+        tracing::warn!(failed, "sharded (un)subscribe failed or timed out on the Redis Cluster; retrying");
+        retry = next_retry(retry, Duration::ZERO);
+        if let Some(pause) = retry {
+            sleep(pause).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(waiters: &Waiters) -> (Vec<String>, Vec<String>) {
+        let Plan { mut subscribe, mut unsubscribe } = waiters.plan();
+        subscribe.sort();
+        unsubscribe.sort();
+        (subscribe, unsubscribe)
+    }
+
+    fn names(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    #[test]
+    fn one_subscribe_for_many_channels_and_one_unsubscribe_when_their_waiters_leave() {
+        let waiters = Arc::new(Waiters::default());
+        let a1 = Waiters::register(&waiters, "a");
+        let a2 = Waiters::register(&waiters, "a");
+        let b = Waiters::register(&waiters, "b");
+        assert_eq!(plan(&waiters), (names(&["a", "b"]), vec![]));
+        waiters.subscribed(&names(&["a", "b"]));
+        assert!(waiters.is_subscribed("a") && waiters.is_subscribed("b"));
+        assert_eq!(plan(&waiters), (vec![], vec![]));
+        drop((a1, b));
+        // "a" still has a waiter.
+        assert_eq!(plan(&waiters), (vec![], names(&["b"])));
+        waiters.unsubscribed(&names(&["b"]));
+        drop(a2);
+        assert_eq!(plan(&waiters), (vec![], names(&["a"])));
+        waiters.unsubscribed(&names(&["a"]));
+        assert!(waiters.lock().is_empty(), "nothing left behind");
+    }
+
+    /// The race the old process-wide lock prevented: a last waiter leaves (an UNSUBSCRIBE goes out) while a new one
+    /// arrives. The new one must not count on the old subscription, and gets a new SUBSCRIBE after the UNSUBSCRIBE.
+    #[test]
+    fn a_waiter_arriving_while_its_channel_is_unsubscribed_waits_for_a_new_subscribe() {
+        let waiters = Arc::new(Waiters::default());
+        let first = Waiters::register(&waiters, "a");
+        waiters.subscribed(&names(&["a"]));
+        drop(first);
+        assert_eq!(plan(&waiters), (vec![], names(&["a"])));
+        let second = Waiters::register(&waiters, "a");
+        assert!(!waiters.is_subscribed("a"), "the UNSUBSCRIBE on its way would leave it unannounced");
+        waiters.unsubscribed(&names(&["a"]));
+        assert_eq!(plan(&waiters), (names(&["a"]), vec![]));
+        waiters.subscribed(&names(&["a"]));
+        assert!(waiters.is_subscribed("a"));
+        drop(second);
+    }
+
+    #[test]
+    fn a_subscription_confirmed_after_its_waiters_left_is_unsubscribed_next() {
+        let waiters = Arc::new(Waiters::default());
+        drop(Waiters::register(&waiters, "a"));
+        assert!(waiters.lock().is_empty(), "never subscribed: forgotten at once");
+        let waiter = Waiters::register(&waiters, "a");
+        assert_eq!(plan(&waiters), (names(&["a"]), vec![]));
+        drop(waiter);
+        waiters.subscribed(&names(&["a"]));
+        assert_eq!(plan(&waiters), (vec![], names(&["a"])));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gives_up_on_an_unconfirmed_channel_at_its_deadline() {
+        let waiters = Arc::new(Waiters::default());
+        let mut registration = Waiters::register(&waiters, "a");
+        let started = Instant::now();
+        assert!(!registration.subscribed(started + Duration::from_secs(3)).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmed_waiter_is_woken_by_a_message_and_by_a_lost_link() {
+        for wake in [|waiters: &Waiters| waiters.wake(b"a"), |waiters: &Waiters| waiters.link_lost()] {
+            let waiters = Arc::new(Waiters::default());
+            let mut registration = Waiters::register(&waiters, "a");
+            let confirm = tokio::spawn({
+                let waiters = waiters.clone();
+                async move {
+                    sleep(Duration::from_secs(1)).await;
+                    waiters.subscribed(&names(&["a"]));
+                }
+            });
+            let started = Instant::now();
+            assert!(registration.subscribed(started + Duration::from_secs(60)).await);
+            assert_eq!(started.elapsed(), Duration::from_secs(1));
+            confirm.await.unwrap();
+            // Announced before the waiter even starts waiting: still not missed.
+            wake(&waiters);
+            registration.notified(started + Duration::from_secs(60)).await;
+            assert_eq!(started.elapsed(), Duration::from_secs(1));
         }
     }
 }

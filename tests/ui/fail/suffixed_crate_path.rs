@@ -1,0 +1,8 @@
+use idem::idempotent;
+
+#[idempotent(crate = "::idem"x)]
+async fn handler() -> &'static str {
+    "ok"
+}
+
+fn main() {}

@@ -108,6 +108,10 @@ const BODY_LIMIT: usize = 1024;
 /// What the handlers answer, picked by the body's first byte: the statuses idem stores and replays.
 const STATUSES: [u16; 9] = [200, 201, 202, 204, 400, 402, 404, 409, 422];
 
+/// The statuses the layer sends without storing on a plain route (where it cannot tell a handler's answer from an
+/// extractor's rejection): a retry runs again. Set here rather than left to the default, so 400 and 422 are stored.
+const LAYER_UNSTORED: [StatusCode; 2] = [StatusCode::NOT_FOUND, StatusCode::CONFLICT];
+
 fn status_for(body: &[u8]) -> StatusCode {
     let status = body.first().map_or(201, |&byte| STATUSES[usize::from(byte) % STATUSES.len()]);
     StatusCode::from_u16(status).unwrap()
@@ -153,7 +157,10 @@ async fn plain(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
 
 /// A fresh store per case, so a key drawn twice by two cases cannot meet a different request.
 fn app() -> (Router, App) {
-    let idempotency = Idempotency::builder(MemoryStore::new()).layer_body_limit(BODY_LIMIT).build();
+    let idempotency = Idempotency::builder(MemoryStore::new())
+        .layer_body_limit(BODY_LIMIT)
+        .layer_unstored_statuses(LAYER_UNSTORED)
+        .build();
     let app = App {
         idempotency: idempotency.clone(),
         annotated_runs: Arc::default(),
@@ -357,6 +364,13 @@ async fn check(case: &Case, door: Door) {
             first.assert_problem(413, "payload-too-large");
             retry.assert_problem(413, "payload-too-large");
             assert_eq!(runs, 0);
+        }
+        (Verdict::Key, Door::Layered) if LAYER_UNSTORED.contains(&status_for(&case.body)) => {
+            for reply in [&first, &retry] {
+                assert_eq!((reply.status, &reply.body[..]), (status_for(&case.body), &case.body[..]));
+                assert!(reply.all("x-idempotency-status").is_empty() && reply.all("idempotent-replayed").is_empty());
+            }
+            assert_eq!(runs, 2, "an unstored status leaves the key free: the retry runs");
         }
         (Verdict::Key, _) => {
             assert_eq!(runs, 1, "a well-formed key runs the handler once across a retry");

@@ -2,23 +2,25 @@
 //!
 //! Binds `BIND` (default `127.0.0.1:3000`). Keeps records in memory, or in Redis when `REDIS_URL` is set (a Redis
 //! Cluster when `REDIS_CLUSTER_URLS`, comma-separated, is set); on Redis the execution count is a Redis counter, so
-//! several instances share it.
+//! several instances share it. Each execution of a request that carried an `Idempotency-Key` is also counted under
+//! that key (`GET /stats/keys/{key}`), so fault and soak tests can check that no key ran twice.
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -H 'content-type: application/json' \
 //!      -d '{"item":"book","qty":1}'
 //! ```
 
-use axum::extract::{FromRef, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{FromRef, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use idem::{Idempotency, MemoryStore, RedisStore, idempotent};
 use serde::Deserialize;
 use serde_json::json;
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Clone)]
@@ -30,31 +32,95 @@ struct AppState {
 /// How many times a handler body ran, where every instance of the service can see it.
 #[derive(Clone)]
 enum Executions {
-    Memory(Arc<AtomicU64>),
+    Memory(Arc<MemoryCounts>),
     Redis(idem::redis::aio::ConnectionManager),
     Cluster(idem::redis::cluster_async::ClusterConnection),
 }
 
-const EXECUTIONS_KEY: &str = "orders:executions";
+// One hash tag, so the total and the per-key counts sit in one Cluster slot and are updated in one transaction.
+const EXECUTIONS_KEY: &str = "{orders}:executions";
+const EXECUTIONS_BY_KEY: &str = "{orders}:executions:by-key";
 
 impl Executions {
-    async fn increment(&self) -> Result<u64, idem::redis::RedisError> {
-        use idem::redis::AsyncCommands;
+    /// Counts one execution (and one for `key`, when the request carried one) and returns the new total.
+    async fn increment(&self, key: Option<&str>) -> Result<u64, idem::redis::RedisError> {
         match self {
-            Executions::Memory(count) => Ok(count.fetch_add(1, Ordering::SeqCst) + 1),
-            Executions::Redis(connection) => connection.clone().incr(EXECUTIONS_KEY, 1).await,
-            Executions::Cluster(connection) => connection.clone().incr(EXECUTIONS_KEY, 1).await,
+            Executions::Memory(counts) => Ok(counts.increment(key)),
+            Executions::Redis(connection) => Self::increment_on(connection.clone(), key).await,
+            Executions::Cluster(connection) => Self::increment_on(connection.clone(), key).await,
         }
     }
 
-    async fn read(&self) -> Result<u64, idem::redis::RedisError> {
+    async fn increment_on(
+        mut connection: impl idem::redis::aio::ConnectionLike,
+        key: Option<&str>,
+    ) -> Result<u64, idem::redis::RedisError> {
+        let Some(key) = key else {
+            return idem::redis::cmd("INCR").arg(EXECUTIONS_KEY).query_async(&mut connection).await;
+        };
+        let (total, _): (u64, u64) = idem::redis::pipe()
+            .atomic()
+            .incr(EXECUTIONS_KEY, 1)
+            .hincr(EXECUTIONS_BY_KEY, key, 1)
+            .query_async(&mut connection)
+            .await?;
+        Ok(total)
+    }
+
+    async fn read(&self, key: Option<&str>) -> Result<u64, idem::redis::RedisError> {
         use idem::redis::AsyncCommands;
-        let count: Option<u64> = match self {
-            Executions::Memory(count) => Some(count.load(Ordering::SeqCst)),
-            Executions::Redis(connection) => connection.clone().get(EXECUTIONS_KEY).await?,
-            Executions::Cluster(connection) => connection.clone().get(EXECUTIONS_KEY).await?,
+        let count: Option<u64> = match (self, key) {
+            (Executions::Memory(counts), key) => Some(counts.read(key)),
+            (Executions::Redis(connection), None) => connection.clone().get(EXECUTIONS_KEY).await?,
+            (Executions::Redis(connection), Some(key)) => connection.clone().hget(EXECUTIONS_BY_KEY, key).await?,
+            (Executions::Cluster(connection), None) => connection.clone().get(EXECUTIONS_KEY).await?,
+            (Executions::Cluster(connection), Some(key)) => connection.clone().hget(EXECUTIONS_BY_KEY, key).await?,
         };
         Ok(count.unwrap_or(0))
+    }
+
+    /// Pings the counter's connection in the background, so a connection that broke while the service was idle
+    /// (Redis restarted) is replaced before a request needs it: the counter is the handlers' own side effect, and a
+    /// failed count answers 500.
+    fn keep_healthy(&self) {
+        let Executions::Redis(connection) = self else { return };
+        let connection = connection.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let mut connection = connection.clone();
+                let ping = idem::redis::cmd("PING");
+                // An error makes the connection manager reconnect; the next tick tries again.
+                let _ = tokio::time::timeout(Duration::from_secs(1), ping.query_async::<()>(&mut connection)).await;
+            }
+        });
+    }
+}
+
+/// The memory backend's counts: the total and one per idempotency key.
+#[derive(Default)]
+struct MemoryCounts {
+    total: AtomicU64,
+    by_key: Mutex<HashMap<String, u64>>,
+}
+
+impl MemoryCounts {
+    fn increment(&self, key: Option<&str>) -> u64 {
+        let mut by_key = self.by_key.lock().expect("the counts' lock is never poisoned");
+        if let Some(key) = key {
+            *by_key.entry(key.to_owned()).or_default() += 1;
+        }
+        // Under the same lock as the per-key count, so a reader never sees one without the other.
+        self.total.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn read(&self, key: Option<&str>) -> u64 {
+        match key {
+            None => self.total.load(Ordering::SeqCst),
+            Some(key) => self.by_key.lock().expect("the counts' lock is never poisoned").get(key).copied().unwrap_or(0),
+        }
     }
 }
 
@@ -66,8 +132,9 @@ impl FromRef<AppState> for Idempotency {
 
 impl AppState {
     /// Counts one execution of a handler body and returns the new count, which is also the created id.
-    async fn execute(&self) -> Result<u64, Response> {
-        self.executions.increment().await.map_err(|error| {
+    async fn execute(&self, headers: &HeaderMap) -> Result<u64, Response> {
+        let key = headers.get("idempotency-key").and_then(|value| value.to_str().ok());
+        self.executions.increment(key).await.map_err(|error| {
             tracing::error!(%error, "could not count the execution");
             (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": "counter unavailable" }))).into_response()
         })
@@ -92,21 +159,36 @@ struct NewPayment {
 }
 
 #[idempotent(ttl = 60, wait_timeout = 3.0, validate_signature)]
-async fn create_order(State(state): State<AppState>, Json(order): Json<NewOrder>) -> Response {
-    place_order(&state, order).await
+async fn create_order(State(state): State<AppState>, headers: HeaderMap, Json(order): Json<NewOrder>) -> Response {
+    place_order(&state, &headers, order).await
+}
+
+/// `POST /orders` with a 2 s lease (renewed every ~0.7 s while the handler runs), so fault tests can freeze or kill
+/// an owner and see the takeover without waiting for the default 30 s lease.
+#[idempotent(ttl = 60, wait_timeout = 3.0, validate_signature, lease = 2)]
+async fn create_order_short_lease(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(order): Json<NewOrder>,
+) -> Response {
+    place_order(&state, &headers, order).await
 }
 
 /// The same work without idempotency: the baseline for benchmarks.
-async fn create_order_unprotected(State(state): State<AppState>, Json(order): Json<NewOrder>) -> Response {
-    place_order(&state, order).await
+async fn create_order_unprotected(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(order): Json<NewOrder>,
+) -> Response {
+    place_order(&state, &headers, order).await
 }
 
-async fn place_order(state: &AppState, order: NewOrder) -> Response {
-    let order_id = match state.execute().await {
+async fn place_order(state: &AppState, headers: &HeaderMap, order: NewOrder) -> Response {
+    let order_id = match state.execute(headers).await {
         Ok(id) => id,
         Err(response) => return response,
     };
-    tokio::time::sleep(Duration::from_millis(order.delay_ms)).await;
+    pause(order.delay_ms).await;
     if order.fail {
         return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": "order failed", "order_id": order_id })))
             .into_response();
@@ -117,17 +199,33 @@ async fn place_order(state: &AppState, order: NewOrder) -> Response {
 }
 
 #[idempotent(required = false, wait_timeout = 0)]
-async fn create_payment(State(state): State<AppState>, Json(payment): Json<NewPayment>) -> Response {
-    let payment_id = match state.execute().await {
+async fn create_payment(State(state): State<AppState>, headers: HeaderMap, Json(payment): Json<NewPayment>) -> Response {
+    let payment_id = match state.execute(&headers).await {
         Ok(id) => id,
         Err(response) => return response,
     };
-    tokio::time::sleep(Duration::from_millis(payment.delay_ms)).await;
+    pause(payment.delay_ms).await;
     (StatusCode::CREATED, Json(json!({ "payment_id": payment_id, "amount": payment.amount }))).into_response()
 }
 
+/// Sleeps `delay_ms`; zero does not sleep at all (a zero-length sleep still waits for the next timer tick, ~1 ms).
+async fn pause(delay_ms: u64) {
+    if delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    }
+}
+
 async fn stats(State(state): State<AppState>) -> Response {
-    match state.executions.read().await {
+    executions(&state, None).await
+}
+
+/// How many times handler bodies ran for requests with this `Idempotency-Key` (any route).
+async fn key_stats(State(state): State<AppState>, Path(key): Path<String>) -> Response {
+    executions(&state, Some(&key)).await
+}
+
+async fn executions(state: &AppState, key: Option<&str>) -> Response {
+    match state.executions.read(key).await {
         Ok(executions) => Json(json!({ "executions": executions })).into_response(),
         Err(error) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": error.to_string() }))).into_response(),
     }
@@ -136,9 +234,11 @@ async fn stats(State(state): State<AppState>) -> Response {
 fn app(state: AppState) -> Router {
     Router::new()
         .route("/orders", post(create_order))
+        .route("/short-lease/orders", post(create_order_short_lease))
         .route("/payments", post(create_payment))
         .route("/plain/orders", post(create_order_unprotected))
         .route("/stats", get(stats))
+        .route("/stats/keys/{key}", get(key_stats))
         .with_state(state)
 }
 
@@ -169,6 +269,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let (idempotency, executions, backend) = backend().await?;
+    executions.keep_healthy();
     let state = AppState { idempotency, executions };
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let listener = tokio::net::TcpListener::bind(&bind).await?;

@@ -270,14 +270,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let (idempotency, executions, backend) = backend().await?;
     executions.keep_healthy();
-    let state = AppState { idempotency, executions };
+    let state = AppState { idempotency: idempotency.clone(), executions };
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     tracing::info!("orders service listening on http://{} (store: {backend})", listener.local_addr()?);
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    // Handlers whose clients already left still run detached: let them finish and record their responses.
+    if let Err(undrained) = idempotency.drain(Duration::from_secs(30)).await {
+        tracing::warn!(%undrained, "shutting down with handlers still running");
+    }
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what a deploy sends).
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing the requests in flight");
 }

@@ -220,6 +220,15 @@ impl Claim {
         }
     }
 
+    /// The claim's fence: its owner token, and a way to check (renewing at once) that the claim is still held.
+    /// Starts the renewal task if it does not run yet.
+    pub fn fence(&self) -> Fence {
+        self.start_keeping();
+        let keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let owner = self.owner.clone().expect("a live claim has an owner");
+        Fence { owner, keeper }
+    }
+
     /// Stops renewing, once any renewal in flight has landed: a renewal arriving after the release could otherwise
     /// claim the freed key again.
     async fn stop_keeping(&self) {
@@ -288,6 +297,8 @@ struct Keeper {
 enum KeeperCommand {
     /// Renew now for this lease, then every third of it; answer with the renewal.
     RenewFor(Duration, tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
+    /// Renew now for the current lease; answer with the renewal.
+    RenewNow(tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
     /// Stop; answer once no renewal is in flight.
     Stop(tokio::sync::oneshot::Sender<()>),
 }
@@ -318,6 +329,13 @@ impl Keeper {
                         lost = matches!(write, Ok(Write::Fenced));
                         let _ = answer.send(write);
                     }
+                    Some(KeeperCommand::RenewNow(answer)) => {
+                        // A lost claim stays lost: renewing it now could take a key that someone else freed.
+                        let write = if lost { Ok(Write::Fenced) } else { renewal.renew(lease).await };
+                        next = Instant::now() + renewal_period(lease);
+                        lost = matches!(write, Ok(Write::Fenced));
+                        let _ = answer.send(write);
+                    }
                     Some(KeeperCommand::Stop(done)) => {
                         let _ = done.send(());
                         return;
@@ -341,11 +359,57 @@ impl Keeper {
         answered.await.unwrap_or(Ok(Write::Fenced))
     }
 
+    async fn renew_now(&self) -> Result<Write, StoreError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if self.commands.send(KeeperCommand::RenewNow(answer)).is_err() {
+            return Ok(Write::Fenced);
+        }
+        answered.await.unwrap_or(Ok(Write::Fenced))
+    }
+
     async fn stop(self) {
         let (done, stopped) = tokio::sync::oneshot::channel();
         if self.commands.send(KeeperCommand::Stop(done)).is_ok() {
             let _ = stopped.await;
         }
+    }
+}
+
+/// What a running handler knows of its claim: the owner token that every write to its key presents, and a check
+/// that the claim is still held. The extractor behind `#[idempotent]` handlers and the layer
+/// (see [`Fence`'s `FromRequestParts`](#impl-FromRequestParts%3CS%3E-for-Fence)).
+///
+/// idem fences its own writes: a handler whose lease lapsed (it was frozen, or the store was out of reach for a whole
+/// lease) and whose key was claimed by a retry can no longer store or delete anything under the key. The handler's
+/// *own* writes are its business; the fence gives it two tools for them:
+/// - [`Fence::is_held`] just before an irreversible step (charging a card): it renews the lease at once and says
+///   whether the claim is still this handler's;
+/// - [`Fence::token`], to store beside the handler's own rows (e.g. `UPDATE … WHERE claimed_by = $token`), so a
+///   second writer for the same key can tell the two apart.
+#[derive(Clone)]
+pub struct Fence {
+    owner: OwnerToken,
+    keeper: Option<Keeper>,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence").field("owner", &self.owner).finish_non_exhaustive()
+    }
+}
+
+impl Fence {
+    /// The claim's owner token: random, unique to this execution of the handler.
+    pub fn token(&self) -> &OwnerToken {
+        &self.owner
+    }
+
+    /// Renews the lease now and answers whether the claim is still held: `Ok(false)` once the lease lapsed and the
+    /// key was claimed by someone else (or the claim already completed), `Err` when the store could not be reached
+    /// (whether the claim is held is then unknown; treat it as not held before an irreversible step).
+    pub async fn is_held(&self) -> Result<bool, StoreError> {
+        let Some(keeper) = &self.keeper else { return Ok(false) };
+        keeper.renew_now().await.map(|write| write == Write::Applied)
     }
 }
 

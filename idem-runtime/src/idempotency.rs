@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<dyn Metrics>,
     /// Statuses the layer sends but never stores, since it cannot tell whether the handler answered them.
     pub(crate) layer_unstored: Vec<StatusCode>,
+    /// The handler tasks the HTTP doors detached from their connections, for [`Idempotency::drain`].
+    pub(crate) running: Arc<crate::drain::Running>,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -91,6 +93,7 @@ impl Idempotency {
                 layer_body_limit: 2 << 20,
                 metrics: Arc::new(NoMetrics),
                 layer_unstored: LAYER_UNSTORED.to_vec(),
+                running: Arc::default(),
             },
         }
     }

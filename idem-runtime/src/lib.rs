@@ -3,6 +3,7 @@
 //!
 //! Users depend on the `idem` crate, which re-exports everything here together with the `#[idempotent]` macro.
 
+mod drain;
 mod engine;
 mod fingerprint;
 #[cfg(feature = "redis")]
@@ -19,9 +20,10 @@ mod policy;
 mod record;
 mod store;
 
-pub use engine::{Claim, Outcome, begin};
+pub use drain::Undrained;
+pub use engine::{Claim, Fence, Outcome, begin};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};
-pub use http::{Execution, Problem};
+pub use http::{Execution, IdempotencyKey, Problem};
 pub use idempotency::{Idempotency, IdempotencyBuilder, PrincipalFn, StoreFailure};
 pub use layer::{IdempotencyLayer, IdempotencyService};
 #[cfg(feature = "metrics")]

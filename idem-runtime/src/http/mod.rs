@@ -1,14 +1,17 @@
 //! The HTTP front door: key header, fingerprint, problem answers, replay; shared by the macro and the layer.
 
+mod extract;
 pub mod key;
 mod problem;
 mod replay;
 
+pub use extract::{IdempotencyKey, NotProtected};
 pub use problem::Problem;
 
 use crate::engine::{Claim, Outcome, begin_observed};
 use crate::layer::{Adoptable, Handoff, LayerRoutes};
 use crate::store::{StoreError, StoreKey, Write};
+use crate::idempotency::Shared;
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
@@ -108,7 +111,8 @@ impl Idempotency {
         // whichever of the two leases is longer.
         let mut response = match claim.renew_for(policy.lease_duration()).await {
             Ok(Write::Applied) => {
-                match execute(claim, policy, self.shared.max_record_bytes, request, run, None).await {
+                // The key and fence extensions the layer set stay: they name the same key and the same claim.
+                match execute(&self.shared, claim, policy, request, run, None).await {
                     Finished::Ran(response) => with_status(response, "new"),
                     Finished::Rejected(response) | Finished::Adopted(response) => response,
                 }
@@ -149,7 +153,7 @@ impl Idempotency {
             }
             Ok(None) => {
                 span.record("outcome", "no-key");
-                return run_unprotected(request, run).await;
+                return run_unprotected(shared, request, run).await;
             }
             Err(error) => {
                 span.record("outcome", "invalid-key");
@@ -185,7 +189,8 @@ impl Idempotency {
             key.as_str().as_bytes(),
         ]);
         span.record("key", store_key.as_str());
-        let request = Request::from_parts(parts, Body::from(body));
+        let mut request = Request::from_parts(parts, Body::from(body));
+        request.extensions_mut().insert(IdempotencyKey::new(key.as_str()));
         let begun = begin_observed(&shared.store, &shared.metrics, store_key, fingerprint, policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
@@ -197,7 +202,7 @@ impl Idempotency {
                     Door::Layer => Some(echo.clone()),
                     Door::Handler => None,
                 };
-                match execute(claim, policy, shared.max_record_bytes, request, run, handoff).await {
+                match execute(shared, claim, policy, request, run, handoff).await {
                     Finished::Ran(response) => with_status(response, "new"),
                     Finished::Rejected(rejection) => rejection,
                     // The adopting handler set the headers; adding them again would repeat them.
@@ -238,7 +243,8 @@ impl Idempotency {
                 StoreFailure::FailOpen => {
                     span.record("outcome", "store-error-fail-open");
                     tracing::error!(%error, "idempotency store failed: running the request unprotected (fail open)");
-                    return run_unprotected(request, run).await;
+                    // The key stays: a handler forwarding it downstream keeps that protection, at least.
+                    return run_unprotected(shared, request, run).await;
                 }
             },
         };
@@ -325,10 +331,12 @@ fn identify(response: &mut Response, echo: Option<(HeaderName, HeaderValue)>, fi
 /// With `handoff` (the layer's door, carrying the key header to echo), the claim is offered to an annotated
 /// handler further in through the request extensions; if one takes it, it completes the claim itself and the
 /// answer is [`Finished::Adopted`]. The lease is kept alive here until then.
+///
+/// The task is counted in `shared.running` until it ends, for [`Idempotency::drain`].
 async fn execute<F, Fut>(
+    shared: &Shared,
     claim: Claim,
     policy: &Policy,
-    limit: usize,
     mut request: Request,
     run: F,
     handoff: Option<Option<(HeaderName, HeaderValue)>>,
@@ -339,8 +347,11 @@ where
 {
     let ttl = policy.ttl_duration();
     let store_server_errors = policy.stores_server_errors();
+    let limit = shared.max_record_bytes;
+    let running = shared.running.enter();
+    request.extensions_mut().insert(claim.fence());
     let task = async move {
-        claim.start_keeping();
+        let _running = running;
         let (claim, ran) = match handoff {
             None => (claim, AssertUnwindSafe(run(request)).catch_unwind().await),
             Some(echo) => {
@@ -386,12 +397,16 @@ where
 /// Runs a request that no claim protects (no key and none required, or a store failure under fail-open) the way a
 /// protected one runs: on its own task, so a client that disconnects does not cancel it halfway through its side
 /// effects, and with a panic answered as a 500 problem rather than a dropped connection.
-async fn run_unprotected<F, Fut>(request: Request, run: F) -> Response
+async fn run_unprotected<F, Fut>(shared: &Shared, request: Request, run: F) -> Response
 where
     F: FnOnce(Request) -> Fut + Send + 'static,
     Fut: Future<Output = Execution> + Send + 'static,
 {
-    let task = AssertUnwindSafe(run(request)).catch_unwind();
+    let running = shared.running.enter();
+    let task = AssertUnwindSafe(run(request)).catch_unwind().map(move |ran| {
+        drop(running);
+        ran
+    });
     match tokio::spawn(task.instrument(tracing::Span::current())).await {
         Ok(Ok(execution)) => execution.into_response(),
         Ok(Err(_)) | Err(_) => {

@@ -29,7 +29,7 @@ pub use layer::{IdempotencyLayer, IdempotencyService};
 #[cfg(feature = "metrics")]
 pub use metrics::MetricsFacade;
 pub use metrics::{Counters, Event, Metrics, Snapshot, WAIT_BUCKETS, WaitHistogram};
-pub use once::{Once, OnceError};
+pub use once::{Completed, Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
 pub use store::{Claimed, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};

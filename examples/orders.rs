@@ -199,7 +199,11 @@ async fn place_order(state: &AppState, headers: &HeaderMap, order: NewOrder) -> 
 }
 
 #[idempotent(required = false, wait_timeout = 0)]
-async fn create_payment(State(state): State<AppState>, headers: HeaderMap, Json(payment): Json<NewPayment>) -> Response {
+async fn create_payment(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(payment): Json<NewPayment>,
+) -> Response {
     let payment_id = match state.execute(&headers).await {
         Ok(id) => id,
         Err(response) => return response,

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
 use idem::{
-    Claimed, Fence, Fingerprint, IdempotencyKey, Idempotency, MemoryStore, OwnerToken, Record, Store, StoreError,
+    Claimed, Fence, Fingerprint, Idempotency, IdempotencyKey, MemoryStore, OwnerToken, Record, Store, StoreError,
     StoreKey, Undrained, Write, idempotent,
 };
 use serde_json::{Value, json};
@@ -118,7 +118,13 @@ impl Store for RenewalsDown {
     ) -> Result<Claimed, StoreError> {
         self.inner.claim(key, fingerprint, owner, lease).await
     }
-    async fn complete(&self, key: &StoreKey, owner: &OwnerToken, record: &Record, ttl: Duration) -> Result<Write, StoreError> {
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, StoreError> {
         self.inner.complete(key, owner, record, ttl).await
     }
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
@@ -234,10 +240,8 @@ async fn slow(State(seen): State<Seen>) -> impl IntoResponse {
 async fn drain_waits_for_a_handler_whose_client_left_and_its_record_is_kept() {
     let seen = Seen::default();
     let idempotency = Idempotency::in_memory();
-    let app = Router::new()
-        .route("/orders", post(slow))
-        .with_state(seen.clone())
-        .layer(axum::Extension(idempotency.clone()));
+    let app =
+        Router::new().route("/orders", post(slow)).with_state(seen.clone()).layer(axum::Extension(idempotency.clone()));
     let client = tokio::spawn({
         let app = app.clone();
         async move { send(&app, post_json("/orders", Some("k"), json!({}))).await }

@@ -17,6 +17,7 @@ pub mod macro_support;
 mod metrics;
 mod once;
 mod policy;
+pub mod problems;
 mod record;
 mod store;
 

@@ -317,7 +317,10 @@ mod tests {
             String::from_utf8(canonical_json(&nested).unwrap()).unwrap(),
             r#"{"a":1.5,"b":[1,{"a":"x\"y","z":null}]}"#
         );
-        assert_ne!(canonical_json(&serde_json::json!({ "a": 1 })).unwrap(), canonical_json(&serde_json::json!({ "a": 2 })).unwrap());
+        assert_ne!(
+            canonical_json(&serde_json::json!({ "a": 1 })).unwrap(),
+            canonical_json(&serde_json::json!({ "a": 2 })).unwrap()
+        );
     }
 }
 

@@ -6,12 +6,13 @@ mod problem;
 mod replay;
 
 pub use extract::{IdempotencyKey, NotProtected};
-pub use problem::Problem;
+pub(crate) use problem::Answers;
+pub use problem::{DEFAULT_PROBLEM_TYPE_BASE, Problem};
 
 use crate::engine::{Claim, Outcome, begin_observed};
+use crate::idempotency::Shared;
 use crate::layer::{Adoptable, Handoff, LayerRoutes};
 use crate::store::{StoreError, StoreKey, Write};
-use crate::idempotency::Shared;
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
@@ -118,14 +119,14 @@ impl Idempotency {
                 }
             }
             // The layer's claim lapsed before the handler was reached and the key is someone else's now.
-            Ok(Write::Fenced) => Problem::InProgress.into_response(),
+            Ok(Write::Fenced) => self.shared.answers.render(Problem::InProgress),
             Err(error) => {
                 tracing::error!(%error, "idempotency store failed while taking the claim over: answering 503");
                 drop(claim);
-                Problem::StoreUnavailable.into_response()
+                self.shared.answers.render(Problem::StoreUnavailable)
             }
         };
-        identify(&mut response, echo, fingerprint);
+        identify(&self.shared.answers, &mut response, echo, fingerprint);
         response
     }
 
@@ -145,11 +146,13 @@ impl Idempotency {
     {
         let shared = &*self.shared;
         let span = tracing::Span::current();
-        let key = match key::parse(request.headers().get_all(&shared.key_header)) {
+        let parsed = key::parse(request.headers().get_all(&shared.key_header))
+            .and_then(|key| key.map(|key| shared.key_format.check(&key).map(|()| key)).transpose());
+        let key = match parsed {
             Ok(Some(key)) => key,
             Ok(None) if policy.is_required() => {
                 span.record("outcome", "missing-key");
-                return Problem::MissingKey { header: shared.key_header.to_string() }.into_response();
+                return shared.answers.render(Problem::MissingKey { header: shared.key_header.to_string() });
             }
             Ok(None) => {
                 span.record("outcome", "no-key");
@@ -157,7 +160,7 @@ impl Idempotency {
             }
             Err(error) => {
                 span.record("outcome", "invalid-key");
-                return Problem::InvalidKey { reason: error.to_string() }.into_response();
+                return shared.answers.render(Problem::InvalidKey { reason: error.to_string() });
             }
         };
         let echo = request.headers().get(&shared.key_header).map(|value| (shared.key_header.clone(), value.clone()));
@@ -172,15 +175,18 @@ impl Idempotency {
             Ok(body) => body,
             Err(error) if is_length_limit(&error) => {
                 span.record("outcome", "payload-too-large");
-                return Problem::PayloadTooLarge.into_response();
+                return shared.answers.render(Problem::PayloadTooLarge);
             }
             Err(_) => {
                 span.record("outcome", "unreadable-body");
-                return Problem::UnreadableBody.into_response();
+                return shared.answers.render(Problem::UnreadableBody);
             }
         };
         let fingerprint = self.fingerprint(&parts, &body);
         let principal = (shared.principal)(&parts);
+        if principal.is_empty() {
+            shared.warn_unscoped_once();
+        }
         let store_key = StoreKey::derive(&[
             b"http",
             parts.method.as_str().as_bytes(),
@@ -217,28 +223,30 @@ impl Idempotency {
                         response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
                         with_status(response, "hit")
                     }
-                    Stored::NotReplayable { status } => Problem::NotReplayable { status: *status }.into_response(),
+                    Stored::NotReplayable { status } => {
+                        shared.answers.render(Problem::NotReplayable { status: *status })
+                    }
                 }
             }
             Ok(Outcome::InFlight) => {
                 span.record("outcome", "conflict");
-                Problem::InProgress.into_response()
+                shared.answers.render(Problem::InProgress)
             }
             Ok(Outcome::Mismatch) => {
                 span.record("outcome", "mismatch");
-                Problem::KeyReused.into_response()
+                shared.answers.render(Problem::KeyReused)
             }
             // Not an outage: running the handler would ignore what the store holds, so even fail-open refuses.
             Err(error @ StoreError::Corrupt(_)) => {
                 span.record("outcome", "corrupt-record");
                 tracing::error!(%error, "idempotency record unreadable: answering 500, nothing ran");
-                Problem::CorruptRecord.into_response()
+                shared.answers.render(Problem::CorruptRecord)
             }
             Err(error) => match shared.on_store_failure {
                 StoreFailure::FailClosed => {
                     span.record("outcome", "store-error");
                     tracing::error!(%error, "idempotency store failed: answering 503 (fail closed)");
-                    Problem::StoreUnavailable.into_response()
+                    shared.answers.render(Problem::StoreUnavailable)
                 }
                 StoreFailure::FailOpen => {
                     span.record("outcome", "store-error-fail-open");
@@ -248,7 +256,7 @@ impl Idempotency {
                 }
             },
         };
-        identify(&mut response, echo, fingerprint);
+        identify(&shared.answers, &mut response, echo, fingerprint);
         response
     }
 
@@ -315,12 +323,19 @@ fn with_status(mut response: Response, status: &'static str) -> Response {
 }
 
 /// The headers that name the request on every answer made after the key was read: the key echoed, the signature.
-fn identify(response: &mut Response, echo: Option<(HeaderName, HeaderValue)>, fingerprint: Fingerprint) {
+fn identify(
+    answers: &Answers,
+    response: &mut Response,
+    echo: Option<(HeaderName, HeaderValue)>,
+    fingerprint: Fingerprint,
+) {
     let headers = response.headers_mut();
     if let Some((name, value)) = echo {
         headers.insert(name, value);
     }
-    if let Ok(signature) = HeaderValue::try_from(fingerprint.to_hex()) {
+    if answers.signature_header
+        && let Ok(signature) = HeaderValue::try_from(fingerprint.to_hex())
+    {
         headers.insert(SIGNATURE_HEADER, signature);
     }
 }
@@ -348,6 +363,7 @@ where
     let ttl = policy.ttl_duration();
     let store_server_errors = policy.stores_server_errors();
     let limit = shared.max_record_bytes;
+    let answers = shared.answers.clone();
     let running = shared.running.enter();
     request.extensions_mut().insert(claim.fence());
     let task = async move {
@@ -363,7 +379,7 @@ where
                     Some(adoptable) => (adoptable.claim, ran),
                     None => {
                         let response =
-                            ran.map_or_else(|_| Problem::HandlerPanicked.into_response(), |e| e.into_response());
+                            ran.map_or_else(|_| answers.render(Problem::HandlerPanicked), |e| e.into_response());
                         return Finished::Adopted(response);
                     }
                 }
@@ -377,7 +393,7 @@ where
             }
             Err(_) => {
                 tracing::error!(key = %claim.key(), "the idempotent handler panicked; its key is released");
-                Problem::HandlerPanicked.into_response()
+                answers.render(Problem::HandlerPanicked)
             }
         };
         if response.status().is_server_error() && !store_server_errors {
@@ -390,7 +406,7 @@ where
     };
     tokio::spawn(task.instrument(tracing::Span::current())).await.unwrap_or_else(|error| {
         tracing::error!(%error, "the idempotent handler's task ended abnormally");
-        Finished::Ran(Problem::HandlerPanicked.into_response())
+        Finished::Ran(shared.answers.render(Problem::HandlerPanicked))
     })
 }
 
@@ -411,7 +427,7 @@ where
         Ok(Ok(execution)) => execution.into_response(),
         Ok(Err(_)) | Err(_) => {
             tracing::error!("a handler run without an idempotency claim panicked");
-            Problem::HandlerPanicked.into_response()
+            shared.answers.render(Problem::HandlerPanicked)
         }
     }
 }

@@ -19,13 +19,16 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
+/// What one execution's fence said: its owner token, and whether the claim was held (`None`: the store was down).
+type FenceCheck = (String, Option<bool>);
+
 #[derive(Clone, Default)]
 struct Seen {
     runs: Arc<AtomicUsize>,
     keys: Arc<Mutex<Vec<Option<String>>>>,
     started: Arc<Notify>,
     proceed: Arc<Notify>,
-    held: Arc<Mutex<Vec<(String, Option<bool>)>>>,
+    held: Arc<Mutex<Vec<FenceCheck>>>,
 }
 
 fn post_json(path: &str, key: Option<&str>, body: Value) -> Request<Body> {

@@ -102,6 +102,7 @@
 //! #     (StatusCode::CREATED, Json(Order { id, item: order.item }))
 //! # }
 //! use axum::Router;
+//! use axum::http::{HeaderName, header::CONTENT_TYPE};
 //! use axum::routing::post;
 //! use idem::MemoryStore;
 //!
@@ -113,7 +114,7 @@
 //! # async fn serve() -> std::io::Result<()> {
 //! // In production, share records between processes with `idem::RedisStore` (feature `redis`).
 //! let idempotency = Idempotency::builder(MemoryStore::new())
-//!     .fingerprint_headers(["content-type", "x-tenant"])
+//!     .fingerprint_headers([CONTENT_TYPE, HeaderName::from_static("x-tenant")])
 //!     .build();
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! axum::serve(listener, app(idempotency)).await

@@ -46,19 +46,14 @@ impl Idempotency {
     /// handler halfway through, and after its lease a retry would run it again. Call `drain` after `serve` returns
     /// and before the runtime ends, so those handlers finish and record their responses.
     ///
-    /// ```no_run
-    /// # async fn serve(app: axum::Router, idempotency: idem_runtime::Idempotency) -> std::io::Result<()> {
-    /// use std::time::Duration;
-    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-    /// axum::serve(listener, app)
-    ///     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
-    ///     .await?;
+    /// ```text
+    /// axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     /// if let Err(undrained) = idempotency.drain(Duration::from_secs(30)).await {
     ///     tracing::warn!(%undrained, "shutting down with handlers still running");
     /// }
-    /// # Ok(())
-    /// # }
     /// ```
+    ///
+    /// (`examples/orders.rs` does this on SIGTERM, and the README shows it compiled.)
     pub async fn drain(&self, grace: Duration) -> Result<(), Undrained> {
         let running = &self.shared.running;
         let waited = tokio::time::timeout(grace, async {

@@ -28,9 +28,10 @@ pub enum StoreFailure {
 /// extensions (`.layer(Extension(idempotency))`).
 ///
 /// ```
+/// use axum::http::{HeaderName, header::CONTENT_TYPE};
 /// use idem_runtime::{Idempotency, MemoryStore};
 /// let idempotency = Idempotency::builder(MemoryStore::new())
-///     .fingerprint_headers(["content-type", "x-tenant"])
+///     .fingerprint_headers([CONTENT_TYPE, HeaderName::from_static("x-tenant")])
 ///     .max_record_bytes(512 * 1024)
 ///     .build();
 /// # let _ = idempotency;
@@ -160,27 +161,23 @@ pub struct IdempotencyBuilder {
 impl IdempotencyBuilder {
     /// The header carrying the key (default `Idempotency-Key`).
     ///
-    /// # Panics
-    /// If `name` is not a valid header name.
-    pub fn key_header(mut self, name: &str) -> Self {
-        self.shared.key_header = HeaderName::try_from(name).expect("key_header: not a valid header name");
+    /// ```
+    /// use axum::http::HeaderName;
+    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// let idempotency = Idempotency::builder(MemoryStore::new())
+    ///     .key_header(HeaderName::from_static("x-request-key"))
+    ///     .build();
+    /// # let _ = idempotency;
+    /// ```
+    pub fn key_header(mut self, name: HeaderName) -> Self {
+        self.shared.key_header = name;
         self
     }
 
     /// Request headers that are part of the fingerprint, besides method, path, query and body
     /// (default `content-type`).
-    ///
-    /// # Panics
-    /// If a name is not a valid header name.
-    pub fn fingerprint_headers<I, N>(mut self, names: I) -> Self
-    where
-        I: IntoIterator<Item = N>,
-        N: AsRef<str>,
-    {
-        self.shared.fingerprint_headers = names
-            .into_iter()
-            .map(|name| HeaderName::try_from(name.as_ref()).expect("fingerprint_headers: not a valid header name"))
-            .collect();
+    pub fn fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.shared.fingerprint_headers = names.into_iter().collect();
         self
     }
 

@@ -15,11 +15,10 @@ use std::sync::Arc;
 /// provider after a takeover is still deduplicated there:
 ///
 /// ```
-/// use axum::Json;
 /// use idem_runtime::IdempotencyKey;
 ///
 /// // Annotated with `#[idempotent]`, or served behind the layer.
-/// async fn charge(key: IdempotencyKey, Json(amount): Json<u64>) -> String {
+/// async fn charge(key: IdempotencyKey, amount: String) -> String {
 ///     format!("charged {amount} under provider key order-{key}")
 /// }
 /// # let _ = axum::routing::post::<_, _, ()>(charge);

@@ -158,6 +158,18 @@ pub struct IdempotencyBuilder {
     shared: Shared,
 }
 
+impl std::fmt::Debug for IdempotencyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyBuilder")
+            .field("key_header", &self.shared.key_header)
+            .field("fingerprint_headers", &self.shared.fingerprint_headers)
+            .field("key_format", &self.shared.key_format)
+            .field("max_record_bytes", &self.shared.max_record_bytes)
+            .field("on_store_failure", &self.shared.on_store_failure)
+            .finish_non_exhaustive()
+    }
+}
+
 impl IdempotencyBuilder {
     /// The header carrying the key (default `Idempotency-Key`).
     ///

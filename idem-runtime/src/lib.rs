@@ -1,4 +1,4 @@
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 //! The engine behind [idem](https://docs.rs/idem): keys, fingerprints, claim / wait / store / replay, and the stores.
 //!
 //! Users depend on the `idem` crate, which re-exports everything here together with the `#[idempotent]` macro.

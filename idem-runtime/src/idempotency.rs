@@ -51,6 +51,9 @@ pub(crate) struct Shared {
     pub(crate) layer_policy: Policy,
     pub(crate) layer_body_limit: usize,
     pub(crate) metrics: Arc<dyn Metrics>,
+    /// Whether [`IdempotencyBuilder::metrics`] installed metrics: only then are events labelled and store calls
+    /// timed, which costs an allocation and a clock read per request.
+    pub(crate) metrics_installed: bool,
     /// Statuses the layer sends but never stores, since it cannot tell whether the handler answered them.
     pub(crate) layer_unstored: Vec<StatusCode>,
     /// The handler tasks the HTTP doors detached from their connections, for [`Idempotency::drain`].
@@ -63,6 +66,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The metrics one request reports to: labelled with its door and route when metrics are installed.
+    pub(crate) fn metrics_at(&self, door: &'static str, route: &str) -> Arc<dyn Metrics> {
+        if !self.metrics_installed {
+            return self.metrics.clone();
+        }
+        Arc::new(crate::metrics::Labeled { inner: self.metrics.clone(), door, route: route.into() })
+    }
+
     /// Reports, once per engine, that a request was scoped to no principal: every such request shares one scope,
     /// so two clients choosing the same key would share one record. The default principal reads only the
     /// `Authorization` header; apps authenticating by cookie, mTLS or a gateway header must set their own.
@@ -116,6 +127,7 @@ impl Idempotency {
                 layer_policy: Policy::new().required(false),
                 layer_body_limit: 2 << 20,
                 metrics: Arc::new(NoMetrics),
+                metrics_installed: false,
                 layer_unstored: LAYER_UNSTORED.to_vec(),
                 running: Arc::default(),
                 answers: crate::http::Answers::default(),
@@ -298,6 +310,7 @@ impl IdempotencyBuilder {
     /// ```
     pub fn metrics(mut self, metrics: impl Metrics) -> Self {
         self.shared.metrics = Arc::new(metrics);
+        self.shared.metrics_installed = true;
         self
     }
 
@@ -334,7 +347,11 @@ impl IdempotencyBuilder {
     }
 
     /// Builds the engine.
-    pub fn build(self) -> Idempotency {
+    pub fn build(mut self) -> Idempotency {
+        if self.shared.metrics_installed {
+            let timed = crate::store::timed::Timed { inner: self.shared.store, metrics: self.shared.metrics.clone() };
+            self.shared.store = Arc::new(timed);
+        }
         Idempotency { shared: Arc::new(self.shared) }
     }
 }

@@ -16,6 +16,7 @@ mod layer;
 pub mod macro_support;
 mod metrics;
 mod once;
+mod operations;
 mod policy;
 pub mod problems;
 mod record;
@@ -29,11 +30,11 @@ pub use idempotency::{Idempotency, IdempotencyBuilder, PrincipalFn, StoreFailure
 pub use layer::{IdempotencyLayer, IdempotencyService};
 #[cfg(feature = "metrics")]
 pub use metrics::MetricsFacade;
-pub use metrics::{Counters, Event, Metrics, Snapshot, WAIT_BUCKETS, WaitHistogram};
+pub use metrics::{Counters, Event, Metrics, Site, Snapshot, StoreOperation, WAIT_BUCKETS, WaitHistogram};
 pub use once::{Completed, Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
-pub use store::{Claimed, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
+pub use store::{Claimed, Forgotten, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder};
 

@@ -132,7 +132,7 @@ impl Once<'_> {
     {
         let input = canonical_json(input).map_err(OnceError::Encode)?;
         let fingerprint = Fingerprint::builder().field(b"once").field(self.scope.as_bytes()).field(&input).finish();
-        let store_key = StoreKey::derive(&[b"once", self.scope.as_bytes(), self.key.as_bytes()]);
+        let store_key = self.idempotency.once_store_key(self.scope, self.key);
         let span = tracing::info_span!(
             "idempotency",
             door = "once",
@@ -157,7 +157,8 @@ impl Once<'_> {
     {
         let shared = &*self.idempotency.shared;
         let span = tracing::Span::current();
-        let begun = begin_observed(&shared.store, &shared.metrics, store_key, fingerprint, &self.policy).await;
+        let metrics = shared.metrics_at("once", self.scope);
+        let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, &self.policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         }

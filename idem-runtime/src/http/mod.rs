@@ -12,7 +12,7 @@ pub use problem::{DEFAULT_PROBLEM_TYPE_BASE, Problem};
 use crate::engine::{Claim, Outcome, begin_observed};
 use crate::idempotency::Shared;
 use crate::layer::{Adoptable, Handoff, LayerRoutes};
-use crate::store::{StoreError, StoreKey, Write};
+use crate::store::{StoreError, Write};
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
@@ -59,11 +59,20 @@ pub(crate) enum BodyLimit {
     Bytes(usize),
 }
 
-/// Which front door is answering, for the request span.
+/// Which front door is answering, for the request span and the metrics.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Door {
     Handler,
     Layer,
+}
+
+impl Door {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Door::Handler => "handler",
+            Door::Layer => "layer",
+        }
+    }
 }
 
 /// How a claimed request's work ended.
@@ -187,17 +196,14 @@ impl Idempotency {
         if principal.is_empty() {
             shared.warn_unscoped_once();
         }
-        let store_key = StoreKey::derive(&[
-            b"http",
-            parts.method.as_str().as_bytes(),
-            target(parts.extensions.get(), &parts.uri).path().as_bytes(),
-            &principal,
-            key.as_str().as_bytes(),
-        ]);
+        let path = target(parts.extensions.get(), &parts.uri).path();
+        let store_key = self.http_store_key(&parts.method, path, &principal, key.as_str());
         span.record("key", store_key.as_str());
         let mut request = Request::from_parts(parts, Body::from(body));
         request.extensions_mut().insert(IdempotencyKey::new(key.as_str()));
-        let begun = begin_observed(&shared.store, &shared.metrics, store_key, fingerprint, policy).await;
+        let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
+        let metrics = shared.metrics_at(door.name(), route);
+        let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         }
@@ -284,13 +290,9 @@ impl Idempotency {
 /// The span every request answered by a front door runs in; `key` (the store key's digest, never the client's
 /// key), `outcome` and `wait_ms` are filled in as they become known.
 pub(crate) fn request_span(door: Door, request: &Request) -> tracing::Span {
-    let door = match door {
-        Door::Handler => "handler",
-        Door::Layer => "layer",
-    };
     tracing::info_span!(
         "idempotency",
-        door,
+        door = door.name(),
         method = %request.method(),
         path = target(request.extensions().get(), request.uri()).path(),
         key = Empty,

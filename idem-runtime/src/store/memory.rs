@@ -1,6 +1,6 @@
 //! An in-process store with the same semantics as the Redis store, for tests and single-process apps.
 
-use super::{Claimed, Store, StoreError, StoreKey, Write};
+use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
 use crate::{Entry, Fingerprint, OwnerToken, Record, Stored};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -292,6 +292,28 @@ impl Store for MemoryStore {
             None => self.insert_claim(&mut state, key, fingerprint, owner, now + lease)?,
         }
         Ok(Write::Applied)
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Entry>, StoreError> {
+        let mut state = self.lock();
+        state.sweep(Instant::now());
+        Ok(state.slots.get(key).map(|slot| match &slot.entry {
+            SlotEntry::InFlight { fingerprint, .. } => Entry::InFlight { fingerprint: *fingerprint },
+            SlotEntry::Completed(record) => Entry::Completed(record.clone()),
+        }))
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<Forgotten, StoreError> {
+        let mut state = self.lock();
+        state.sweep(Instant::now());
+        match state.slots.get(key).map(|slot| matches!(slot.entry, SlotEntry::InFlight { .. })) {
+            None => Ok(Forgotten::Absent),
+            Some(true) => Ok(Forgotten::InFlight),
+            Some(false) => {
+                state.remove(key);
+                Ok(Forgotten::Removed)
+            }
+        }
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {

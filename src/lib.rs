@@ -11,15 +11,16 @@
 //! ## 1. Add the crate
 //!
 //! ```text
-//! cargo add idem
+//! cargo add axum-idem
 //! cargo add axum
 //! cargo add tokio --features full
 //! cargo add serde --features derive
 //! cargo add --dev tower --features util      # for `oneshot` in tests
 //! ```
 //!
-//! `idem` brings the Redis store by default; `cargo add idem --no-default-features` leaves it out when memory
-//! is enough (tests, one process).
+//! The package is `axum-idem` (the name `idem` on crates.io belongs to another crate); its library is named `idem`,
+//! so code says `use idem::...`. It brings the Redis store by default; `cargo add axum-idem --no-default-features`
+//! leaves it out when memory is enough (tests, one process).
 //!
 //! ## 2. Annotate a handler
 //!

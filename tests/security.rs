@@ -144,7 +144,7 @@ fn unique(label: &str) -> String {
 }
 
 /// `POST path` with a key, extra headers and a JSON body.
-fn order_request(path: &str, key: &str, headers: &[(&str, &str)], body: &Value) -> Request<Body> {
+fn keyed_post(path: &str, key: &str, headers: &[(&str, &str)], body: &Value) -> Request<Body> {
     let mut request = Request::post(path)
         .header("idempotency-key", key)
         .header(header::CONTENT_TYPE, "application/json")
@@ -187,7 +187,7 @@ async fn each_principal_runs_once_and_gets_its_own_answer(store: impl Store) {
         let alice = [("authorization", "Bearer alice")];
         let bob = [("authorization", "Bearer bob")];
 
-        let mut held = order_request("/orders", &key, &alice, &body);
+        let mut held = keyed_post("/orders", &key, &alice, &body);
         held.headers_mut().insert("x-hold", HeaderValue::from_static("1"));
         let alice_first = tokio::spawn({
             let router = router.clone();
@@ -196,18 +196,18 @@ async fn each_principal_runs_once_and_gets_its_own_answer(store: impl Store) {
         probe.started().await;
         // Alice's claim is in flight; Bob's identical request runs at once rather than waiting on or
         // conflicting with it.
-        let bob_first = send(&router, order_request("/orders", &key, &bob, &body)).await;
+        let bob_first = send(&router, keyed_post("/orders", &key, &bob, &body)).await;
         assert_new(&bob_first, 2);
-        let anonymous_first = send(&router, order_request("/orders", &key, &[], &body)).await;
+        let anonymous_first = send(&router, keyed_post("/orders", &key, &[], &body)).await;
         assert_new(&anonymous_first, 3);
         probe.open();
         let alice_first = alice_first.await.unwrap();
         assert_new(&alice_first, 1);
 
         for _ in 0..2 {
-            assert_replays(&send(&router, order_request("/orders", &key, &alice, &body)).await, &alice_first);
-            assert_replays(&send(&router, order_request("/orders", &key, &bob, &body)).await, &bob_first);
-            assert_replays(&send(&router, order_request("/orders", &key, &[], &body)).await, &anonymous_first);
+            assert_replays(&send(&router, keyed_post("/orders", &key, &alice, &body)).await, &alice_first);
+            assert_replays(&send(&router, keyed_post("/orders", &key, &bob, &body)).await, &bob_first);
+            assert_replays(&send(&router, keyed_post("/orders", &key, &[], &body)).await, &anonymous_first);
         }
         assert_eq!(probe.runs(), 3, "{door:?}: one run per principal");
     }
@@ -227,16 +227,16 @@ async fn a_custom_principal_function_replaces_the_authorization_header(store: im
         let acme = |token| [("x-tenant", "acme"), ("authorization", token)];
         let key = format!("1-order-{run}");
 
-        let first = send(&router, order_request("/orders", &key, &acme("Bearer one"), &body)).await;
+        let first = send(&router, keyed_post("/orders", &key, &acme("Bearer one"), &body)).await;
         assert_new(&first, 1);
         // Another credential of the same tenant: the same principal, so a replay.
-        assert_replays(&send(&router, order_request("/orders", &key, &acme("Bearer two"), &body)).await, &first);
-        let other_tenant = send(&router, order_request("/orders", &key, &[("x-tenant", "globex")], &body)).await;
+        assert_replays(&send(&router, keyed_post("/orders", &key, &acme("Bearer two"), &body)).await, &first);
+        let other_tenant = send(&router, keyed_post("/orders", &key, &[("x-tenant", "globex")], &body)).await;
         assert_new(&other_tenant, 2);
         // Tenant and key run together into the same bytes; kept apart, they are another principal's key.
         let shifted_key = format!("-order-{run}");
         assert_eq!(format!("acme{key}"), format!("acme1{shifted_key}"));
-        let boundary = send(&router, order_request("/orders", &shifted_key, &[("x-tenant", "acme1")], &body)).await;
+        let boundary = send(&router, keyed_post("/orders", &shifted_key, &[("x-tenant", "acme1")], &body)).await;
         assert_new(&boundary, 3);
         assert_eq!(probe.runs(), 3, "{door:?}");
     }
@@ -244,14 +244,14 @@ async fn a_custom_principal_function_replaces_the_authorization_header(store: im
 
 // --- Set-Cookie -----------------------------------------------------------------------------------------------
 
-/// The layer door's replay (the annotated door's is in the conformance suite, with one cookie): neither cookie
-/// comes back; the repeated header and the non-UTF-8 value do.
+/// Two cookies on both doors (the conformance suite has one, on the annotated door): neither comes back on the
+/// replay; the repeated header and the non-UTF-8 value do.
 async fn set_cookie_is_never_replayed_on_either_door(store: impl Store) {
     let idempotency = engine(store);
     for door in DOORS {
         let (router, probe) = app(door, idempotency.clone());
         let key = unique("cookies");
-        let request = || order_request("/cookies", &key, &[], &json!({}));
+        let request = || keyed_post("/cookies", &key, &[], &json!({}));
         let first = send(&router, request()).await;
         assert_new(&first, 1);
         let cookies: Vec<&[u8]> = first.headers.get_all(header::SET_COOKIE).iter().map(HeaderValue::as_bytes).collect();
@@ -456,19 +456,19 @@ async fn redis_keys_channels_and_commands_carry_no_client_key_or_credentials() {
     // Every path a key takes through the store: claim and complete, replay, mismatch, release (a 5xx), a
     // duplicate that waits on the channel, the layer door, the quoted key form, the plain API.
     let (router, probe) = app(Door::Annotated, idempotency.clone());
-    let first = send(&router, order_request("/orders", &key, &auth, &body)).await;
+    let first = send(&router, keyed_post("/orders", &key, &auth, &body)).await;
     assert_new(&first, 1);
-    assert_replays(&send(&router, order_request("/orders", &key, &auth, &body)).await, &first);
-    send(&router, order_request("/orders", &key, &auth, &json!({ "item": "lamp" })))
+    assert_replays(&send(&router, keyed_post("/orders", &key, &auth, &body)).await, &first);
+    send(&router, keyed_post("/orders", &key, &auth, &json!({ "item": "lamp" })))
         .await
         .assert_problem(422, "key-reused");
     let quoted = format!("\"order-{key_marker}-1\"");
-    assert_replays(&send(&router, order_request("/orders", &quoted, &auth, &body)).await, &first);
-    let failed = send(&router, order_request("/failing", &format!("fail-{key_marker}"), &auth, &json!({}))).await;
+    assert_replays(&send(&router, keyed_post("/orders", &quoted, &auth, &body)).await, &first);
+    let failed = send(&router, keyed_post("/failing", &format!("fail-{key_marker}"), &auth, &json!({}))).await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
 
     let waited_key = format!("wait-{key_marker}");
-    let mut held = order_request("/orders/waiting", &waited_key, &auth, &body);
+    let mut held = keyed_post("/orders/waiting", &waited_key, &auth, &body);
     held.headers_mut().insert("x-hold", HeaderValue::from_static("1"));
     let original = tokio::spawn({
         let router = router.clone();
@@ -477,7 +477,7 @@ async fn redis_keys_channels_and_commands_carry_no_client_key_or_credentials() {
     probe.started().await;
     let duplicate = tokio::spawn({
         let router = router.clone();
-        let request = order_request("/orders/waiting", &waited_key, &auth, &body);
+        let request = keyed_post("/orders/waiting", &waited_key, &auth, &body);
         async move { send(&router, request).await }
     });
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -493,11 +493,11 @@ async fn redis_keys_channels_and_commands_carry_no_client_key_or_credentials() {
     let original = original.await.unwrap();
     assert_replays(&duplicate.await.unwrap(), &original);
 
-    let cookies = send(&router, order_request("/cookies", &format!("cookie-{key_marker}"), &auth, &json!({}))).await;
+    let cookies = send(&router, keyed_post("/cookies", &format!("cookie-{key_marker}"), &auth, &json!({}))).await;
     assert_eq!(cookies.headers.get_all(header::SET_COOKIE).iter().count(), 2);
 
     let (layered, _) = app(Door::Layer, idempotency.clone());
-    assert_new(&send(&layered, order_request("/orders", &format!("layer-{key_marker}"), &auth, &body)).await, 1);
+    assert_new(&send(&layered, keyed_post("/orders", &format!("layer-{key_marker}"), &auth, &body)).await, 1);
     let once: u32 =
         idempotency.once("refunds", &format!("event-{key_marker}")).run(&1, || async { Ok::<_, ()>(7) }).await.unwrap();
     assert_eq!(once, 7);

@@ -239,12 +239,23 @@ impl Claim {
     }
 
     /// Records the result for `ttl` and wakes waiting duplicates.
+    ///
+    /// When the store cannot be reached ([`StoreError::Unavailable`]), the error is returned and the completion is
+    /// also retried in the background until it lands or `ttl` has passed: the work has run, and a claim left in
+    /// flight would lapse after its lease and let a retry run the work a second time. The store accepts a
+    /// completion as long as nobody claimed the key since, even after the lease ran out, so an outage shorter than
+    /// the rest of the lease costs nothing; a longer one leaves a window in which a retry that claims first runs
+    /// again.
     pub async fn complete(mut self, stored: Stored, ttl: Duration) -> Result<Write, StoreError> {
         self.stop_keeping().await;
         let owner = self.owner.take().expect("a live claim has an owner");
         let record = Record { fingerprint: self.fingerprint, stored };
         let write = self.store.complete(&self.key, &owner, &record, ttl).await;
         report_write(&*self.metrics, &self.key, "complete", &write);
+        if let Err(StoreError::Unavailable(_)) = &write {
+            let retry = PendingCompletion { store: self.store.clone(), key: self.key.clone(), owner, record, ttl };
+            retry.spawn();
+        }
         write
     }
 
@@ -255,6 +266,60 @@ impl Claim {
         let write = self.store.release(&self.key, &owner).await;
         report_write(&*self.metrics, &self.key, "release", &write);
         write
+    }
+}
+
+/// The first pause before a failed completion is sent again, doubled per failure up to
+/// [`COMPLETION_RETRY_LAST`].
+const COMPLETION_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two attempts of a failed completion: a store back from an outage gets the record
+/// within about this long.
+const COMPLETION_RETRY_LAST: Duration = Duration::from_secs(1);
+
+/// A completion the store could not take: the work ran, its answer went out, and its record must still land.
+struct PendingCompletion {
+    store: Arc<dyn Store>,
+    key: StoreKey,
+    owner: OwnerToken,
+    record: Record,
+    ttl: Duration,
+}
+
+impl PendingCompletion {
+    /// Sends the completion again, backing off, until the store takes it (or fences it: someone else claimed the
+    /// key once the lease ran out) or `ttl` has passed, after which the record would have expired anyway.
+    fn spawn(self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        tracing::warn!(key = %self.key, "completion failed: retrying in the background until the store is back");
+        runtime.spawn(
+            async move {
+                let give_up = Instant::now() + self.ttl;
+                let mut pause = COMPLETION_RETRY_FIRST;
+                loop {
+                    tokio::time::sleep(pause).await;
+                    match self.store.complete(&self.key, &self.owner, &self.record, self.ttl).await {
+                        Ok(Write::Applied) => {
+                            tracing::info!(key = %self.key, "completion retried: the record is stored");
+                            return;
+                        }
+                        Ok(Write::Fenced) => {
+                            tracing::warn!(
+                                key = %self.key,
+                                "completion retried too late: the key was claimed again after the lease ran out"
+                            );
+                            return;
+                        }
+                        Err(StoreError::Unavailable(_)) if Instant::now() < give_up => {}
+                        Err(error) => {
+                            tracing::error!(key = %self.key, %error, "completion retry given up: nothing stored");
+                            return;
+                        }
+                    }
+                    pause = (pause * 2).min(COMPLETION_RETRY_LAST);
+                }
+            }
+            .in_current_span(),
+        );
     }
 }
 

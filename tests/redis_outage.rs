@@ -213,3 +213,31 @@ async fn a_completion_refused_by_an_outage_lands_once_redis_is_back() {
     }
     println!("the retried completion landed {:?} after the restart", restarted.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_refused_by_an_outage_frees_the_key_once_redis_is_back() {
+    let mut server = RedisServer::start_durable();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(RedisStore::open(server.url()).await.unwrap());
+    let outcome = idem::begin(&store, key("released-late"), fingerprint(), &idem::Policy::new()).await.unwrap();
+    let idem::Outcome::Execute(claim) = outcome else { panic!("a fresh key is claimed: {outcome:?}") };
+
+    // The work failed (a 5xx): its key must be freed for a retry, but Redis is gone.
+    server.terminate();
+    let released = claim.release().await;
+    assert!(matches!(released, Err(StoreError::Unavailable(_))), "{released:?}");
+
+    // Left in flight, the key would answer 409 for the rest of its 30 s lease with nobody running the work. The
+    // release lands in the background instead, and a retry claims the key within about a second of Redis answering.
+    server.restart_keeping_data();
+    let restarted = Instant::now();
+    loop {
+        match store.claim(&key("released-late"), &fingerprint(), &OwnerToken::generate(), LEASE).await {
+            Ok(Claimed::Owned) => break,
+            Ok(Claimed::Existing(idem::Entry::Completed(_))) => panic!("nothing was completed"),
+            Ok(Claimed::Existing(idem::Entry::InFlight { .. })) | Err(_) => {}
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(10), "the key stayed in flight: the release never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("the retried release landed {:?} after the restart", restarted.elapsed());
+}

@@ -253,69 +253,99 @@ impl Claim {
         let write = self.store.complete(&self.key, &owner, &record, ttl).await;
         report_write(&*self.metrics, &self.key, "complete", &write);
         if let Err(StoreError::Unavailable(_)) = &write {
-            let retry = PendingCompletion { store: self.store.clone(), key: self.key.clone(), owner, record, ttl };
-            retry.spawn();
+            let pending = Pending::Complete { record, ttl };
+            PendingWrite { store: self.store.clone(), key: self.key.clone(), owner, write: pending }.spawn(ttl);
         }
         write
     }
 
     /// Gives the key up so a retry runs the work again, and wakes waiting duplicates.
+    ///
+    /// When the store cannot be reached, the release is also retried in the background until it lands or the lease
+    /// has run out (when the key frees itself): otherwise duplicates would be refused `409 in-progress` for the rest
+    /// of the lease with nobody running the work.
     pub async fn release(mut self) -> Result<Write, StoreError> {
         self.stop_keeping().await;
         let owner = self.owner.take().expect("a live claim has an owner");
         let write = self.store.release(&self.key, &owner).await;
         report_write(&*self.metrics, &self.key, "release", &write);
+        if let Err(StoreError::Unavailable(_)) = &write {
+            let pending =
+                PendingWrite { store: self.store.clone(), key: self.key.clone(), owner, write: Pending::Release };
+            pending.spawn(self.lease);
+        }
         write
     }
 }
 
-/// The first pause before a failed completion is sent again, doubled per failure up to
-/// [`COMPLETION_RETRY_LAST`].
-const COMPLETION_RETRY_FIRST: Duration = Duration::from_millis(50);
-/// The longest pause between two attempts of a failed completion: a store back from an outage gets the record
-/// within about this long.
-const COMPLETION_RETRY_LAST: Duration = Duration::from_secs(1);
+/// The first pause before a failed write is sent again, doubled per failure up to [`WRITE_RETRY_LAST`].
+const WRITE_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two attempts of a failed write: a store back from an outage gets it within about this
+/// long.
+const WRITE_RETRY_LAST: Duration = Duration::from_secs(1);
 
-/// A completion the store could not take: the work ran, its answer went out, and its record must still land.
-struct PendingCompletion {
+/// An owner-checked write the store could not take, sent again in the background.
+struct PendingWrite {
     store: Arc<dyn Store>,
     key: StoreKey,
     owner: OwnerToken,
-    record: Record,
-    ttl: Duration,
+    write: Pending,
 }
 
-impl PendingCompletion {
-    /// Sends the completion again, backing off, until the store takes it (or fences it: someone else claimed the
-    /// key once the lease ran out) or `ttl` has passed, after which the record would have expired anyway.
-    fn spawn(self) {
+enum Pending {
+    /// The work ran and its answer went out: its record must still land, or after the lease a retry runs it again.
+    Complete { record: Record, ttl: Duration },
+    /// The work failed: the key must be freed, or duplicates are refused until the lease runs out.
+    Release,
+}
+
+impl PendingWrite {
+    fn operation(&self) -> &'static str {
+        match self.write {
+            Pending::Complete { .. } => "complete",
+            Pending::Release => "release",
+        }
+    }
+
+    async fn send(&self) -> Result<Write, StoreError> {
+        match &self.write {
+            Pending::Complete { record, ttl } => self.store.complete(&self.key, &self.owner, record, *ttl).await,
+            Pending::Release => self.store.release(&self.key, &self.owner).await,
+        }
+    }
+
+    /// Sends the write again, backing off, until the store takes it (or fences it: someone else claimed the key once
+    /// the lease ran out) or `useful_for` has passed (the record would have expired, or the claim lapsed by itself).
+    fn spawn(self, useful_for: Duration) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        tracing::warn!(key = %self.key, "completion failed: retrying in the background until the store is back");
+        let operation = self.operation();
+        tracing::warn!(key = %self.key, operation, "write failed: retrying in the background until the store is back");
         runtime.spawn(
             async move {
-                let give_up = Instant::now() + self.ttl;
-                let mut pause = COMPLETION_RETRY_FIRST;
+                let give_up = Instant::now() + useful_for;
+                let mut pause = WRITE_RETRY_FIRST;
                 loop {
                     tokio::time::sleep(pause).await;
-                    match self.store.complete(&self.key, &self.owner, &self.record, self.ttl).await {
+                    match self.send().await {
                         Ok(Write::Applied) => {
-                            tracing::info!(key = %self.key, "completion retried: the record is stored");
+                            tracing::info!(key = %self.key, operation, "write retried: it landed");
                             return;
                         }
                         Ok(Write::Fenced) => {
                             tracing::warn!(
                                 key = %self.key,
-                                "completion retried too late: the key was claimed again after the lease ran out"
+                                operation,
+                                "write retried too late: the key was claimed again after the lease ran out"
                             );
                             return;
                         }
                         Err(StoreError::Unavailable(_)) if Instant::now() < give_up => {}
                         Err(error) => {
-                            tracing::error!(key = %self.key, %error, "completion retry given up: nothing stored");
+                            tracing::error!(key = %self.key, operation, %error, "write retry given up");
                             return;
                         }
                     }
-                    pause = (pause * 2).min(COMPLETION_RETRY_LAST);
+                    pause = (pause * 2).min(WRITE_RETRY_LAST);
                 }
             }
             .in_current_span(),

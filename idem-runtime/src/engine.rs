@@ -203,6 +203,7 @@ impl Claim {
                 key: self.key.clone(),
                 owner: owner.clone(),
                 fingerprint: self.fingerprint,
+                failures: 0,
             };
             *keeper = Some(Keeper::spawn(renewal, self.lease));
         }
@@ -261,18 +262,32 @@ struct Renewal {
     key: StoreKey,
     owner: OwnerToken,
     fingerprint: Fingerprint,
+    /// Renewals that failed in a row.
+    failures: u32,
 }
 
 impl Renewal {
     /// One renewal, given up after one renewal period: a store that hangs must not hold up the next renewal, nor
     /// the completion that waits for this one to land.
-    async fn renew(&self, lease: Duration) -> Result<Write, StoreError> {
+    ///
+    /// Of failures in a row (retried every [`renewal_retry_period`] while the store is out of reach) only the first
+    /// is counted and logged as an error, so an outage does not flood the log with one error per retry per claim.
+    async fn renew(&mut self, lease: Duration) -> Result<Write, StoreError> {
         let renewal = self.store.renew(&self.key, &self.owner, &self.fingerprint, lease);
         let write = match tokio::time::timeout(renewal_period(lease), renewal).await {
             Ok(write) => write,
             Err(_) => Err(StoreError::Unavailable("the lease renewal timed out".to_owned())),
         };
-        report_write(&*self.metrics, &self.key, "renew", &write);
+        match &write {
+            Err(error) if self.failures > 0 => {
+                tracing::debug!(key = %self.key, %error, failures = self.failures, "lease renewal failed again");
+            }
+            Ok(Write::Applied) if self.failures > 0 => {
+                tracing::info!(key = %self.key, failures = self.failures, "lease renewed again after failed attempts");
+            }
+            _ => report_write(&*self.metrics, &self.key, "renew", &write),
+        }
+        self.failures = if write.is_err() { self.failures + 1 } else { 0 };
         write
     }
 }
@@ -315,7 +330,7 @@ impl Keeper {
     }
 
     async fn run(
-        renewal: Renewal,
+        mut renewal: Renewal,
         mut lease: Duration,
         mut commands: tokio::sync::mpsc::UnboundedReceiver<KeeperCommand>,
     ) {
@@ -484,8 +499,11 @@ mod tests {
         let policy = Policy::new().lease(lease).wait_timeout(Duration::ZERO);
         let key = StoreKey::derive(&[b"renewal-retry"]);
         let fingerprint = Fingerprint::builder().field(b"request").finish();
+        let counters = Arc::new(crate::Counters::new());
+        let metrics: Arc<dyn Metrics> = counters.clone();
         let started = Instant::now();
-        let Outcome::Execute(claim) = begin(&shared, key.clone(), fingerprint, &policy).await.unwrap() else {
+        let begun = begin_observed(&shared, &metrics, key.clone(), fingerprint, &policy).await;
+        let Ok(Outcome::Execute(claim)) = begun.result else {
             panic!("a fresh key is claimed");
         };
         claim.start_keeping();
@@ -504,6 +522,8 @@ mod tests {
             renewed.iter().any(|at| *at >= back && *at <= back + renewal_retry_period(lease)),
             "renewed within a retry period of the store answering again: {renewed:?}"
         );
+        // Many attempts failed while the store was out of reach; one store error is counted for them.
+        assert_eq!(counters.snapshot().store_errors, 1);
         // So the key is still held when the lease of the renewal at 1 s would have run out.
         tokio::time::sleep_until(started + Duration::from_millis(4001)).await;
         let duplicate = Fingerprint::builder().field(b"duplicate").finish();

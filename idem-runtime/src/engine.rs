@@ -303,7 +303,7 @@ fn renewal_period(lease: Duration) -> Duration {
 /// lease could hand the key to a duplicate while the owner was still running. Retried, the lease is extended as soon
 /// as the store answers again, so an outage that ends (as seen by this process) a twentieth of the lease before the
 /// lease granted by the last renewal runs out costs nothing. Attempts are cheap while the store is known to be down
-/// ([`RedisStore`](crate::RedisStore) fails them without touching the network).
+/// (the Redis store fails them without touching the network).
 fn renewal_retry_period(lease: Duration) -> Duration {
     (lease / 20).max(Duration::from_millis(10))
 }

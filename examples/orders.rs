@@ -259,7 +259,12 @@ async fn backend() -> Result<(Idempotency, Executions, String), Box<dyn std::err
         // The store opens its own connections, so it fails fast during an outage and heals by itself; the counter
         // shares nothing with it.
         let store = RedisStore::open(url.as_str()).await?;
-        let counter = idem::redis::Client::open(url.as_str())?.get_connection_manager().await?;
+        // Reconnecting every 100 ms at most (redis-rs' default backoff doubles up to seconds): after Redis comes
+        // back, the counter must answer as soon as the store does, or the first requests fail with 500.
+        let config = idem::redis::aio::ConnectionManagerConfig::new()
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(100));
+        let counter = idem::redis::Client::open(url.as_str())?.get_connection_manager_with_config(config).await?;
         return Ok((Idempotency::new(store), Executions::Redis(counter), format!("redis {url}")));
     }
     Ok((Idempotency::new(MemoryStore::new()), Executions::Memory(Arc::default()), "memory".to_owned()))

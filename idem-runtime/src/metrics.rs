@@ -19,7 +19,8 @@ pub enum Event {
     /// A key reused for a different request, refused with `422 key-reused`
     /// (or [`OnceError::Mismatch`](crate::OnceError::Mismatch)).
     Mismatch,
-    /// A store operation failed (claim, complete, release or lease renewal).
+    /// A store operation failed (claim, complete, release or lease renewal; renewals that fail in a row, retried
+    /// while the store is out of reach, count once).
     StoreError,
     /// An owner-checked write (complete, release, renew) was refused because the claim had expired and the key had
     /// moved on: a stale owner was fenced off.

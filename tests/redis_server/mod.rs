@@ -160,6 +160,13 @@ impl RedisServer {
         }
         panic!("redis-server on port {} did not answer PING within 10 s", self.port);
     }
+
+    /// A node that writes every change to its append-only file before answering (`appendfsync always`), so a
+    /// [`RedisServer::restart`] after [`RedisServer::kill`] finds every acknowledged claim, record and counter again,
+    /// with its expiry (kept as an absolute time: a lease keeps running out while the server is down).
+    pub fn start_persistent() -> Self {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
 }
 
 /// Starts `program` under a shell that kills it when this test process exits, even by a crash or SIGKILL.

@@ -4,8 +4,6 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
-#[path = "conformance/outage.rs"]
-mod outage;
 mod probe;
 mod redis_server;
 use axum::body::{Body, Bytes};
@@ -18,7 +16,7 @@ use idem::{
     Claimed, Counters, Fingerprint, Idempotency, OnceError, OwnerToken, Policy, Record, Snapshot, Store, StoreError,
     StoreKey, WAIT_BUCKETS, Write, idempotent,
 };
-use outage::Outage;
+use idem::test_kit::Outage;
 use probe::Probe;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -18,6 +18,8 @@ mod once;
 mod policy;
 mod record;
 mod store;
+#[cfg(feature = "test-kit")]
+pub mod test_kit;
 
 pub use engine::{Claim, Outcome, begin};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};

@@ -11,12 +11,14 @@
 //! A real backend (a database, a cache) keeps the same shape: each method one atomic step on the backend, the owner
 //! token checked inside that step, expiry left to the backend where it has it, and a notification to wake waiters.
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{FromRef, State};
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use axum::Router;
-use idem::{Claimed, Entry, Fingerprint, Idempotency, OwnerToken, Record, Store, StoreError, StoreKey, Write, idempotent};
+use idem::{
+    Claimed, Entry, Fingerprint, Idempotency, OwnerToken, Record, Store, StoreError, StoreKey, Write, idempotent,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -50,7 +50,13 @@ impl Store for Broken {
         let lease = if matches!(self.fault, Fault::LongLeases) { lease * 100 } else { lease };
         self.inner.claim(key, fingerprint, owner, lease).await
     }
-    async fn complete(&self, key: &StoreKey, owner: &OwnerToken, record: &Record, ttl: Duration) -> Result<Write, StoreError> {
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, StoreError> {
         self.inner.complete(key, owner, record, ttl).await
     }
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {

@@ -3,7 +3,6 @@
 //! leases are involved, so a 100 s handler takes no real time) and, through a store wrapper, on a store that loses
 //! replies or hangs, which no real backend can be asked to do on cue.
 
-
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{Request, StatusCode};

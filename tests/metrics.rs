@@ -12,11 +12,11 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
+use idem::test_kit::Outage;
 use idem::{
     Claimed, Counters, Fingerprint, Idempotency, OnceError, OwnerToken, Policy, Record, Snapshot, Store, StoreError,
     StoreKey, WAIT_BUCKETS, Write, idempotent,
 };
-use idem::test_kit::Outage;
 use probe::Probe;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};

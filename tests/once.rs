@@ -4,8 +4,8 @@
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
 mod redis_server;
-use idem::{Idempotency, OnceError, Policy, Store, StoreError, StoreFailure};
 use idem::test_kit::Outage;
+use idem::{Idempotency, OnceError, Policy, Store, StoreError, StoreFailure};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

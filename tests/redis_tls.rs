@@ -63,7 +63,12 @@ mod over_tls {
             let mut ca = vec!["req", "-x509"];
             ca.extend(p256);
             ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=idem test CA"]);
-            ca.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+            ca.extend([
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
             self.openssl(&ca);
             // Cluster nodes present the server certificate as clients of each other's TLS bus, which checks it.
             for (name, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth")] {
@@ -80,15 +85,30 @@ mod over_tls {
                 request.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
                 self.openssl(&request);
                 self.openssl(&[
-                    "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &pem,
-                    "-days", "2", "-extfile", &ext,
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &pem,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext,
                 ]);
             }
         }
 
         fn openssl(&self, args: &[&str]) {
             let output = Command::new("openssl").args(args).current_dir(&self.dir).output().unwrap_or_else(|error| {
-                panic!("run `openssl` ({error}): the TLS tests make their certificates with it (apt-get install openssl)")
+                panic!(
+                    "run `openssl` ({error}): the TLS tests make their certificates with it (apt-get install openssl)"
+                )
             });
             assert!(
                 output.status.success(),
@@ -214,11 +234,23 @@ mod over_tls {
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waiter.is_finished(), "the waiter waits while the claim is in flight");
-        assert_eq!(first.complete(&key, &owner, &record("order 1"), Duration::from_secs(60)).await.unwrap(), Write::Applied);
+        assert_eq!(
+            first.complete(&key, &owner, &record("order 1"), Duration::from_secs(60)).await.unwrap(),
+            Write::Applied
+        );
         let (waited, seen) = tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap();
         assert!(waited < Duration::from_secs(5), "woken by the notification, not the 30 s timeout: {waited:?}");
         assert_eq!(seen, Claimed::Existing(Entry::Completed(record("order 1"))), "the replay reads the record");
     }
+
+    /// A store on the shared TLS node, for the conformance suite.
+    async fn shared_node_store() -> RedisStore {
+        store_on(shared_node().url()).await
+    }
+
+    // The whole behaviour table and store contract over TLS: duplicates woken by pub/sub on a TLS connection,
+    // records read back over TLS byte for byte.
+    idem::test_kit::conformance_tests!(node_conformance, shared_node_store);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_over_tls_claims_completes_replays_and_wakes_waiters() {

@@ -17,9 +17,9 @@ use redis::cluster::ClusterClientBuilder;
 use redis::sentinel::SentinelClient;
 use redis::{Client, IntoConnectionInfo, Pipeline, ProtocolVersion, Value};
 use replicas::ReplicaAcks;
-use tls::TlsSettings;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
+use tls::TlsSettings;
 
 /// A Lua script with its SHA-1, so a call sends `EVALSHA` and falls back to `EVAL` once per node that lacks it.
 struct Script {
@@ -216,11 +216,8 @@ impl RedisStoreBuilder {
         let timeouts = self.timeouts;
         let nodes = nodes.into_iter().map(tls::connection_info).collect::<Result<Vec<_>, _>>()?;
         // The response timeout also bounds the Cluster connection's own retries (redirections, reconnections).
-        let builder = self
-            .tls
-            .cluster_builder(nodes)
-            .connection_timeout(timeouts.connect)
-            .response_timeout(timeouts.response);
+        let builder =
+            self.tls.cluster_builder(nodes).connection_timeout(timeouts.connect).response_timeout(timeouts.response);
         self.cluster_builder(builder).await
     }
 

@@ -2,13 +2,13 @@
 //! first thing in its body, so a case can say how many times the handler really ran.
 
 use super::client::Reply;
+use crate::{Idempotency, Store};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use crate::{Idempotency, Store};
 use idem_macros::idempotent;
 use serde::{Deserialize, Serialize};
 use serde_json::json;

@@ -4,12 +4,12 @@
 //! depends on paused time: a real store keeps real TTLs. Keys are fresh per run, so a persistent store can be
 //! shared by runs and by cases running in parallel.
 
+use super::Outage;
 use super::app::{BODY_LIMIT, TestApp, stream_chunks};
 use super::client::{KEY, REPLAYED, Reply, RequestExt, STATUS, exchange, fresh_key, post, raw_request, serve};
-use super::Outage;
+use crate::{Idempotency, Store, StoreFailure};
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
-use crate::{Idempotency, Store, StoreFailure};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::time::Duration;

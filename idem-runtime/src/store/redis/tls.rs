@@ -48,8 +48,7 @@ impl TlsSettings {
     }
 
     pub(super) fn set_client_certificate(&mut self, certificate: Vec<u8>, key: Vec<u8>) {
-        self.certificates().client_tls =
-            Some(redis::ClientTlsConfig { client_cert: certificate, client_key: key });
+        self.certificates().client_tls = Some(redis::ClientTlsConfig { client_cert: certificate, client_key: key });
     }
 }
 
@@ -88,7 +87,10 @@ impl TlsSettings {
         if self.certificates.is_some() || sentinels.iter().any(is_tls) {
             return self.tls_sentinel_client(sentinels, service);
         }
-        SentinelClient::build(sentinels, service.to_owned(), None, SentinelServerType::Master).map_err(unavailable)
+        // A `String`: redis-rs without TLS takes one (with TLS, `impl AsRef<str>`, which makes the copy needless).
+        #[cfg_attr(feature = "tls", allow(clippy::unnecessary_to_owned))]
+        let service = service.to_owned();
+        SentinelClient::build(sentinels, service, None, SentinelServerType::Master).map_err(unavailable)
     }
 
     #[cfg(feature = "tls")]

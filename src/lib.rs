@@ -227,7 +227,31 @@
 //! # Cargo features
 //!
 //! - `redis` (default): `RedisStore`, for single nodes, Sentinel and Cluster.
+//! - `tls`: `rediss://` URLs for `RedisStore` (rustls), trusting the system's root certificates; the builder's
+//!   `tls_root_certificates` trusts a private CA instead, `tls_client_certificate` presents a client certificate.
+//! - `tls-webpki-roots`: `tls`, trusting Mozilla's root certificates compiled into the binary instead (for
+//!   images without a CA bundle).
 //! - `metrics`: `MetricsFacade`, reporting to the [`metrics`](https://docs.rs/metrics) crate's recorder.
+//! - `test-kit`: `test_kit`, the conformance suite for your own [`Store`], for your tests (enable it on the
+//!   dev-dependency).
+//!
+//! # Your own store
+//!
+//! Implement [`Store`] with [`#[idem::async_trait]`](async_trait) (the same version idem uses), and check it with
+//! the test kit: one line under `tests/` runs every conformance case on it, one `#[test]` per case.
+//!
+//! ```toml
+//! [dev-dependencies]
+//! idem = { version = "0.1", features = ["test-kit"] }
+//! ```
+//!
+//! ```
+//! // tests/my_store.rs: a closure that makes the store under test (here idem's own, to keep this compiling).
+//! idem::test_kit::conformance_tests!(my_store, || async { idem::MemoryStore::new() });
+//! # fn main() {}
+//! ```
+//!
+//! `examples/custom_store.rs` in the repository is a complete store written from the contract, checked this way.
 
 pub use idem_macros::idempotent;
 pub use idem_runtime::*;

@@ -94,7 +94,7 @@ impl FromRef<App> for Idempotency {
     }
 }
 
-/// The test app with its probe; requests go through it in process, or over TCP with [`TestApp::serve`].
+/// The test app with its probe; requests go through it in process, or over TCP with [`serve`](super::client::serve).
 pub struct TestApp {
     pub router: Router,
     pub probe: Arc<Probe>,

@@ -353,4 +353,34 @@ mod over_tls {
         let untrusted = RedisStore::cluster(urls.clone()).await.expect_err("the CA is not trusted");
         assert!(untrusted.to_string().contains("UnknownIssuer"), "{untrusted}");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_primary_found_through_sentinel_over_tls_is_reached_over_tls() {
+        let primary = TlsNode::start(false);
+        let certificates = Certificates::get();
+        // The Sentinel listens on a TLS port too, and reaches the primary's TLS port (`tls-replication yes`), so
+        // the address it answers with is the primary's TLS port.
+        let sentinel_tls_port = free_tls_port();
+        let extra = format!(
+            "tls-port {sentinel_tls_port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients no\ntls-replication yes",
+            certificates.path("server.pem"),
+            certificates.path("server.key"),
+            certificates.path("ca.pem"),
+        );
+        let _sentinel = RedisServer::sentinel_with("orders", primary.tls_port, &extra);
+        let sentinels = || vec![format!("rediss://127.0.0.1:{sentinel_tls_port}")];
+        let store = || {
+            RedisStore::builder()
+                .tls_root_certificates(certificates.pem("ca.pem"))
+                .sentinel(sentinels(), "orders")
+                .expect("a Sentinel client")
+        };
+        claim_wait_complete_replay(store(), store()).await;
+        let key = fresh_key("sentinel-untrusted");
+        let untrusted = RedisStore::sentinel(sentinels(), "orders").expect("a Sentinel client (it connects lazily)");
+        let refused = untrusted.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(5)).await;
+        let refused = refused.expect_err("without the test CA, neither the Sentinel nor the primary is trusted");
+        assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
+    }
 }

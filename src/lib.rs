@@ -11,15 +11,16 @@
 //! ## 1. Add the crate
 //!
 //! ```text
-//! cargo add idem
+//! cargo add axum-idem
 //! cargo add axum
 //! cargo add tokio --features full
 //! cargo add serde --features derive
 //! cargo add --dev tower --features util      # for `oneshot` in tests
 //! ```
 //!
-//! `idem` brings the Redis store by default; `cargo add idem --no-default-features` leaves it out when memory
-//! is enough (tests, one process).
+//! The package is `axum-idem` (the name `idem` on crates.io belongs to another crate); its library is named `idem`,
+//! so code says `use idem::...`. It brings the Redis store by default; `cargo add axum-idem --no-default-features`
+//! leaves it out when memory is enough (tests, one process).
 //!
 //! ## 2. Annotate a handler
 //!
@@ -102,6 +103,7 @@
 //! #     (StatusCode::CREATED, Json(Order { id, item: order.item }))
 //! # }
 //! use axum::Router;
+//! use axum::http::{HeaderName, header::CONTENT_TYPE};
 //! use axum::routing::post;
 //! use idem::MemoryStore;
 //!
@@ -113,7 +115,7 @@
 //! # async fn serve() -> std::io::Result<()> {
 //! // In production, share records between processes with `idem::RedisStore` (feature `redis`).
 //! let idempotency = Idempotency::builder(MemoryStore::new())
-//!     .fingerprint_headers(["content-type", "x-tenant"])
+//!     .fingerprint_headers([CONTENT_TYPE, HeaderName::from_static("x-tenant")])
 //!     .build();
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! axum::serve(listener, app(idempotency)).await

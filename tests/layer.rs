@@ -181,7 +181,10 @@ impl Reply {
     fn assert_problem(&self, status: u16, name: &str) {
         assert_eq!(self.status.as_u16(), status, "body: {:?}", self.body);
         assert_eq!(self.headers["content-type"], "application/problem+json");
-        assert_eq!(self.json()["type"], format!("urn:idem:problem:{name}"));
+        assert_eq!(
+            self.json()["type"],
+            format!("https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#{name}")
+        );
     }
 }
 

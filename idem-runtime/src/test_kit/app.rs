@@ -22,6 +22,7 @@ use tower::ServiceExt;
 pub const BODY_LIMIT: usize = 1024;
 
 /// What the handlers report to the test: how often they ran, and hooks to hold them while a case sends duplicates.
+#[derive(Debug)]
 pub struct Probe {
     runs: AtomicUsize,
     finished: AtomicUsize,
@@ -82,7 +83,7 @@ impl Probe {
 }
 
 /// The app state: the engine (found by the handlers through `FromRef`) and the probe.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct App {
     pub idempotency: Idempotency,
     pub probe: Arc<Probe>,
@@ -95,6 +96,7 @@ impl FromRef<App> for Idempotency {
 }
 
 /// The test app with its probe; requests go through it in process, or over TCP with [`serve`](super::client::serve).
+#[derive(Debug)]
 pub struct TestApp {
     pub router: Router,
     pub probe: Arc<Probe>,
@@ -337,7 +339,7 @@ async fn short_ttl(State(app): State<App>) -> Response {
 }
 
 /// A state with no `FromRef` for `Idempotency`: the engine can only come from a request extension.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Bare {
     probe: Arc<Probe>,
 }

@@ -244,7 +244,7 @@
 //!
 //! ```toml
 //! [dev-dependencies]
-//! idem = { version = "0.1", features = ["test-kit"] }
+//! axum-idem = { version = "0.1", features = ["test-kit"] }
 //! ```
 //!
 //! ```

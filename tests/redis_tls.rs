@@ -15,7 +15,7 @@ mod without_the_feature {
     fn assert_names_the_feature(result: Result<RedisStore, StoreError>, constructor: &str) {
         let error = result.expect_err("a rediss:// URL cannot work without the `tls` feature");
         let message = error.to_string();
-        assert!(message.contains("idem's `tls` feature"), "{constructor}: {message}");
+        assert!(message.contains("the `tls` feature of axum-idem"), "{constructor}: {message}");
     }
 
     #[tokio::test]

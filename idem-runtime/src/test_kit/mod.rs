@@ -7,7 +7,7 @@
 //!
 //! ```toml
 //! [dev-dependencies]
-//! idem = { version = "0.1", features = ["test-kit"] }
+//! axum-idem = { version = "0.1", features = ["test-kit"] }
 //! ```
 //!
 //! ```
@@ -44,7 +44,7 @@ pub mod client;
 
 pub use outage::Outage;
 
-/// What `#[idempotent]` expands to use, as the `idem` crate's own `__private` offers it: the handlers of the test
+/// What `#[idempotent]` expands to use, as the facade crate's own `__private` offers it: the handlers of the test
 /// app are annotated with `crate = "crate::test_kit"`, since this crate cannot name `idem`.
 mod __private {
     pub use crate::macro_support::*;

@@ -10,8 +10,9 @@ use redis::{Client, ConnectionInfo, IntoConnectionInfo};
 
 /// The answer to a `rediss://` URL in a build without TLS: redis-rs's own error names its features, not ours.
 #[cfg(not(feature = "tls"))]
-const TLS_FEATURE_OFF: &str = "a `rediss://` URL needs TLS, which this build leaves out: enable idem's `tls` feature \
-                               (or `tls-webpki-roots`), e.g. `idem = { version = \"…\", features = [\"tls\"] }`";
+const TLS_FEATURE_OFF: &str = "a `rediss://` URL needs TLS, which this build leaves out: enable the `tls` feature of \
+                               axum-idem (`cargo add axum-idem --features tls`, or `tls-webpki-roots` for root \
+                               certificates compiled in)";
 
 /// Parses a URL (or takes a ready [`ConnectionInfo`]), naming the `tls` feature when a `rediss://` URL needs it.
 pub(super) fn connection_info(url: impl IntoConnectionInfo) -> Result<ConnectionInfo, StoreError> {

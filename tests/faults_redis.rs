@@ -279,9 +279,9 @@ async fn a_frozen_redis_answers_503_within_the_response_timeout_then_serves_once
     assert!(replay.replays(&completed), "{}", replay.summary());
 
     // Nothing ran while frozen. The first request's claim was sent before the store knew Redis was frozen: it sat
-    // in the server's socket and took effect at the thaw, its reply long given up (the store's background release
-    // of it failed fast, Redis being known down). That key is held for one lease; its retry waits it out (the
-    // route's `wait_timeout` is longer than the lease) and runs once.
+    // in the server's socket and took effect at the thaw, its reply long given up. The engine keeps retrying the
+    // release of such a claim while the store is out of reach, so it is freed soon after the thaw and its retry
+    // runs once, without waiting out the lease.
     let counts = executions_by_key(&redis);
     assert!(fresh.iter().all(|(key, _)| !counts.contains_key(key)), "a refused request ran: {counts:?}");
     let fresh_order = order("fresh", 0);
@@ -296,14 +296,13 @@ async fn a_frozen_redis_answers_503_within_the_response_timeout_then_serves_once
          the thaw",
         retries[0].took()
     );
-    assert!(ran_after_thaw >= LEASE - Duration::from_millis(100), "{ran_after_thaw:?}");
-    assert!(ran_after_thaw < LEASE + Duration::from_secs(1), "{ran_after_thaw:?}");
+    assert!(ran_after_thaw < LEASE - Duration::from_millis(500), "{ran_after_thaw:?}");
 }
 
 // --- 5. The completion write failing -------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_completion_lost_with_redis_leaves_the_key_to_its_lease_and_a_retry_after_it_runs_again() {
+async fn a_completion_refused_by_a_dead_redis_lands_when_it_returns_and_retries_replay_it() {
     let mut redis = RedisServer::start_persistent();
     let service = Service::start(&[("REDIS_URL", redis.url())]).await;
     let client = OrdersClient::new();
@@ -318,36 +317,34 @@ async fn a_completion_lost_with_redis_leaves_the_key_to_its_lease_and_a_retry_af
     wait_for_executions(&service, key, 1).await;
     redis.kill();
     let original = original.await.unwrap();
-    // The handler ran; its answer is sent although its record could not be written (the failure is logged).
+    // The handler ran; its answer is sent although its record could not be written yet.
     assert!(original.is_new_order(), "{}", original.summary());
     let refused = client.post(&service.base, key, &body).await;
     assert!(refused.is_problem(503, "store-unavailable"), "{}", refused.summary());
 
-    // The claim (persisted before it was acknowledged) is still there, with its lease running: a retry waits for it
-    // to run out, then runs the request again.
+    // The claim (persisted before it was acknowledged) is still there; the engine retries the completion in the
+    // background, so once Redis is back the record lands and a retry replays it instead of running again.
     redis.restart();
     let restarted = Instant::now();
     let retry = loop {
         let retry = client.post(&service.base, key, &body).await;
-        if !retry.is_problem(503, "store-unavailable") || restarted.elapsed() > Duration::from_secs(1) {
+        if !retry.is_problem(503, "store-unavailable") || restarted.elapsed() > Duration::from_secs(3) {
             break retry;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!(
-        "the original got {}; after the restart ({:?} after the original was sent) the retry got {}",
+        "the original got {}; after the restart ({:?} after the original was sent) the retry got {}, {:?} after \
+         the restart",
         original.summary(),
         restarted - original.sent,
-        retry.summary()
+        retry.summary(),
+        retry.answered - restarted
     );
-    assert!(retry.is_new_order(), "{}", retry.summary());
-    assert_ne!(retry.order_id(), original.order_id());
-    // The second run started only once the first claim's lease was over.
-    let second_run_ended = retry.answered - original.sent;
-    assert!(second_run_ended >= LEASE + delay - Duration::from_millis(100), "{second_run_ended:?}");
-    assert_eq!(service.key_executions(key).await, 2);
-    let replay = client.post(&service.base, key, &body).await;
-    assert!(replay.replays(&retry), "{}", replay.summary());
+    assert!(retry.replays(&original), "{}", retry.summary());
+    // Well inside the lease: the retried completion landed, not a lapse of the claim.
+    assert!(retry.answered - restarted < LEASE, "{:?}", retry.answered - restarted);
+    assert_eq!(service.key_executions(key).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

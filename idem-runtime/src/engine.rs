@@ -97,7 +97,7 @@ async fn claim_or_wait(
             Err(error) => {
                 // The claim may have taken effect with only its reply lost: give it up rather than leave the key
                 // in flight, answering 409, for a whole lease with nobody running the request.
-                release_lost_claim(store.clone(), key, owner);
+                release_lost_claim(store.clone(), key, owner, policy.lease_duration());
                 return Err(error);
             }
         };
@@ -323,9 +323,18 @@ impl PendingWrite {
     /// Sends the write again, backing off, until the store takes it (or fences it: someone else claimed the key once
     /// the lease ran out) or `useful_for` has passed (the record would have expired, or the claim lapsed by itself).
     fn spawn(self, useful_for: Duration) {
+        tracing::warn!(
+            key = %self.key,
+            operation = self.operation(),
+            "write failed: retrying in the background until the store is back"
+        );
+        self.spawn_quietly(useful_for);
+    }
+
+    /// [`PendingWrite::spawn`] without the warning: for a release of a claim that most likely never landed.
+    fn spawn_quietly(self, useful_for: Duration) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let operation = self.operation();
-        tracing::warn!(key = %self.key, operation, "write failed: retrying in the background until the store is back");
         runtime.spawn(
             async move {
                 let give_up = Instant::now() + useful_for;
@@ -462,6 +471,9 @@ impl Keeper {
                         let write = if lost { Ok(Write::Fenced) } else { renewal.renew(lease).await };
                         next = Instant::now() + renewal_period(lease);
                         lost = matches!(write, Ok(Write::Fenced));
+                        if write.is_err() {
+                            next = Instant::now() + renewal_retry_period(lease);
+                        }
                         let _ = answer.send(write);
                     }
                     Some(KeeperCommand::Stop(done)) => {
@@ -578,12 +590,19 @@ impl Drop for Claim {
 
 /// Releases a claim whose call failed, in case it took effect with only its reply lost. A release deletes nothing
 /// but `owner`'s own claim, so it is harmless when the claim never landed (the usual case: that is not reported).
-fn release_lost_claim(store: Arc<dyn Store>, key: StoreKey, owner: OwnerToken) {
+///
+/// While the store is out of reach the release is retried until it lands or `lease` has passed: a claim that sat in
+/// a frozen server's socket takes effect when the server resumes, and would otherwise hold its key for a whole lease
+/// with nobody running the request.
+fn release_lost_claim(store: Arc<dyn Store>, key: StoreKey, owner: OwnerToken, lease: Duration) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     runtime.spawn(async move {
         match store.release(&key, &owner).await {
             Ok(Write::Applied) => tracing::info!(key = %key, "released a claim whose reply was lost"),
             Ok(Write::Fenced) => {}
+            Err(StoreError::Unavailable(_)) => {
+                PendingWrite { store, key, owner, write: Pending::Release }.spawn_quietly(lease);
+            }
             Err(error) => tracing::debug!(key = %key, %error, "could not release a claim whose call failed"),
         }
     });

@@ -53,7 +53,9 @@ impl Answer {
         if self.header("content-type") != Some("application/problem+json") {
             return None;
         }
-        self.body["type"].as_str()?.strip_prefix("urn:idem:problem:")
+        self.body["type"]
+            .as_str()?
+            .strip_prefix("https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#")
     }
 
     pub fn order_id(&self) -> Option<u64> {

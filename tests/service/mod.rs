@@ -91,6 +91,23 @@ impl Service {
         self.signal("-CONT");
     }
 
+    /// Asks the instance to shut down (SIGTERM, what a deploy sends) and waits up to `within` for it to exit:
+    /// `Some(exit status)`, or `None` if it was still running (it is then killed).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.signal("-TERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the instance") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn signal(&self, signal: &str) {
         let status = Command::new("kill").args([signal, &self.pid().to_string()]).status().expect("run kill");
         assert!(status.success(), "kill {signal} {}", self.pid());

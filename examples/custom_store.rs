@@ -16,9 +16,8 @@ use axum::body::Body;
 use axum::extract::{FromRef, State};
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use idem::{
-    Claimed, Entry, Fingerprint, Idempotency, OwnerToken, Record, Store, StoreError, StoreKey, Write, idempotent,
-};
+use idem::store::{Claimed, Entry, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
+use idem::{Idempotency, idempotent};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -7,8 +7,8 @@
 mod custom_store;
 
 use custom_store::HashMapStore;
+use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
 use idem::test_kit::contract;
-use idem::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
 use std::time::Duration;
 
 idem::test_kit::conformance_tests!(hash_map_store, || async { HashMapStore::default() });

@@ -8,7 +8,8 @@ mod redis_server;
 
 #[cfg(not(feature = "tls"))]
 mod without_the_feature {
-    use idem::{RedisStore, StoreError};
+    use idem::RedisStore;
+    use idem::store::StoreError;
 
     /// The message every constructor must give, so the user learns which feature to turn on.
     #[track_caller]
@@ -31,7 +32,8 @@ mod without_the_feature {
 #[cfg(feature = "tls")]
 mod over_tls {
     use super::redis_server::RedisServer;
-    use idem::{Claimed, Entry, Fingerprint, OwnerToken, Record, RedisStore, Store, StoreKey, Stored, Write};
+    use idem::RedisStore;
+    use idem::store::{Claimed, Entry, Fingerprint, OwnerToken, Record, Store, StoreKey, Stored, Write};
     use std::net::TcpListener;
     use std::path::{Path, PathBuf};
     use std::process::Command;
@@ -205,7 +207,7 @@ mod over_tls {
     fn record(body: &'static str) -> Record {
         Record {
             fingerprint: fp("a"),
-            stored: Stored::Response(idem::StoredResponse { status: 201, headers: vec![], body: body.into() }),
+            stored: Stored::Response(idem::store::StoredResponse { status: 201, headers: vec![], body: body.into() }),
         }
     }
 

@@ -1,9 +1,6 @@
 //! What an app can set about the answers idem makes itself (problem `type` URIs, `Retry-After`, the signature
 //! header) and about the keys it accepts and the scope they live in.
 
-#[path = "conformance/outage.rs"]
-mod outage;
-
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
@@ -79,7 +76,7 @@ async fn problems_link_to_the_apps_documentation_with_its_retry_after_and_no_sig
     assert_eq!(original.headers["x-idempotency-status"], "new");
     assert_eq!(runs.0.load(Ordering::SeqCst), 1);
 
-    let down = orders(configured(outage::Outage).build(), &runs);
+    let down = orders(configured(idem::test_kit::Outage).build(), &runs);
     let unavailable = send(&down, request("k", None)).await;
     assert_eq!(unavailable.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(unavailable.body["type"], "https://api.example.com/problems/store-unavailable");
@@ -102,14 +99,14 @@ async fn by_default_problems_link_to_their_documentation_and_answers_carry_the_s
 }
 
 fn app_down(runs: &Runs) -> Router {
-    orders(Idempotency::new(outage::Outage), runs)
+    orders(Idempotency::new(idem::test_kit::Outage), runs)
 }
 
 #[tokio::test]
 async fn a_key_outside_the_servers_format_is_refused_before_the_store_is_touched() {
     let runs = Runs::default();
     // Over a store that is down: a key refused for its format never reaches it (a 400, not a 503).
-    let down = orders(Idempotency::builder(outage::Outage).key_format(KeyFormat::uuid()).build(), &runs);
+    let down = orders(Idempotency::builder(idem::test_kit::Outage).key_format(KeyFormat::uuid()).build(), &runs);
     let refused = send(&down, request("order-1", None)).await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST);
     assert!(refused.body["type"].as_str().unwrap().ends_with("#invalid-key"));

@@ -3,9 +3,6 @@
 //! leases are involved, so a 100 s handler takes no real time) and, through a store wrapper, on a store that loses
 //! replies or hangs, which no real backend can be asked to do on cue.
 
-#[path = "conformance/outage.rs"]
-mod outage;
-
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
@@ -398,7 +395,7 @@ async fn slow_effect(State(runs): State<Runs>) -> &'static str {
 #[tokio::test]
 async fn a_panic_without_a_key_or_under_fail_open_is_a_500_problem() {
     let runs = Runs::default();
-    let fail_open = Idempotency::builder(outage::Outage).on_store_failure(StoreFailure::FailOpen).build();
+    let fail_open = Idempotency::builder(idem::test_kit::Outage).on_store_failure(StoreFailure::FailOpen).build();
     for (idempotency, key) in [(Idempotency::new(MemoryStore::new()), None), (fail_open, Some("k"))] {
         let app = Router::new().route("/panics", post(panics)).with_state(runs.clone()).layer(idempotency.layer());
         let reply = send(&app, post_json("/panics", key, "{}")).await;

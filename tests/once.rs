@@ -3,11 +3,9 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
-#[path = "conformance/outage.rs"]
-mod outage;
 mod redis_server;
+use idem::test_kit::Outage;
 use idem::{Completed, Idempotency, OnceError, Policy, Store, StoreError, StoreFailure};
-use outage::Outage;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,9 +6,6 @@
 //! The flood of distinct keys against `MemoryStore` has a binary of its own (`tests/memory_flood.rs`), so its peak
 //! resident set is its own.
 
-#[allow(dead_code)]
-#[path = "conformance/client.rs"]
-mod client;
 mod probe;
 mod redis_server;
 
@@ -18,7 +15,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use client::{Reply, exchange, raw_request, serve};
+use idem::test_kit::client::{Reply, exchange, raw_request, serve};
 use idem::{Fingerprint, Idempotency, OwnerToken, Record, Store, StoreError, StoreKey, Write, idempotent};
 use probe::Probe;
 use redis_server::{RedisServer, all_command_calls};

@@ -21,6 +21,8 @@ mod policy;
 pub mod problems;
 mod record;
 mod store;
+#[cfg(feature = "test-kit")]
+pub mod test_kit;
 
 pub use drain::Undrained;
 pub use engine::{Claim, Fence, Outcome, begin};
@@ -37,6 +39,10 @@ pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
 pub use store::{Claimed, Forgotten, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder};
+
+/// The attribute [`Store`] is declared with, for implementing it: `#[idem::async_trait] impl Store for MyStore`,
+/// with no `async-trait` dependency of your own to keep at a matching version.
+pub use async_trait::async_trait;
 
 /// The `deadpool-redis` crate accepted by [`RedisStore::from_pool`].
 #[cfg(feature = "redis")]

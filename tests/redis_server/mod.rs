@@ -323,4 +323,27 @@ impl RedisServer {
     pub fn restart_keeping_data(&mut self) {
         self.restart();
     }
+
+    /// A Sentinel watching the primary at `127.0.0.1:primary_port` under the name `service`, with `extra` lines of
+    /// configuration (e.g. a TLS port, and `tls-replication yes` to reach a primary's TLS port).
+    pub fn sentinel_with(service: &str, primary_port: u16, extra: &str) -> Self {
+        let port = free_port();
+        let dir = scratch_dir(port);
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n{extra}\n\
+                 sentinel monitor {service} 127.0.0.1 {primary_port} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\n",
+                dir = dir.display(),
+            ),
+        )
+        .expect("write sentinel.conf");
+        let args = vec![config.display().to_string(), "--sentinel".to_owned()];
+        let child = spawn_watched(&binary("redis-server"), &args, &dir);
+        let server = Self { port, child, dir, args };
+        server.wait_until_ready();
+        server
+    }
 }

@@ -35,6 +35,8 @@ pub use once::{Completed, Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
 pub use store::{Claimed, Forgotten, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder};
 
@@ -44,3 +46,6 @@ pub use deadpool_redis;
 /// The `redis` crate this store is built on, so apps use the same version.
 #[cfg(feature = "redis")]
 pub use redis;
+/// The `sqlx` crate [`PostgresStore`] is built on, so apps pass it a pool of the same version.
+#[cfg(feature = "postgres")]
+pub use sqlx;

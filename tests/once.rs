@@ -5,6 +5,7 @@
 
 #[path = "conformance/outage.rs"]
 mod outage;
+mod postgres_server;
 mod redis_server;
 use idem::{Completed, Idempotency, OnceError, Policy, Store, StoreError, StoreFailure};
 use outage::Outage;
@@ -376,3 +377,4 @@ macro_rules! once_cases {
 
 once_cases!(memory, || async { idem::MemoryStore::new() });
 once_cases!(redis, crate::redis_server::shared_node_store);
+once_cases!(postgres, crate::postgres_server::shared_store);

@@ -507,3 +507,112 @@ async fn a_store_made_from_the_applications_pool_shares_the_table_with_one_made_
     from_pool.complete(&key, &owner, &record("x"), Duration::from_secs(60)).await.unwrap();
     assert_eq!(store.inspect(&key).await.unwrap(), Some(Entry::Completed(record("x"))));
 }
+
+// --- costs ------------------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct App {
+    idempotency: idem::Idempotency,
+    runs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl axum::extract::FromRef<App> for idem::Idempotency {
+    fn from_ref(app: &App) -> Self {
+        app.idempotency.clone()
+    }
+}
+
+#[idem::idempotent]
+async fn charge(axum::extract::State(app): axum::extract::State<App>, body: String) -> (StatusCode, String) {
+    app.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    (StatusCode::CREATED, format!("charged {body}"))
+}
+
+async fn send(app: &axum::Router, key: &str, body: &str) -> (StatusCode, String) {
+    use tower::ServiceExt;
+    let request = axum::http::Request::post("/charges")
+        .header("idempotency-key", key)
+        .body(axum::body::Body::from(body.to_owned()))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// The store's statements the server ran since the last reset, by kind, sorted.
+async fn statements_run(admin: &PgPool, table: &str) -> Vec<(&'static str, i64)> {
+    let rows = sqlx::query("SELECT query, calls FROM pg_stat_statements WHERE query LIKE '%' || $1 || '%'")
+        .bind(table)
+        .fetch_all(admin)
+        .await
+        .unwrap();
+    let mut run: Vec<(&'static str, i64)> = rows
+        .iter()
+        .map(|row| {
+            let query: String = row.get("query");
+            let kind = if query.contains("claimed AS") {
+                "claim"
+            } else if query.contains("WITH done AS") {
+                "complete"
+            } else if query.contains("pg_stat_statements") {
+                "this test's own"
+            } else {
+                "other"
+            };
+            (kind, row.get("calls"))
+        })
+        .filter(|(kind, _)| *kind != "this test's own")
+        .collect();
+    run.sort();
+    run
+}
+
+use axum::http::StatusCode;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_costs_one_statement_and_a_first_request_two() {
+    let server = PostgresServer::start_with(&["shared_preload_libraries=pg_stat_statements"]);
+    let admin = idem::sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&server.url()).await.unwrap();
+    sqlx::query("CREATE EXTENSION pg_stat_statements").execute(&admin).await.unwrap();
+    let store = store_on(&server, PostgresStore::builder()).await;
+    let table = store.table().to_owned();
+    let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let state = App { idempotency: idem::Idempotency::new(store), runs: runs.clone() };
+    let app = axum::Router::new().route("/charges", axum::routing::post(charge)).with_state(state);
+    assert_eq!(send(&app, "warm-up", "x").await.0, StatusCode::CREATED);
+
+    sqlx::query("SELECT pg_stat_statements_reset()").execute(&admin).await.unwrap();
+    assert_eq!(send(&app, "first", "a").await, (StatusCode::CREATED, "charged a".to_owned()));
+    assert_eq!(statements_run(&admin, &table).await, [("claim", 1), ("complete", 1)]);
+
+    sqlx::query("SELECT pg_stat_statements_reset()").execute(&admin).await.unwrap();
+    assert_eq!(send(&app, "first", "a").await, (StatusCode::CREATED, "charged a".to_owned()));
+    assert_eq!(statements_run(&admin, &table).await, [("claim", 1)], "the claim finds the record and returns it");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2, "warm-up + first");
+}
+
+/// The price of a first request and of a replay on a local PostgreSQL: prints medians, asserts no timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_and_replay_latency_is_measured() {
+    let store = shared_store().await;
+    let mut first_requests = Vec::new();
+    let mut replays = Vec::new();
+    for i in 0..300 {
+        let key = StoreKey::derive(&[b"latency", format!("{i}").as_bytes()]);
+        let started = Instant::now();
+        let owner = owned(&store, &key, Duration::from_secs(30)).await;
+        assert_eq!(store.complete(&key, &owner, &record("r"), Duration::from_secs(60)).await.unwrap(), Write::Applied);
+        first_requests.push(started.elapsed());
+        let started = Instant::now();
+        let replay = store.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await.unwrap();
+        replays.push(started.elapsed());
+        assert!(matches!(replay, Claimed::Existing(Entry::Completed(_))));
+    }
+    first_requests.sort();
+    replays.sort();
+    println!(
+        "postgres: claim+complete median {:?} (p90 {:?}), replay median {:?} (p90 {:?})",
+        first_requests[150], first_requests[270], replays[150], replays[270]
+    );
+}

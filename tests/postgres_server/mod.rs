@@ -20,6 +20,7 @@ pub struct PostgresServer {
     pub port: u16,
     dir: PathBuf,
     child: Child,
+    settings: Vec<String>,
 }
 
 impl Drop for PostgresServer {
@@ -87,6 +88,12 @@ impl PostgresServer {
     /// operating system still holds what it wrote), only a power cut would. Commits stay synchronous, so every
     /// acknowledged write survives [`PostgresServer::stop`].
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A server with extra settings, each `name=value` (passed as `-c name=value`), e.g.
+    /// `shared_preload_libraries=pg_stat_statements`.
+    pub fn start_with(settings: &[&str]) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("idem-postgres-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -106,8 +113,9 @@ impl PostgresServer {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        let child = spawn_watched(&dir, port);
-        let server = Self { port, dir, child };
+        let settings: Vec<String> = settings.iter().map(ToString::to_string).collect();
+        let child = spawn_watched(&dir, port, &settings);
+        let server = Self { port, dir, child, settings };
         server.wait_until_ready();
         server
     }
@@ -139,7 +147,7 @@ impl PostgresServer {
 
     /// Starts the server again on the same port with the same data after [`PostgresServer::stop`].
     pub fn start_again(&mut self) {
-        self.child = spawn_watched(&self.dir, self.port);
+        self.child = spawn_watched(&self.dir, self.port, &self.settings);
         self.wait_until_ready();
     }
 
@@ -162,7 +170,7 @@ impl PostgresServer {
 
 /// Starts `postgres` under a shell that stops it (and removes its directory) when this test process exits, even
 /// by a crash or SIGKILL.
-fn spawn_watched(dir: &Path, port: u16) -> Child {
+fn spawn_watched(dir: &Path, port: u16, settings: &[String]) -> Child {
     let script = r#"
         parent=$1; shift
         "$@" >>postgres.log 2>&1 &
@@ -187,6 +195,9 @@ fn spawn_watched(dir: &Path, port: u16) -> Child {
         "-c",
         "full_page_writes=off",
     ]);
+    for setting in settings {
+        postgres.arg("-c").arg(setting);
+    }
     let program = postgres.get_program().to_owned();
     let args: Vec<_> = postgres.get_args().map(ToOwned::to_owned).collect();
     Command::new("sh")

@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 /// How many times a claim is sent again when it raced with another claimant's insert (see [`PostgresStore::claim`]).
 const CLAIM_ATTEMPTS: usize = 8;
 
+/// How long a pooled connection may have sat idle before it is pinged when handed out (the store's own pool).
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// A [`Store`] on PostgreSQL, through [`sqlx`].
 ///
 /// **One table** (default `idem_records`, see [`PostgresStoreBuilder::table`]), created by
@@ -197,6 +200,14 @@ impl PostgresStoreBuilder {
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.connect_timeout)
+            // sqlx pings every connection it hands out by default: one more round trip per call. A connection
+            // in use moments ago is alive; one that sat idle (through a database restart, say) is checked.
+            .test_before_acquire(false)
+            .before_acquire(|connection, metadata| {
+                Box::pin(async move {
+                    Ok(metadata.idle_for < PING_WHEN_IDLE_FOR || sqlx::Connection::ping(connection).await.is_ok())
+                })
+            })
             .connect_with(options)
             .await
             .map_err(unavailable)?;

@@ -43,8 +43,13 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 /// whatever the database does.
 ///
 /// **Outages.** Each call is bounded by the statement timeout (default 2 s: acquiring a connection and running the
-/// statement) and fails with [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`); the pool
-/// reconnects by itself when the database is back.
+/// statement) and fails with [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`); while the
+/// database refuses connections, a call fails within the connect timeout (default 1 s). The pool reconnects by
+/// itself when the database is back, and the listening connection is replaced within a couple of seconds.
+///
+/// **Poolers.** `LISTEN` needs a session of its own: the listening connection must reach PostgreSQL directly or
+/// through a session-pooling PgBouncer. The statements are prepared (sqlx caches them per connection), which
+/// PgBouncer's transaction pooling supports from version 1.21.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), idem_runtime::StoreError> {

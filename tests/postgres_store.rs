@@ -97,7 +97,10 @@ async fn records_are_rows_of_columns_under_a_digest_with_the_databases_expiry() 
     assert_eq!(row.get::<Option<bool>, _>("replayable"), Some(true));
     assert_eq!(
         row.get::<serde_json::Value, _>("headers"),
-        serde_json::json!([{ "name": "content-type", "value": "text/plain" }, { "name": "x-raw", "value_base64": "/w==" }])
+        serde_json::json!([
+            { "name": "content-type", "value": "text/plain" },
+            { "name": "x-raw", "value_base64": "/w==" },
+        ])
     );
     assert_eq!(row.get::<String, _>("body"), "done");
     let left: f64 = row.get("left");

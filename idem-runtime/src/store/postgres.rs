@@ -28,8 +28,9 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 /// [`PostgresStore::migrate`]; [`PostgresStore::schema_sql`] shows its SQL for teams that run migrations themselves.
 /// A row is a key's in-flight claim (`owner` set) or its completed record (`owner` null, the response in `status`,
 /// `headers`, `body`), with `expires_at`: a row whose `expires_at` has passed is treated as absent by every
-/// statement, and a background sweep deletes such rows in bounded batches. Times are the database's (`now()`),
-/// never the application's, so the clocks of the processes sharing the table do not matter.
+/// statement, and a background sweep deletes such rows in bounded batches. Times are the database's
+/// (`statement_timestamp()`), never the application's, so the clocks of the processes sharing the table do not
+/// matter.
 ///
 /// **Round trips.** Every state change is one statement: a first request costs two (the claim, the completion),
 /// a replay one (the claim finds the record and reads it in the same statement), plus one renewal per third of a
@@ -96,7 +97,7 @@ struct SweepSettings {
 /// | [`connect_timeout`](Self::connect_timeout) | 1 s | opening a connection (the store's own pool, the listener) |
 /// | [`max_connections`](Self::max_connections) | 10 | the size of the pool [`connect`](Self::connect) makes |
 /// | [`sweep_interval`](Self::sweep_interval) | 60 s | time between two sweeps of expired rows |
-/// | [`sweep_batch`](Self::sweep_batch) | 1 000 | rows deleted per statement by the sweep (10 statements a round at most) |
+/// | [`sweep_batch`](Self::sweep_batch) | 1 000 | rows one sweep statement deletes (10 statements a round at most) |
 /// | [`listen_heartbeat`](Self::listen_heartbeat) | 1 s | silence after which the listening connection is checked |
 ///
 /// ```no_run

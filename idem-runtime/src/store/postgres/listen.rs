@@ -223,7 +223,7 @@ async fn run(registry: &Registry, options: &PgConnectOptions, channel: &str, set
         };
         registry.set_listening(false);
         if retry.is_none() {
-            tracing::warn!(reason = %ended, "the PostgreSQL connection that wakes waiting duplicates is down; replacing it");
+            tracing::warn!(reason = %ended, "the connection that wakes waiting duplicates is down; replacing it");
         } else {
             tracing::debug!(reason = %ended, "the PostgreSQL listening connection is still down");
         }

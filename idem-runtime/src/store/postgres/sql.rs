@@ -1,9 +1,10 @@
 //! The table's schema and the store's statements, written once per store for its table.
 //!
 //! Parameters are always bound; only the table's name (checked by [`TableName::parse`], then quoted) is written
-//! into the text. Every statement compares `expires_at` with `now()`, the database's clock at the start of the
-//! statement (the store runs each statement in its own transaction), so a row past its time is absent to all of
-//! them, whether or not the sweep has deleted it yet.
+//! into the text. Every statement compares `expires_at` with `statement_timestamp()`, the database's clock when the
+//! statement started, so a row past its time is absent to all of them whether or not the sweep has deleted it yet.
+//! Not `now()`: that is when the transaction started, which inside an application's own long transaction (a
+//! completion committed with the handler's writes) would be a stale clock.
 
 /// The longest table name part accepted: the index name (`<table>_expires_at`) must stay within PostgreSQL's 63.
 const MAX_PART: usize = 48;
@@ -117,6 +118,8 @@ pub(super) struct Statements {
 impl Statements {
     pub(super) fn new(table: TableName) -> Self {
         let t = table.quoted();
+        // The database's clock at the statement's start (see the module's doc).
+        let now = "statement_timestamp()";
         let channel = table.channel();
         // The caller's claim is upserted only when no live row of someone else is visible: a replay reads and
         // writes nothing. The upsert's own condition is checked again under the row's lock, so of two claimants
@@ -125,16 +128,17 @@ impl Statements {
         let claim = format!(
             "WITH live AS (\n\
                  SELECT owner, fingerprint, status, replayable, headers, body FROM {t}\n\
-                 WHERE key = $1 AND expires_at > now() AND owner IS DISTINCT FROM $2\n\
+                 WHERE key = $1 AND expires_at > {now} AND owner IS DISTINCT FROM $2\n\
              ), claimed AS (\n\
                  INSERT INTO {t} AS held (key, owner, fingerprint, expires_at)\n\
-                 SELECT $1, $2, $3, now() + $4::bigint * interval '1 millisecond' WHERE NOT EXISTS (SELECT FROM live)\n\
+                 SELECT $1, $2, $3, {now} + $4::bigint * interval '1 millisecond' WHERE NOT EXISTS (SELECT FROM live)\n\
                  ON CONFLICT (key) DO UPDATE SET\n\
                      owner = excluded.owner,\n\
-                     fingerprint = CASE WHEN held.expires_at > now() THEN held.fingerprint ELSE excluded.fingerprint END,\n\
+                     fingerprint = CASE WHEN held.expires_at > {now} THEN held.fingerprint\n\
+                                        ELSE excluded.fingerprint END,\n\
                      status = NULL, replayable = NULL, headers = NULL, body = NULL,\n\
                      expires_at = excluded.expires_at\n\
-                 WHERE held.expires_at <= now() OR held.owner = excluded.owner\n\
+                 WHERE held.expires_at <= {now} OR held.owner = excluded.owner\n\
                  RETURNING key\n\
              )\n\
              SELECT true AS owned, NULL::text AS owner, NULL::text AS fingerprint, NULL::smallint AS status,\n\
@@ -147,58 +151,59 @@ impl Statements {
         let complete = format!(
             "WITH done AS (\n\
                  INSERT INTO {t} AS held (key, owner, fingerprint, status, replayable, headers, body, expires_at)\n\
-                 VALUES ($1, NULL, $3, $4, $5, $6, $7, now() + $8::bigint * interval '1 millisecond')\n\
+                 VALUES ($1, NULL, $3, $4, $5, $6, $7, {now} + $8::bigint * interval '1 millisecond')\n\
                  ON CONFLICT (key) DO UPDATE SET\n\
                      owner = NULL, fingerprint = excluded.fingerprint, status = excluded.status,\n\
                      replayable = excluded.replayable, headers = excluded.headers, body = excluded.body,\n\
                      expires_at = excluded.expires_at\n\
-                 WHERE held.owner = $2::text OR held.expires_at <= now()\n\
+                 WHERE held.owner = $2::text OR held.expires_at <= {now}\n\
                  RETURNING key\n\
              )\n\
              SELECT done.key FROM done, LATERAL pg_notify($9, done.key)"
         );
         let release = format!(
             "WITH gone AS (\n\
-                 DELETE FROM {t} WHERE key = $1 AND owner = $2 AND expires_at > now() RETURNING key\n\
+                 DELETE FROM {t} WHERE key = $1 AND owner = $2 AND expires_at > {now} RETURNING key\n\
              )\n\
              SELECT gone.key FROM gone, LATERAL pg_notify($3, gone.key)"
         );
         // The caller's live claim is extended; a free key is claimed again for it.
         let renew = format!(
             "INSERT INTO {t} AS held (key, owner, fingerprint, expires_at)\n\
-             VALUES ($1, $2, $3, now() + $4::bigint * interval '1 millisecond')\n\
+             VALUES ($1, $2, $3, {now} + $4::bigint * interval '1 millisecond')\n\
              ON CONFLICT (key) DO UPDATE SET\n\
                  owner = excluded.owner,\n\
-                 fingerprint = CASE WHEN held.expires_at > now() THEN held.fingerprint ELSE excluded.fingerprint END,\n\
+                 fingerprint = CASE WHEN held.expires_at > {now} THEN held.fingerprint ELSE excluded.fingerprint END,\n\
                  status = NULL, replayable = NULL, headers = NULL, body = NULL,\n\
                  expires_at = excluded.expires_at\n\
-             WHERE held.owner = excluded.owner OR held.expires_at <= now()\n\
+             WHERE held.owner = excluded.owner OR held.expires_at <= {now}\n\
              RETURNING key"
         );
         let lease_left = format!(
-            "SELECT ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint AS left_ms FROM {t}\n\
-             WHERE key = $1 AND owner IS NOT NULL AND expires_at > now()"
+            "SELECT ceil(extract(epoch FROM expires_at - {now}) * 1000)::bigint AS left_ms FROM {t}\n\
+             WHERE key = $1 AND owner IS NOT NULL AND expires_at > {now}"
         );
         let inspect = format!(
-            "SELECT owner, fingerprint, status, replayable, headers, body FROM {t} WHERE key = $1 AND expires_at > now()"
+            "SELECT owner, fingerprint, status, replayable, headers, body FROM {t}\n\
+             WHERE key = $1 AND expires_at > {now}"
         );
         // A live record, an expired row, or a row this build cannot read (a fingerprint that is not 64 hex digits)
         // is removed; a live in-flight claim never is.
         let forget = format!(
             "WITH gone AS (\n\
                  DELETE FROM {t}\n\
-                 WHERE key = $1 AND (owner IS NULL OR expires_at <= now() OR fingerprint !~ '^[0-9a-f]{{64}}$')\n\
-                 RETURNING key, expires_at > now() AS live\n\
+                 WHERE key = $1 AND (owner IS NULL OR expires_at <= {now} OR fingerprint !~ '^[0-9a-f]{{64}}$')\n\
+                 RETURNING key, expires_at > {now} AS live\n\
              )\n\
              SELECT EXISTS (SELECT FROM gone, LATERAL pg_notify($2, gone.key) WHERE gone.live) AS removed,\n\
-                    EXISTS (SELECT FROM {t} WHERE key = $1 AND owner IS NOT NULL AND expires_at > now()\n\
+                    EXISTS (SELECT FROM {t} WHERE key = $1 AND owner IS NOT NULL AND expires_at > {now}\n\
                             AND fingerprint ~ '^[0-9a-f]{{64}}$') AS in_flight"
         );
         // Rows locked by a claim taking one over are skipped, and each row is checked again as it is deleted.
         let sweep = format!(
             "DELETE FROM {t} WHERE key IN (\n\
-                 SELECT key FROM {t} WHERE expires_at <= now() ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED\n\
-             ) AND expires_at <= now()"
+                 SELECT key FROM {t} WHERE expires_at <= {now} ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED\n\
+             ) AND expires_at <= {now}"
         );
         Self { table, channel, claim, complete, release, renew, lease_left, inspect, forget, sweep }
     }

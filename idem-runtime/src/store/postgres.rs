@@ -248,7 +248,17 @@ impl PostgresStore {
         Self::builder().connect(url).await
     }
 
-    /// Uses the application's own pool, with the default settings.
+    /// Uses the application's own pool, with the default settings: the records live beside the application's data.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem_runtime::PostgresStore;
+    /// use idem_runtime::sqlx::postgres::PgPoolOptions;
+    /// let pool = PgPoolOptions::new().max_connections(20).connect("postgres://app@127.0.0.1/app").await?;
+    /// let store = PostgresStore::from_pool(pool.clone());
+    /// store.migrate().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn from_pool(pool: PgPool) -> Self {
         Self::builder().pool(pool)
     }

@@ -233,6 +233,7 @@
 //!   `tls_root_certificates` trusts a private CA instead, `tls_client_certificate` presents a client certificate.
 //! - `tls-webpki-roots`: `tls`, trusting Mozilla's root certificates compiled into the binary instead (for
 //!   images without a CA bundle).
+//! - `postgres`: `PostgresStore`, records in PostgreSQL (sqlx), from a URL or the app's own pool.
 //! - `metrics`: `MetricsFacade`, reporting to the [`metrics`](https://docs.rs/metrics) crate's recorder.
 //! - `test-kit`: `test_kit`, the conformance suite for your own [`store::Store`], for your tests (enable
 //!   it on the dev-dependency).
@@ -262,6 +263,8 @@ pub use idem_runtime::{
     Completed, Fence, Idempotency, IdempotencyBuilder, IdempotencyKey, IdempotencyLayer, IdempotencyService,
     MemoryStore, MemoryStoreBuilder, Once, OnceError, Policy, PrincipalFn, Problem, StoreFailure, Undrained,
 };
+#[cfg(feature = "postgres")]
+pub use idem_runtime::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 
@@ -274,6 +277,8 @@ pub mod store {
         Claimed, Entry, Fingerprint, FingerprintBuilder, Forgotten, MemoryStore, MemoryStoreBuilder, OwnerToken,
         Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write,
     };
+    #[cfg(feature = "postgres")]
+    pub use idem_runtime::{PostgresStore, PostgresStoreBuilder};
     #[cfg(feature = "redis")]
     pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 }

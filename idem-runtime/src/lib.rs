@@ -37,6 +37,8 @@ pub use once::{Completed, Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
 pub use store::{Claimed, Forgotten, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder};
 

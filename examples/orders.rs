@@ -34,8 +34,8 @@ struct AppState {
 #[derive(Clone)]
 enum Executions {
     Memory(Arc<MemoryCounts>),
-    Redis(idem::redis::aio::ConnectionManager),
-    Cluster(idem::redis::cluster_async::ClusterConnection),
+    Redis(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
     /// One row per execution in table `orders` (its id is the order id), with the request's key.
     Postgres(sqlx::PgPool),
 }
@@ -74,13 +74,13 @@ impl Executions {
     }
 
     async fn increment_on(
-        mut connection: impl idem::redis::aio::ConnectionLike,
+        mut connection: impl redis::aio::ConnectionLike,
         key: Option<&str>,
-    ) -> Result<u64, idem::redis::RedisError> {
+    ) -> Result<u64, redis::RedisError> {
         let Some(key) = key else {
-            return idem::redis::cmd("INCR").arg(EXECUTIONS_KEY).query_async(&mut connection).await;
+            return redis::cmd("INCR").arg(EXECUTIONS_KEY).query_async(&mut connection).await;
         };
-        let (total, _): (u64, u64) = idem::redis::pipe()
+        let (total, _): (u64, u64) = redis::pipe()
             .atomic()
             .incr(EXECUTIONS_KEY, 1)
             .hincr(EXECUTIONS_BY_KEY, key, 1)
@@ -90,7 +90,7 @@ impl Executions {
     }
 
     async fn read(&self, key: Option<&str>) -> Result<u64, CountError> {
-        use idem::redis::AsyncCommands;
+        use redis::AsyncCommands;
         let count: Option<u64> = match (self, key) {
             (Executions::Postgres(pool), key) => {
                 let count: i64 =
@@ -121,7 +121,7 @@ impl Executions {
             loop {
                 tick.tick().await;
                 let mut connection = connection.clone();
-                let ping = idem::redis::cmd("PING");
+                let ping = redis::cmd("PING");
                 // An error makes the connection manager reconnect; the next tick tries again.
                 let _ = tokio::time::timeout(Duration::from_secs(1), ping.query_async::<()>(&mut connection)).await;
             }
@@ -282,7 +282,7 @@ async fn backend() -> Result<(Idempotency, Executions, String), Box<dyn std::err
         let nodes: Vec<String> =
             urls.split(',').map(str::trim).filter(|url| !url.is_empty()).map(String::from).collect();
         let store = RedisStore::cluster(nodes.clone()).await?;
-        let counter = idem::redis::cluster::ClusterClient::new(nodes)?.get_async_connection().await?;
+        let counter = redis::cluster::ClusterClient::new(nodes)?.get_async_connection().await?;
         return Ok((Idempotency::new(store), Executions::Cluster(counter), format!("redis cluster {urls}")));
     }
     if let Ok(url) = std::env::var("REDIS_URL") {
@@ -291,10 +291,10 @@ async fn backend() -> Result<(Idempotency, Executions, String), Box<dyn std::err
         let store = RedisStore::open(url.as_str()).await?;
         // Reconnecting every 100 ms at most (redis-rs' default backoff doubles up to seconds): after Redis comes
         // back, the counter must answer as soon as the store does, or the first requests fail with 500.
-        let config = idem::redis::aio::ConnectionManagerConfig::new()
+        let config = redis::aio::ConnectionManagerConfig::new()
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(100));
-        let counter = idem::redis::Client::open(url.as_str())?.get_connection_manager_with_config(config).await?;
+        let counter = redis::Client::open(url.as_str())?.get_connection_manager_with_config(config).await?;
         return Ok((Idempotency::new(store), Executions::Redis(counter), format!("redis {url}")));
     }
     if let Ok(url) = std::env::var("DATABASE_URL") {

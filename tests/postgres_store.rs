@@ -4,9 +4,10 @@
 
 mod postgres_server;
 
-use idem::{
-    Claimed, Entry, Fingerprint, Forgotten, OwnerToken, PostgresStore, Record, Store, StoreError, StoreKey, Stored,
-    StoredResponse, Write,
+use idem::PostgresStore;
+use idem::store::{
+    Claimed, Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, StoreKey, Stored, StoredResponse,
+    Write,
 };
 use postgres_server::{PostgresServer, fresh_table, shared_server, shared_store, store_on};
 use sqlx::{PgPool, Row};

@@ -45,10 +45,3 @@ pub use store::{RedisStore, RedisStoreBuilder};
 /// The attribute [`Store`] is declared with, for implementing it: `#[idem::async_trait] impl Store for MyStore`,
 /// with no `async-trait` dependency of your own to keep at a matching version.
 pub use async_trait::async_trait;
-
-/// The `deadpool-redis` crate accepted by [`RedisStore::from_pool`].
-#[cfg(feature = "redis")]
-pub use deadpool_redis;
-/// The `redis` crate this store is built on, so apps use the same version.
-#[cfg(feature = "redis")]
-pub use redis;

@@ -253,7 +253,7 @@ impl PostgresStore {
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// use idem_runtime::PostgresStore;
-    /// use idem_runtime::sqlx::postgres::PgPoolOptions;
+    /// use sqlx::postgres::PgPoolOptions;
     /// let pool = PgPoolOptions::new().max_connections(20).connect("postgres://app@127.0.0.1/app").await?;
     /// let store = PostgresStore::from_pool(pool.clone());
     /// store.migrate().await?;

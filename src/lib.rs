@@ -275,7 +275,7 @@ pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 /// feature).
 pub mod store {
     pub use idem_runtime::{
-        Claimed, Entry, Fingerprint, FingerprintBuilder, Forgotten, MemoryStore, MemoryStoreBuilder, OwnerToken,
+        Cause, Claimed, Entry, Fingerprint, FingerprintBuilder, Forgotten, MemoryStore, MemoryStoreBuilder, OwnerToken,
         Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write,
     };
     #[cfg(feature = "postgres")]

@@ -170,12 +170,12 @@ impl<S: Store> Store for Flaky<S> {
         lease: Duration,
     ) -> Result<Claimed, StoreError> {
         if self.corrupt {
-            return Err(StoreError::Corrupt("not a record (a test double)".to_owned()));
+            return Err(StoreError::Corrupt("not a record (a test double)".into()));
         }
         let claimed = self.store.claim(key, fingerprint, owner, lease).await;
         if self.lost_replies.load(Ordering::SeqCst) > 0 {
             self.lost_replies.fetch_sub(1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("response timed out (a test double)".to_owned()));
+            return Err(StoreError::Unavailable("response timed out (a test double)".into()));
         }
         if self.resend {
             return self.store.claim(key, fingerprint, owner, lease).await;

@@ -139,7 +139,7 @@ impl Store for RenewalsDown {
         lease: Duration,
     ) -> Result<Write, StoreError> {
         if self.renewals_down.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("renewals are down (test)".to_owned()));
+            return Err(StoreError::Unavailable("renewals are down (test)".into()));
         }
         self.inner.renew(key, owner, fingerprint, lease).await
     }

@@ -252,7 +252,10 @@ async fn an_unreadable_row_is_corrupt_and_can_be_forgotten() {
             .await
             .unwrap();
         let claimed = store.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await;
-        assert!(matches!(&claimed, Err(StoreError::Corrupt(why)) if why.contains(reason)), "{damage}: {claimed:?}");
+        assert!(
+            matches!(&claimed, Err(StoreError::Corrupt(why)) if why.message().contains(reason)),
+            "{damage}: {claimed:?}"
+        );
         assert!(matches!(store.inspect(&key).await, Err(StoreError::Corrupt(_))), "{damage}");
         assert_eq!(store.forget(&key).await.unwrap(), Forgotten::Removed, "{damage}");
         owned(&store, &key, Duration::from_secs(30)).await;
@@ -492,7 +495,7 @@ async fn migrate_is_idempotent_and_safe_to_run_from_several_processes_at_once() 
     // Without the table, calls say what to do.
     let missing = PostgresStore::builder().table(&fresh_table()).connect(&server.url()).await.unwrap();
     let claimed = missing.claim(&fresh_key("x"), &fp("a"), &OwnerToken::generate(), Duration::from_secs(1)).await;
-    assert!(matches!(&claimed, Err(StoreError::Unavailable(why)) if why.contains("migrate")), "{claimed:?}");
+    assert!(matches!(&claimed, Err(StoreError::Unavailable(why)) if why.message().contains("migrate")), "{claimed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -451,7 +451,7 @@ async fn a_key_of_another_type_at_a_records_name_is_corrupt_not_unavailable() {
     server.cli(&["HSET", &record_key(&key), "field", "value"]);
     let claimed = store.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await;
     assert!(
-        matches!(&claimed, Err(idem::store::StoreError::Corrupt(message)) if message.contains("WRONGTYPE")),
+        matches!(&claimed, Err(idem::store::StoreError::Corrupt(message)) if message.message().contains("WRONGTYPE")),
         "{claimed:?}"
     );
     // A server error says nothing about reachability: the store is not marked down.

@@ -389,7 +389,7 @@ impl Renewal {
         let renewal = self.store.renew(&self.key, &self.owner, &self.fingerprint, lease);
         let write = match tokio::time::timeout(renewal_period(lease), renewal).await {
             Ok(write) => write,
-            Err(_) => Err(StoreError::Unavailable("the lease renewal timed out".to_owned())),
+            Err(_) => Err(StoreError::Unavailable("the lease renewal timed out".into())),
         };
         match &write {
             Err(error) if self.failures > 0 => {
@@ -655,7 +655,7 @@ mod tests {
             lease: Duration,
         ) -> Result<Write, StoreError> {
             if self.unreachable.load(Ordering::SeqCst) {
-                return Err(StoreError::Unavailable("unreachable (a test double)".to_owned()));
+                return Err(StoreError::Unavailable("unreachable (a test double)".into()));
             }
             let write = self.store.renew(key, owner, fingerprint, lease).await;
             if matches!(write, Ok(Write::Applied)) {

@@ -54,7 +54,7 @@ impl Idempotency {
         match tokio::time::timeout(timeout, self.shared.store.ping()).await {
             Ok(Ok(())) => Ok(started.elapsed()),
             Ok(Err(error)) => Err(error),
-            Err(_) => Err(StoreError::Unavailable(format!("the store did not answer within {timeout:?}"))),
+            Err(_) => Err(StoreError::Unavailable(format!("the store did not answer within {timeout:?}").into())),
         }
     }
 }

@@ -146,10 +146,12 @@ impl MemoryStore {
         expires_at: Instant,
     ) -> Result<(), StoreError> {
         if state.slots.len() >= self.max_entries {
-            return Err(StoreError::Full(format!("{} entries held (max_entries)", state.slots.len())));
+            return Err(StoreError::Full(format!("{} entries held (max_entries)", state.slots.len()).into()));
         }
         if state.bytes + CLAIM_WEIGHT > self.max_bytes {
-            return Err(StoreError::Full(format!("{} bytes held (max_bytes = {})", state.bytes, self.max_bytes)));
+            return Err(StoreError::Full(
+                format!("{} bytes held (max_bytes = {})", state.bytes, self.max_bytes).into(),
+            ));
         }
         let entry = SlotEntry::InFlight { owner: owner.clone(), fingerprint: *fingerprint };
         state.bytes += CLAIM_WEIGHT;

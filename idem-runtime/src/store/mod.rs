@@ -91,21 +91,84 @@ pub enum Forgotten {
 }
 
 /// A store failed; the engine answers `503 store-unavailable` (or runs unprotected when fail-open is chosen).
+///
+/// Its [`source`](std::error::Error::source) is the backend's own error (a `redis::RedisError`, a `sqlx::Error`),
+/// when there is one.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The backend could not be reached or answered with an error.
     #[error("idempotency store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// The store is at its configured bound and cannot take a new claim.
     #[error("idempotency store is full: {0}")]
-    Full(String),
+    Full(#[source] Cause),
     /// A record read back from the store could not be decoded.
     #[error("idempotency store returned a corrupt record: {0}")]
-    Corrupt(String),
+    Corrupt(#[source] Cause),
     /// The store does not implement this optional operation ([`Store::inspect`], [`Store::forget`]).
     #[error("this idempotency store does not support `{0}`")]
     Unsupported(&'static str),
+}
+
+/// What went wrong in a store call: a message for people, and the backend's error that caused it, when there is
+/// one (as [`source`](std::error::Error::source)).
+///
+/// ```
+/// use idem_runtime::{Cause, StoreError};
+/// use std::error::Error;
+///
+/// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+/// let error = StoreError::Unavailable(Cause::with_source("my-store: connection refused", refused));
+/// assert_eq!(error.to_string(), "idempotency store unavailable: my-store: connection refused");
+/// let io = error.source().and_then(Error::source).and_then(|cause| cause.downcast_ref::<std::io::Error>());
+/// assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::ConnectionRefused));
+/// ```
+#[derive(Debug)]
+pub struct Cause {
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Cause {
+    /// A cause with a message only.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into(), source: None }
+    }
+
+    /// A cause with a message and the backend's error behind it.
+    pub fn with_source(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self { message: message.into(), source: Some(Box::new(source)) }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<String> for Cause {
+    fn from(message: String) -> Self {
+        Self::new(message)
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(message: &str) -> Self {
+        Self::new(message)
+    }
 }
 
 /// A place to keep claims and records: one small async trait, so the engine never knows which backend it talks to.

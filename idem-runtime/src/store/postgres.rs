@@ -4,7 +4,7 @@ mod listen;
 mod row;
 mod sql;
 
-use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
+use super::{Cause, Claimed, Forgotten, Store, StoreError, StoreKey, Write};
 use crate::{Entry, Fingerprint, OwnerToken, Record};
 use listen::{ListenSettings, Listener};
 use sql::{Statements, TableName};
@@ -270,7 +270,7 @@ impl PostgresStore {
         // DDL may wait for locks held by traffic on the table: give it longer than one call.
         match tokio::time::timeout(self.call_timeout.max(Duration::from_secs(30)), migrate).await {
             Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(StoreError::Unavailable("postgres: migrating timed out".to_owned())),
+            Err(_) => Err(StoreError::Unavailable("postgres: migrating timed out".into())),
         }
     }
 
@@ -304,7 +304,9 @@ impl PostgresStore {
     async fn bounded<T>(&self, query: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
         match tokio::time::timeout(self.call_timeout, query).await {
             Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(StoreError::Unavailable(format!("postgres: no answer within {:?}", self.call_timeout))),
+            Err(_) => {
+                Err(StoreError::Unavailable(format!("postgres: no answer within {:?}", self.call_timeout).into()))
+            }
         }
     }
 
@@ -397,17 +399,17 @@ fn millis(duration: Duration) -> i64 {
 fn unavailable(error: sqlx::Error) -> StoreError {
     match error {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
-            StoreError::Corrupt(format!("postgres: {error}"))
+            StoreError::Corrupt(Cause::with_source(format!("postgres: {error}"), error))
         }
-        sqlx::Error::Database(ref database) if database.code().as_deref() == Some("42P01") => {
-            StoreError::Unavailable(format!("postgres: {error} (run PostgresStore::migrate, or the SQL of schema_sql)"))
-        }
-        error => StoreError::Unavailable(format!("postgres: {error}")),
+        sqlx::Error::Database(ref database) if database.code().as_deref() == Some("42P01") => StoreError::Unavailable(
+            Cause::new(format!("postgres: {error} (run PostgresStore::migrate, or the SQL of schema_sql)")),
+        ),
+        error => StoreError::Unavailable(Cause::with_source(format!("postgres: {error}"), error)),
     }
 }
 
 fn decode(row: &PgRow) -> Result<Entry, StoreError> {
-    row::entry(row).map_err(StoreError::Corrupt)
+    row::entry(row).map_err(|why| StoreError::Corrupt(why.into()))
 }
 
 #[async_trait::async_trait]
@@ -435,7 +437,9 @@ impl Store for PostgresStore {
             let owned: bool = row.try_get("owned").map_err(unavailable)?;
             return if owned { Ok(Claimed::Owned) } else { decode(&row).map(Claimed::Existing) };
         }
-        Err(StoreError::Unavailable(format!("postgres: the claim raced {CLAIM_ATTEMPTS} times with other claimants")))
+        Err(StoreError::Unavailable(
+            format!("postgres: the claim raced {CLAIM_ATTEMPTS} times with other claimants").into(),
+        ))
     }
 
     async fn complete(

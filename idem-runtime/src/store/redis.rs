@@ -434,13 +434,16 @@ impl RedisStore {
         let args: [&[u8]; 3] = [prefix.as_bytes(), &millis(lease), claim.as_bytes()];
         let failure = match self.eval_replicated(acks, &RENEW, &[key], &args).await {
             Ok((Value::Int(1), acked)) if acked >= acks.replicas => return Ok(()),
-            Ok((Value::Int(1), acked)) => StoreError::Unavailable(format!(
-                "redis: the claim reached {acked} of {} replicas within {:?}; released it",
-                acks.replicas, acks.timeout
-            )),
+            Ok((Value::Int(1), acked)) => StoreError::Unavailable(
+                format!(
+                    "redis: the claim reached {acked} of {} replicas within {:?}; released it",
+                    acks.replicas, acks.timeout
+                )
+                .into(),
+            ),
             // Another owner holds the key already: only possible with a lease shorter than a round trip.
             Ok((Value::Int(0), _)) => StoreError::Unavailable("redis: lost the claim before it was replicated".into()),
-            Ok((other, _)) => StoreError::Corrupt(format!("unexpected renewal answer {other:?}")),
+            Ok((other, _)) => StoreError::Corrupt(format!("unexpected renewal answer {other:?}").into()),
             Err(error) => error,
         };
         // Released here rather than left to the lease, so the client's retry can claim it at once. The release goes
@@ -464,7 +467,7 @@ fn written(answer: Value) -> Result<Write, StoreError> {
     match answer {
         Value::Int(1) => Ok(Write::Applied),
         Value::Int(0) => Ok(Write::Fenced),
-        other => Err(StoreError::Corrupt(format!("unexpected script answer {other:?}"))),
+        other => Err(StoreError::Corrupt(format!("unexpected script answer {other:?}").into())),
     }
 }
 
@@ -488,9 +491,9 @@ impl Store for RedisStore {
             // Our own claim, sent again after its reply was lost: still ours.
             Value::BulkString(held) if held.starts_with(codec::owner_prefix(owner).as_bytes()) => {}
             Value::BulkString(held) => {
-                return codec::decode(&held).map(Claimed::Existing).map_err(StoreError::Corrupt);
+                return codec::decode(&held).map(Claimed::Existing).map_err(|why| StoreError::Corrupt(why.into()));
             }
-            other => return Err(StoreError::Corrupt(format!("unexpected claim answer {other:?}"))),
+            other => return Err(StoreError::Corrupt(format!("unexpected claim answer {other:?}").into())),
         }
         // Only a claim the caller holds waits for replicas: a replay wrote nothing, and never waits.
         if let Some(acks) = self.replica_acks() {

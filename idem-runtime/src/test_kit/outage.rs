@@ -10,7 +10,7 @@ use std::time::Duration;
 pub struct Outage;
 
 fn down<T>() -> Result<T, StoreError> {
-    Err(StoreError::Unavailable("connection refused (a simulated outage)".to_owned()))
+    Err(StoreError::Unavailable("connection refused (a simulated outage)".into()))
 }
 
 #[async_trait::async_trait]

@@ -3,7 +3,7 @@
 //! connection after a broken one.
 
 use super::health::Health;
-use crate::StoreError;
+use crate::{Cause, StoreError};
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
@@ -130,7 +130,7 @@ pub(super) enum Failure {
 impl From<Failure> for StoreError {
     fn from(failure: Failure) -> Self {
         match failure {
-            Failure::NoScript => StoreError::Unavailable("redis: NOSCRIPT after EVAL".to_owned()),
+            Failure::NoScript => StoreError::Unavailable("redis: NOSCRIPT after EVAL".into()),
             Failure::Store(error) => error,
         }
     }
@@ -251,13 +251,13 @@ pub(super) fn classify(error: RedisError) -> Failure {
     // A key of another type at a record's name (someone wrote a hash there): the store holds something that is not
     // a record, which no retry fixes.
     if codes.is_some_and(|codes| codes.iter().any(|(_, error)| error.code() == "WRONGTYPE")) {
-        return Failure::Store(StoreError::Corrupt(format!("redis: {error}")));
+        return Failure::Store(StoreError::Corrupt(Cause::with_source(format!("redis: {error}"), error)));
     }
     Failure::Store(unavailable(error))
 }
 
 pub(super) fn unavailable(error: RedisError) -> StoreError {
-    StoreError::Unavailable(format!("redis: {error}"))
+    StoreError::Unavailable(Cause::with_source(format!("redis: {error}"), error))
 }
 
 /// One multiplexed connection to a node, opened on first use and replaced after it breaks.

@@ -47,7 +47,7 @@ impl Health {
             ),
             None => "redis: unreachable; probing in the background".to_owned(),
         };
-        Err(StoreError::Unavailable(message))
+        Err(StoreError::Unavailable(message.into()))
     }
 
     /// A call found no connection, or no answer in time.

@@ -20,7 +20,7 @@ pub(super) fn connection_info(url: impl IntoConnectionInfo) -> Result<Connection
         // redis-rs refuses the scheme itself when built without TLS; no other parse error mentions TLS.
         #[cfg(not(feature = "tls"))]
         if error.kind() == redis::ErrorKind::InvalidClientConfig && error.to_string().contains("TLS") {
-            return StoreError::Unavailable(format!("redis: {TLS_FEATURE_OFF}"));
+            return StoreError::Unavailable(format!("redis: {TLS_FEATURE_OFF}").into());
         }
         unavailable(error)
     })

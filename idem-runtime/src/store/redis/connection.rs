@@ -113,10 +113,13 @@ pub(super) fn pool_error(error: deadpool_redis::PoolError) -> RedisError {
     }
 }
 
-/// Why a query failed: the one server answer the store handles itself, or a store failure.
+/// Why a query failed: the server answers the store handles itself, or a store failure.
 pub(super) enum Failure {
     /// `EVALSHA` named a script this node has not cached yet (a restart, a new Cluster node): send `EVAL` instead.
     NoScript,
+    /// The server refused the command itself (an `ERR` reply, e.g. `ERR syntax error`): a server older than the
+    /// command's form, which ran nothing.
+    Refused(String),
     Store(StoreError),
 }
 
@@ -124,6 +127,7 @@ impl From<Failure> for StoreError {
     fn from(failure: Failure) -> Self {
         match failure {
             Failure::NoScript => StoreError::Unavailable("redis: NOSCRIPT after EVAL".to_owned()),
+            Failure::Refused(error) => StoreError::Unavailable(error),
             Failure::Store(error) => error,
         }
     }
@@ -245,6 +249,9 @@ pub(super) fn classify(error: RedisError) -> Failure {
     // a record, which no retry fixes.
     if codes.is_some_and(|codes| codes.iter().any(|(_, error)| error.code() == "WRONGTYPE")) {
         return Failure::Store(StoreError::Corrupt(format!("redis: {error}")));
+    }
+    if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
+        return Failure::Refused(format!("redis: {error}"));
     }
     Failure::Store(unavailable(error))
 }

@@ -35,8 +35,16 @@ impl Script {
 
     /// This script with `keys` and `args`, by hash or by source.
     fn call(&self, pipe: &mut Pipeline, by_hash: bool, keys: &[&str], args: &[&[u8]]) {
-        let command = if by_hash { pipe.cmd("EVALSHA").arg(&self.sha) } else { pipe.cmd("EVAL").arg(self.source) };
+        // Sized up front: a completed record (the response body) is copied in once, not again as the buffer grows.
+        let size = keys.iter().map(|key| key.len()).sum::<usize>() + args.iter().map(|arg| arg.len()).sum::<usize>();
+        let mut command = redis::Cmd::with_capacity(3 + keys.len() + args.len(), size + self.source.len() + 64);
+        if by_hash {
+            command.arg("EVALSHA").arg(&self.sha);
+        } else {
+            command.arg("EVAL").arg(self.source);
+        }
         command.arg(keys.len()).arg(keys).arg(args);
+        pipe.add_command(command);
     }
 }
 

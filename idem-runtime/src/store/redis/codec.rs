@@ -19,6 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// The record format this build writes, and the only one it reads.
 const FORMAT: u32 = 1;
@@ -27,44 +28,78 @@ fn format_before_versions() -> u32 {
     1
 }
 
-#[derive(Serialize, Deserialize)]
+/// A record as written: the fields borrow from the record, so encoding copies the body once, into the JSON.
+#[derive(Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
-enum Json {
+enum Written<'a> {
     // Field order matters: `owner` comes right after the tag, see `owner_prefix`.
     InFlight {
-        owner: String,
-        fingerprint: String,
-        #[serde(default = "format_before_versions")]
+        owner: &'a str,
+        fingerprint: &'a str,
         v: u32,
     },
     Completed {
-        fingerprint: String,
+        fingerprint: &'a str,
         status: u16,
         replayable: bool,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        headers: Vec<Header>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        body: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<WrittenHeader<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        body: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         body_base64: Option<String>,
-        #[serde(default = "format_before_versions")]
         v: u32,
     },
 }
 
-#[derive(Serialize, Deserialize)]
-struct Header {
+#[derive(Serialize)]
+struct WrittenHeader<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum State {
+    InFlight,
+    Completed,
+}
+
+/// A record as read: the fields of either state in one flat struct, read in one pass (an internally tagged enum
+/// would first buffer every field of the record, the body included, and copy it once more). Fields this build does
+/// not know are ignored, as ones a newer build may add without bumping the version.
+#[derive(Deserialize)]
+struct Read<'a> {
+    state: State,
+    /// Required on an in-flight record; only its presence is checked (the scripts compare it, not this decoder).
+    #[serde(borrow, default)]
+    owner: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    fingerprint: Cow<'a, str>,
+    status: Option<u16>,
+    replayable: Option<bool>,
+    #[serde(default)]
+    headers: Vec<ReadHeader>,
+    body: Option<String>,
+    body_base64: Option<String>,
+    #[serde(default = "format_before_versions")]
+    v: u32,
+}
+
+#[derive(Deserialize)]
+struct ReadHeader {
     name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     value: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     value_base64: Option<String>,
 }
 
 /// Text when it is UTF-8, else base64: `(text, base64)`, one of them set.
-fn encode(bytes: &[u8]) -> (Option<String>, Option<String>) {
+fn encode(bytes: &[u8]) -> (Option<&str>, Option<String>) {
     match std::str::from_utf8(bytes) {
-        Ok(text) => (Some(text.to_owned()), None),
+        Ok(text) => (Some(text), None),
         Err(_) => (None, Some(BASE64.encode(bytes))),
     }
 }
@@ -78,6 +113,14 @@ fn decode_bytes(text: Option<String>, base64: Option<String>) -> Result<Bytes, S
     }
 }
 
+/// JSON text of `record`, in a buffer sized up front for `payload` bytes of body and headers (escaping may add
+/// some), so a large body is not copied again each time the buffer would have grown.
+fn to_json(record: &Written<'_>, payload: usize) -> String {
+    let mut json = Vec::with_capacity(payload + payload / 8 + 256);
+    serde_json::to_writer(&mut json, record).expect("records serialise");
+    String::from_utf8(json).expect("serde_json writes UTF-8")
+}
+
 /// At most 64 characters of untrusted text, quoted, for an error message that ends up in a log line.
 fn excerpt(text: &str) -> String {
     match text.char_indices().nth(64) {
@@ -88,8 +131,8 @@ fn excerpt(text: &str) -> String {
 
 /// The in-flight record a claimant writes. It starts with [`owner_prefix`].
 pub(super) fn in_flight(owner: &OwnerToken, fingerprint: &Fingerprint) -> String {
-    let json = Json::InFlight { owner: owner.as_str().to_owned(), fingerprint: fingerprint.to_hex(), v: FORMAT };
-    serde_json::to_string(&json).expect("records serialise")
+    let fingerprint = fingerprint.to_hex();
+    to_json(&Written::InFlight { owner: owner.as_str(), fingerprint: &fingerprint, v: FORMAT }, 0)
 }
 
 /// What an in-flight record owned by `owner` starts with: the owner check of the scripts compares this prefix, so
@@ -105,49 +148,63 @@ pub(super) fn is_in_flight(raw: &[u8]) -> bool {
 
 pub(crate) fn completed(record: &Record) -> String {
     let fingerprint = record.fingerprint.to_hex();
-    let json = match &record.stored {
+    match &record.stored {
         Stored::Response(response) => {
             let headers = response
                 .headers
                 .iter()
                 .map(|(name, value)| {
                     let (value, value_base64) = encode(value);
-                    Header { name: name.clone(), value, value_base64 }
+                    WrittenHeader { name, value, value_base64 }
                 })
                 .collect();
             let (body, body_base64) = encode(&response.body);
-            Json::Completed {
-                fingerprint,
+            // Base64 takes 4 bytes for 3; a header's name and value come with some JSON around them.
+            let payload = response.body.len() * if body.is_some() { 1 } else { 2 }
+                + response.headers.iter().map(|(name, value)| name.len() + value.len() * 2 + 32).sum::<usize>();
+            let json = Written::Completed {
+                fingerprint: &fingerprint,
                 status: response.status,
                 replayable: true,
                 headers,
                 body,
                 body_base64,
                 v: FORMAT,
-            }
+            };
+            to_json(&json, payload)
         }
-        Stored::NotReplayable { status } => Json::Completed {
-            fingerprint,
-            status: *status,
-            replayable: false,
-            headers: Vec::new(),
-            body: None,
-            body_base64: None,
-            v: FORMAT,
-        },
-    };
-    serde_json::to_string(&json).expect("records serialise")
+        Stored::NotReplayable { status } => {
+            let json = Written::Completed {
+                fingerprint: &fingerprint,
+                status: *status,
+                replayable: false,
+                headers: Vec::new(),
+                body: None,
+                body_base64: None,
+                v: FORMAT,
+            };
+            to_json(&json, 0)
+        }
+    }
 }
 
 /// Reads a record back, or says why it is not one this build could have written.
 pub(crate) fn decode(raw: &[u8]) -> Result<Entry, String> {
-    let json: Json = serde_json::from_slice(raw).map_err(|e| format!("not a record: {e}"))?;
-    match json {
-        Json::InFlight { fingerprint, v, .. } => {
-            check_format(v)?;
-            Ok(Entry::InFlight { fingerprint: fingerprint_of(&fingerprint)? })
+    let read: Read<'_> = serde_json::from_slice(raw).map_err(|e| format!("not a record: {e}"))?;
+    let missing = |field: &str| format!("not a record: missing field `{field}`");
+    match read.state {
+        State::InFlight => {
+            if read.owner.is_none() {
+                return Err(missing("owner"));
+            }
+            check_format(read.v)?;
+            Ok(Entry::InFlight { fingerprint: fingerprint_of(&read.fingerprint)? })
         }
-        Json::Completed { fingerprint, status, replayable, headers, body, body_base64, v } => {
+        State::Completed => {
+            let Read { fingerprint, status, replayable, headers, body, body_base64, v, .. } = read;
+            let (Some(status), Some(replayable)) = (status, replayable) else {
+                return Err(missing(if status.is_none() { "status" } else { "replayable" }));
+            };
             check_format(v)?;
             let fingerprint = fingerprint_of(&fingerprint)?;
             // `http` represents 100–999, so that is every status a handler can answer and the encoder can write.
@@ -182,7 +239,7 @@ fn fingerprint_of(hex: &str) -> Result<Fingerprint, String> {
 }
 
 /// A header as `http` would accept it on a response: a replay never drops or mangles a header silently.
-fn decode_header(stored: Header) -> Result<(String, Bytes), String> {
+fn decode_header(stored: ReadHeader) -> Result<(String, Bytes), String> {
     let Ok(name) = HeaderName::from_bytes(stored.name.as_bytes()) else {
         return Err(format!("header name {} is not a valid header name", excerpt(&stored.name)));
     };

@@ -1,12 +1,12 @@
 //! A [`Store`] on Redis: single node, Cluster or Sentinel; exactly-once across every process that shares it.
 
-#[cfg(test)]
-mod claim_on_old_servers;
 pub(crate) mod codec;
 mod connection;
 mod health;
 mod notify;
 mod replicas;
+#[cfg(test)]
+mod tests;
 
 use super::{Claimed, Store, StoreError, StoreKey, Write};
 use crate::{Fingerprint, OwnerToken, Record};
@@ -353,11 +353,22 @@ impl RedisStore {
     }
 
     fn record_key(&self, key: &StoreKey) -> String {
-        format!("{}{{{}}}", self.prefix, key.as_str())
+        self.key_with_suffix(key, "")
     }
 
     fn channel(&self, key: &StoreKey) -> String {
-        format!("{}{{{}}}:done", self.prefix, key.as_str())
+        self.key_with_suffix(key, ":done")
+    }
+
+    /// `{prefix}{<digest>}{suffix}`, in one allocation (one for each key of each call).
+    fn key_with_suffix(&self, key: &StoreKey, suffix: &str) -> String {
+        let mut name = String::with_capacity(self.prefix.len() + key.as_str().len() + 2 + suffix.len());
+        name.push_str(&self.prefix);
+        name.push('{');
+        name.push_str(key.as_str());
+        name.push('}');
+        name.push_str(suffix);
+        name
     }
 
     /// The replica policy, unless on a Cluster (where `WAIT` is not used).
@@ -368,7 +379,7 @@ impl RedisStore {
     /// Runs a script in one round trip on the shared connection.
     async fn eval(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<Value, StoreError> {
         let pipeline = |by_hash: bool| {
-            let mut pipe = redis::pipe();
+            let mut pipe = Pipeline::with_capacity(1);
             script.call(&mut pipe, by_hash, keys, args);
             pipe
         };
@@ -432,13 +443,16 @@ impl RedisStore {
     /// `claim` for `lease`.
     async fn claim_or_read(&self, key: &str, claim: &str, lease: &[u8]) -> Result<ClaimAnswer, StoreError> {
         if !self.claim_by_script.load(Ordering::Relaxed) {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET").arg(key).arg(claim).arg("NX").arg("GET").arg("PX").arg(lease);
+            // Sized up front: this runs on every replay.
+            let mut command = redis::Cmd::with_capacity(8, key.len() + claim.len() + lease.len() + 32);
+            command.arg("SET").arg(key).arg(claim).arg("NX").arg("GET").arg("PX").arg(lease);
             #[cfg(test)]
             if self.act_as_redis_6.load(Ordering::Relaxed) {
                 // PX with KEEPTTL is a syntax error.
-                pipe.arg("KEEPTTL");
+                command.arg("KEEPTTL");
             }
+            let mut pipe = Pipeline::with_capacity(1);
+            pipe.add_command(command);
             match self.commands.query::<(Value,)>(&pipe).await {
                 Ok((held,)) => return ClaimAnswer::read(held, false),
                 // Redis < 7.0 answers `ERR syntax error` (NX and GET together are 7.0's): nothing ran.
@@ -517,7 +531,7 @@ impl Store for RedisStore {
                 ClaimAnswer::Claimed => break,
                 ClaimAnswer::Held { record, lease_restarted } => (record, lease_restarted),
             };
-            if !held.starts_with(codec::owner_prefix(owner).as_bytes()) {
+            if !codec::is_owned_by(&held, owner) {
                 return codec::decode(&held).map(Claimed::Existing).map_err(StoreError::Corrupt);
             }
             // Our own claim, sent again after its reply was lost: still ours, and its lease starts again. `SET NX`
@@ -537,8 +551,10 @@ impl Store for RedisStore {
             }
         }
         // Only a claim the caller holds waits for replicas: a replay wrote nothing, and never waits.
+        // Boxed, as the replicated completion below: waiting for replicas takes large futures (a connection
+        // checkout), which every claim and completion would otherwise carry, and copy, whether it waits or not.
         if let Some(acks) = replica_acks {
-            self.replicate_claim(acks, &key, owner, &record, lease).await?;
+            Box::pin(self.replicate_claim(acks, &key, owner, &record, lease)).await?;
         }
         Ok(Claimed::Owned)
     }
@@ -557,7 +573,7 @@ impl Store for RedisStore {
         let Some(acks) = self.replica_acks() else {
             return self.owned_write(&COMPLETE, &[&key, &channel], &args).await;
         };
-        let (answer, acked) = self.eval_replicated(acks, &COMPLETE, &[&key, &channel], &args).await?;
+        let (answer, acked) = Box::pin(self.eval_replicated(acks, &COMPLETE, &[&key, &channel], &args)).await?;
         let write = written(answer)?;
         if write == Write::Applied && acked < acks.replicas {
             // The handler ran and its response stands; only a failover before the replicas catch up could lose it.

@@ -14,7 +14,7 @@
 //! older readers can ignore without bumping it; a reader refuses any version it does not know rather than guess.
 
 use crate::{Entry, Fingerprint, OwnerToken, Record, Stored, StoredResponse};
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -129,16 +129,50 @@ fn excerpt(text: &str) -> String {
     }
 }
 
+/// A fingerprint's hex digits, on the stack: one is written on every claim and every completion.
+struct Hex([u8; 64]);
+
+impl Hex {
+    fn of(fingerprint: &Fingerprint) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0; 64];
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(fingerprint.as_bytes()) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
+        }
+        Self(hex)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
 /// The in-flight record a claimant writes. It starts with [`owner_prefix`].
 pub(super) fn in_flight(owner: &OwnerToken, fingerprint: &Fingerprint) -> String {
-    let fingerprint = fingerprint.to_hex();
-    to_json(&Written::InFlight { owner: owner.as_str(), fingerprint: &fingerprint, v: FORMAT }, 0)
+    let fingerprint = Hex::of(fingerprint);
+    to_json(&Written::InFlight { owner: owner.as_str(), fingerprint: fingerprint.as_str(), v: FORMAT }, 0)
 }
+
+/// What every in-flight record starts with, up to its owner token.
+const IN_FLIGHT_OWNER: &str = r#"{"state":"in_flight","owner":""#;
 
 /// What an in-flight record owned by `owner` starts with: the owner check of the scripts compares this prefix, so
 /// they need neither a JSON parser nor the fingerprint (serde writes the tag, then the fields, in order).
 pub(super) fn owner_prefix(owner: &OwnerToken) -> String {
-    format!("{{\"state\":\"in_flight\",\"owner\":\"{}\"", owner.as_str())
+    let mut prefix = String::with_capacity(IN_FLIGHT_OWNER.len() + owner.as_str().len() + 1);
+    prefix.push_str(IN_FLIGHT_OWNER);
+    prefix.push_str(owner.as_str());
+    prefix.push('"');
+    prefix
+}
+
+/// Whether `held` is an in-flight record of `owner`'s, i.e. starts with [`owner_prefix`] (without making it: this
+/// runs on every claim that finds a record).
+pub(super) fn is_owned_by(held: &[u8], owner: &OwnerToken) -> bool {
+    held.strip_prefix(IN_FLIGHT_OWNER.as_bytes())
+        .and_then(|rest| rest.strip_prefix(owner.as_str().as_bytes()))
+        .is_some_and(|rest| rest.first() == Some(&b'"'))
 }
 
 /// Whether a held record is an in-flight claim, without decoding it.
@@ -147,7 +181,8 @@ pub(super) fn is_in_flight(raw: &[u8]) -> bool {
 }
 
 pub(crate) fn completed(record: &Record) -> String {
-    let fingerprint = record.fingerprint.to_hex();
+    let fingerprint = Hex::of(&record.fingerprint);
+    let fingerprint = fingerprint.as_str();
     match &record.stored {
         Stored::Response(response) => {
             let headers = response
@@ -163,7 +198,7 @@ pub(crate) fn completed(record: &Record) -> String {
             let payload = response.body.len() * if body.is_some() { 1 } else { 2 }
                 + response.headers.iter().map(|(name, value)| name.len() + value.len() * 2 + 32).sum::<usize>();
             let json = Written::Completed {
-                fingerprint: &fingerprint,
+                fingerprint,
                 status: response.status,
                 replayable: true,
                 headers,
@@ -175,7 +210,7 @@ pub(crate) fn completed(record: &Record) -> String {
         }
         Stored::NotReplayable { status } => {
             let json = Written::Completed {
-                fingerprint: &fingerprint,
+                fingerprint,
                 status: *status,
                 replayable: false,
                 headers: Vec::new(),
@@ -238,6 +273,12 @@ fn fingerprint_of(hex: &str) -> Result<Fingerprint, String> {
     Fingerprint::from_hex(hex).ok_or_else(|| format!("fingerprint {} is not 64 hex digits", excerpt(hex)))
 }
 
+/// What `HeaderValue::from_bytes` accepts (visible ASCII, spaces, tabs, obs-text), checked without copying the
+/// value into one: every replay decodes its headers.
+fn is_header_value(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&byte| byte == b'\t' || (byte >= 0x20 && byte != 0x7f))
+}
+
 /// A header as `http` would accept it on a response: a replay never drops or mangles a header silently.
 fn decode_header(stored: ReadHeader) -> Result<(String, Bytes), String> {
     let Ok(name) = HeaderName::from_bytes(stored.name.as_bytes()) else {
@@ -248,7 +289,7 @@ fn decode_header(stored: ReadHeader) -> Result<(String, Bytes), String> {
         return Err(format!("a stored {name} header"));
     }
     let value = decode_bytes(stored.value, stored.value_base64)?;
-    if HeaderValue::from_bytes(&value).is_err() {
+    if !is_header_value(&value) {
         let shown = String::from_utf8_lossy(&value);
         return Err(format!("header {} has an invalid value {}", excerpt(&stored.name), excerpt(&shown)));
     }
@@ -406,6 +447,29 @@ mod tests {
             panic!("a replayable record");
         };
         assert_eq!(response.headers, [("x-raw".to_owned(), Bytes::from_static(b"\x80\xff"))]);
+    }
+
+    #[test]
+    fn header_values_are_checked_as_http_checks_them() {
+        for byte in 0..=255u8 {
+            for value in [vec![byte], vec![b'a', byte, b'b']] {
+                let http = axum::http::HeaderValue::from_bytes(&value).is_ok();
+                assert_eq!(is_header_value(&value), http, "{value:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_owner_is_recognised_by_its_prefix_without_making_it() {
+        let owner = OwnerToken::generate();
+        let claim = in_flight(&owner, &fp());
+        assert!(is_owned_by(claim.as_bytes(), &owner));
+        assert!(!is_owned_by(claim.as_bytes(), &OwnerToken::generate()));
+        // A token that is a prefix of the holder's is not the holder's.
+        let shorter = OwnerToken::from_string(owner.as_str()[..10].to_owned());
+        assert!(!is_owned_by(claim.as_bytes(), &shorter));
+        let record = Record { fingerprint: fp(), stored: Stored::NotReplayable { status: 200 } };
+        assert!(!is_owned_by(completed(&record).as_bytes(), &owner));
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The claim on a server that refuses `SET … NX GET` (Redis < 7.0), against a real `redis-server` made to refuse it
-//! the way Redis 6 does (`ERR syntax error`): the store switches to the claim script once and keeps the claim's
-//! semantics.
+//! The store's internals against a real `redis-server`: the claim on a server that refuses `SET … NX GET` (Redis <
+//! 7.0; here a Redis 7 made to refuse it the way Redis 6 does, `ERR syntax error`), which switches the store to the
+//! claim script once and keeps the claim's semantics; and the size of the futures every store call allocates.
 
 use super::*;
 use crate::{Entry, Stored};
@@ -121,4 +121,25 @@ async fn an_error_about_the_data_does_not_switch_claims_to_the_script() {
     let owner = OwnerToken::generate();
     assert_eq!(store.claim(&other, &fingerprint("a"), &owner, Duration::from_secs(2)).await.unwrap(), Claimed::Owned);
     assert_eq!(server.calls("evalsha").await.0 + server.calls("eval").await.0, 0, "claims stay native");
+}
+
+/// Every store call is boxed (an async trait): the whole future is allocated and copied on every call, so opening a
+/// connection, a pool checkout or a replica wait, which a call rarely needs, must not sit inline in it. Before they
+/// were boxed a claim's future took 15.6 KB (a deadpool checkout alone, 7 KB, twice over), copied on every replay.
+#[tokio::test]
+async fn store_calls_carry_small_futures() {
+    let server = Server::start();
+    let store = RedisStore::open(server.url()).await.unwrap().wait_for_replicas(1, Duration::from_millis(10));
+    let (key, owner, fp, lease) =
+        (StoreKey::derive(&[b"x"]), OwnerToken::generate(), fingerprint("a"), Duration::from_secs(1));
+    let done = record(fp);
+    let sizes = [
+        ("claim", std::mem::size_of_val(&*store.claim(&key, &fp, &owner, lease))),
+        ("complete", std::mem::size_of_val(&*store.complete(&key, &owner, &done, lease))),
+        ("release", std::mem::size_of_val(&*store.release(&key, &owner))),
+        ("renew", std::mem::size_of_val(&*store.renew(&key, &owner, &fp, lease))),
+    ];
+    for (call, size) in sizes {
+        assert!(size < 4096, "{call}: a {size}-byte future");
+    }
 }

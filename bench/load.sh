@@ -4,15 +4,16 @@
 #
 #   bash bench/load.sh            # about 2½ minutes; needs cargo; installs wrk and redis-server if missing
 #
-# Routes, each measured with `wrk -t1` for DURATION seconds after WARMUP seconds, at 4 and 32 connections:
+# Routes, each measured ROUNDS (3) times with `wrk -t1` for DURATION (2) seconds, taking turns, after WARMUP (1)
+# seconds each, at 4 and 32 connections:
 #   plain   POST /plain/orders, no idempotency (the baseline)
 #   first   POST /orders with a new Idempotency-Key per request: claim, handler, complete
 #   replay  POST /orders replaying one key: one claim-or-read, no handler
 # Every request carries an Idempotency-Key (a new one per request, except on `replay`), so the handler does the same
-# work on `plain` and `first` (it counts each execution, and each key's, in the store backend's counter). Each run
-# gets a freshly started service (and an emptied Redis), so no run measures a store that an earlier one filled.
+# work on `plain` and `first` (it counts each execution, and each key's, in the store backend's counter). Each store
+# and connection count gets a freshly started service (and an emptied Redis).
 # MemoryStore holds at most 100 000 keys (its default bound, kept for 60 s by this route), so its `first` runs stop
-# after MEMORY_FIRST_KEYS requests (warm-up: 10 000) even if DURATION has not passed.
+# after MEMORY_FIRST_KEYS (85 000) requests in all (warm-up: 5 000) even if their time has not run out.
 #
 # Everything listens on loopback ports found free. With taskset and at least 2 cpus, the service is pinned to cpu 0
 # and wrk and redis-server to the others (SERVER_CPUS, LOAD_CPUS, REDIS_CPUS override). Redis CPU per request is
@@ -24,8 +25,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-4}
+DURATION=${DURATION:-2}
 WARMUP=${WARMUP:-1}
+ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-"4 32"}
 MEMORY_KEYS=${MEMORY_KEYS:-105000}
 MEMORY_BOUND=100000 # MemoryStore's default max_entries, which the reference service uses
@@ -200,66 +202,74 @@ usec_per_call() { # connections command…
 }
 
 results="$work/results"
-breakdown="$work/breakdown"
 : >"$results"
-: >"$breakdown"
+: >"$work/cmdstats"
 : >"$work/replay-vs-get"
 
-run() { # store route-name connections
-  local store=$1 name=$2 connections=$3 route=/orders fixed= prefix="$store-$name-$connections-$RANDOM"
-  local warmup_keys=0 measured_keys=0
+# CPU seconds the service has used (user + system).
+service_cpu_seconds() {
+  awk -v tick="$(getconf CLK_TCK)" '{printf "%.6f", ($14 + $15) / tick}' "/proc/$service_pid/stat"
+}
+
+# One measured run of a route; appends "store conns route requests duration_us p50_us p99_us non-2xx socket-errors
+# redis-cpu-seconds service-cpu-seconds" to the results, and on Redis the run's commandstats to cmdstats.
+measure() { # store connections route-name replayed-key stop-after
+  local store=$1 connections=$2 name=$3 replayed=$4 stop_after=$5 route=/orders fixed=
   [[ $name == plain ]] && route=/plain/orders
-  [[ $store == memory && $name == first ]] && warmup_keys=10000 measured_keys=$MEMORY_FIRST_KEYS
-  [[ $store == redis ]] && rcli FLUSHALL >/dev/null
-  start_service "$store"
-  if [[ $name == replay ]]; then
-    fixed="$prefix-replayed"
-    local status
-    status=$(http "$service_port" POST /orders "$fixed" "$BODY" | head -1)
-    [[ $status == 201 ]] || { echo "priming the replayed key answered $status" >&2; exit 1; }
-  fi
-  load "$route" "$connections" "$WARMUP" "$prefix-warmup" "$fixed" "$warmup_keys" >/dev/null
+  [[ $name == replay ]] && fixed=$replayed
   local cpu_before=0
   if [[ $store == redis ]]; then
     rcli CONFIG RESETSTAT >/dev/null
     cpu_before=$(redis_cpu_seconds)
   fi
-  local measured
-  measured=$(load "$route" "$connections" "$DURATION" "$prefix" "$fixed" "$measured_keys")
-  local redis_cpu=-
+  local measured cpu=0 service_before
+  service_before=$(service_cpu_seconds)
+  measured=$(load "$route" "$connections" "$DURATION" "$store-$name-$connections-$RANDOM$RANDOM" "$fixed" "$stop_after")
+  local service_cpu
+  service_cpu=$(awk -v before="$service_before" -v after="$(service_cpu_seconds)" 'BEGIN {printf "%.6f", after - before}')
   if [[ $store == redis ]]; then
-    local requests=${measured%% *}
-    redis_cpu=$(awk -v before="$cpu_before" -v after="$(redis_cpu_seconds)" -v n="$requests" \
-      'BEGIN {printf "%.2f", (after - before) * 1e6 / n}')
-    commandstats >"$work/stats"
-    if [[ $name != plain ]]; then
-      awk -v n="$requests" -v run="$name c=$connections" '{
-        printf "  %-13s %-9s %6.3f calls/req %6.2f µs/call %6.2f µs/req\n", run, $1, $2 / n, $3 / $2, $3 / n }' \
-        "$work/stats" >>"$breakdown"
-    fi
-    if [[ $name == replay ]]; then
-      # A replay's own command under load: the claim-or-read (`set`, or `evalsha` where SET NX GET is refused).
-      local in_load record claim
-      in_load=$(awk -v n="$requests" '$1 == "set" || $1 == "evalsha" {usec += $3} END {printf "%.2f", usec / n}' \
-        "$work/stats")
-      # The same command and a GET of the replayed record, each alone from redis-benchmark: the two costs side by
-      # side, on an idle server (under load, both cost more, and the GET cannot be measured under the same load).
-      record=$(rcli --scan --pattern 'idem:*' | head -1)
-      claim='{"state":"in_flight","owner":"0123456789abcdef0123456789abcdef","fingerprint":"'"$(printf '%064d' 0)"'","v":1}'
-      echo "$connections $in_load $(usec_per_call "$connections" SET "$record" "$claim" NX GET PX 30000)" \
-        "$(usec_per_call "$connections" GET "$record")" >>"$work/replay-vs-get"
-    fi
+    cpu=$(awk -v before="$cpu_before" -v after="$(redis_cpu_seconds)" 'BEGIN {printf "%.6f", after - before}')
+    commandstats | sed "s/^/$store $connections $name /" >>"$work/cmdstats"
   fi
-  stop_service
-  echo "$store $connections $name $measured $redis_cpu" >>"$results"
+  echo "$store $connections $name $measured $cpu $service_cpu" >>"$results"
 }
 
 for store in memory redis; do
   for connections in $CONNECTIONS; do
+    echo "runs: $store, $connections connections, $ROUNDS rounds" >&2
+    [[ $store == redis ]] && rcli FLUSHALL >/dev/null
+    start_service "$store"
+    replayed="replayed-$RANDOM$RANDOM"
+    status=$(http "$service_port" POST /orders "$replayed" "$BODY" | head -1)
+    [[ $status == 201 ]] || { echo "priming the replayed key answered $status" >&2; exit 1; }
+    if [[ $store == redis ]]; then
+      # A replay's claim-or-read and a GET of the replayed record, each alone from redis-benchmark on the idle
+      # server: the two commands' costs side by side (under load both cost more, and differently from run to run).
+      record=$(rcli --scan --pattern 'idem:*' | head -1)
+      claim='{"state":"in_flight","owner":"0123456789abcdef0123456789abcdef","fingerprint":"'"$(printf '%064d' 0)"'","v":1}'
+      echo "$connections $(usec_per_call "$connections" SET "$record" "$claim" NX GET PX 30000)" \
+        "$(usec_per_call "$connections" GET "$record")" >>"$work/replay-vs-get"
+    fi
+    # MemoryStore keeps at most 100 000 keys, 60 s each on this route: its first-request runs stay short of that.
+    first_keys=0
+    [[ $store == memory ]] && first_keys=$((MEMORY_FIRST_KEYS / ROUNDS))
     for name in plain first replay; do
-      echo "run: $store, $connections connections, $name" >&2
-      run "$store" "$name" "$connections"
+      route=/orders fixed=
+      [[ $name == plain ]] && route=/plain/orders
+      [[ $name == replay ]] && fixed=$replayed
+      warmup_keys=0
+      [[ $store == memory && $name == first ]] && warmup_keys=5000
+      load "$route" "$connections" "$WARMUP" "warmup-$name-$RANDOM$RANDOM" "$fixed" "$warmup_keys" >/dev/null
     done
+    # The routes take turns, so a burst of noise from elsewhere on the machine does not land on one route only.
+    for ((round = 1; round <= ROUNDS; round++)); do
+      for name in plain first replay; do
+        stop_after=0
+        [[ $name == first ]] && stop_after=$first_keys
+        measure "$store" "$connections" "$name" "$replayed" "$stop_after"
+      done
+    done
+    stop_service
   done
 done
 
@@ -273,32 +283,53 @@ stop_service
 
 echo
 echo "idem load benchmark, $(date -u +%Y-%m-%d): $cpus cpus ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)),"
-echo "redis $redis_version, wrk -t1, ${DURATION} s per run after ${WARMUP} s of warm-up;"
+echo "redis $redis_version, wrk -t1, $ROUNDS runs of ${DURATION} s per route after ${WARMUP} s of warm-up;"
 echo "service on cpu $SERVER_CPUS, wrk on cpu $LOAD_CPUS, redis-server on cpu $REDIS_CPUS"
 echo
-printf '%-7s %5s  %-7s %9s %7s %7s %8s %10s %7s\n' store conns route "req/s" "p50 ms" "p99 ms" "× plain" "redis µs" errors
+printf '%-7s %5s  %-7s %8s %7s %7s %8s %9s %9s %7s\n' store conns route "req/s" "p50 ms" "p99 ms" "× plain" \
+  "svc µs" "redis µs" errors
 awk '
-  { key = $1 " " $2; rate = $4 / ($5 / 1e6); if ($3 == "plain") plain[key] = rate; line[NR] = $0; rates[NR] = rate }
-  END { for (i = 1; i <= NR; i++) { split(line[i], f, " "); key = f[1] " " f[2]
-    printf "%-7s %5s  %-7s %9.0f %7.2f %7.2f %8.2f %10s %7d\n", f[1], f[2], f[3], rates[i], f[6] / 1000, f[7] / 1000,
-      rates[i] / plain[key], f[10], f[8] + f[9] } }' "$results"
+  function median(list,    n, values, i, j, swap) {
+    n = split(list, values, " ")
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && values[j - 1] + 0 > values[j] + 0; j--) {
+      swap = values[j]; values[j] = values[j - 1]; values[j - 1] = swap }
+    return n % 2 ? values[(n + 1) / 2] : (values[n / 2] + values[n / 2 + 1]) / 2
+  }
+  { key = $1 " " $2 " " $3
+    if (!(key in rates)) order[++keys] = key
+    rates[key] = rates[key] " " $4 / ($5 / 1e6); p50[key] = p50[key] " " $6; p99[key] = p99[key] " " $7
+    errors[key] += $8 + $9; requests[key] += $4; cpu[key] += $10; service[key] += $11 }
+  END { for (i = 1; i <= keys; i++) { key = order[i]; split(key, f, " ")
+    plain = median(rates[f[1] " " f[2] " plain"])
+    printf "%-7s %5s  %-7s %8.0f %7.2f %7.2f %8.2f %9.1f %9s %7d\n", f[1], f[2], f[3], median(rates[key]),
+      median(p50[key]) / 1000, median(p99[key]) / 1000, median(rates[key]) / plain, service[key] * 1e6 / requests[key],
+      f[1] == "redis" ? sprintf("%.1f", cpu[key] * 1e6 / requests[key]) : "-", errors[key] } }' "$results"
 echo
-echo "× plain: requests/s over the plain route's in the same store and connections. redis µs: redis-server's CPU"
-echo "time (user + system, INFO cpu) per request, network I/O and the handler's counter included. errors: non-2xx"
-echo "answers and socket errors."
+echo "Medians of $ROUNDS runs per route (the routes take turns). × plain: requests/s over the plain route's, same store"
+echo "and connections. svc µs: the service's CPU time (user + system) per request, all runs of the route; redis µs:"
+echo "redis-server's (INFO cpu), network I/O and the handler's counter included. errors: non-2xx answers and socket"
+echo "errors. CPU per request is steadier than requests/s on a machine shared with other work."
 echo
 echo "Redis commands per request (INFO commandstats; evalsha's time includes the commands its script runs, exec's"
 echo "those of its transaction, and Redis lists those commands as well):"
-cat "$breakdown"
+awk 'FNR == NR { requests[$1 " " $2 " " $3] += $4; next }
+  $1 == "redis" && $3 != "plain" && $4 != "ping" { key = $3 " c=" $2; if (!(key in seen)) order[++keys] = key
+    seen[key] = $1 " " $2 " " $3; if (!((key, $4) in calls)) names[key] = names[key] " " $4
+    calls[key, $4] += $5; usec[key, $4] += $6 }
+  END { for (i = 1; i <= keys; i++) { key = order[i]; n = requests[seen[key]]; split(names[key], list, " ")
+    for (j = 1; j in list; j++) { name = list[j]
+      printf "  %-11s %-8s %6.3f calls/req %6.2f µs/call %6.2f µs/req\n", key, name, calls[key, name] / n,
+        usec[key, name] / calls[key, name], usec[key, name] / n } } }' "$results" "$work/cmdstats"
 echo
-while read -r connections in_load claim get; do
-  awk -v c="$connections" -v l="$in_load" -v s="$claim" -v g="$get" 'BEGIN {
-    printf "replay, %s connections: its claim-or-read took %.2f µs per call under load; alone, %.2f µs against %.2f", c, l, s, g
-    printf " µs for a GET of the same record: %.2f× a GET\n", s / g }'
+while read -r connections claim get; do
+  awk -v c="$connections" -v s="$claim" -v g="$get" 'BEGIN {
+    printf "replay, %s connections: its claim-or-read (SET NX GET PX) alone takes %.2f µs of Redis time per call, a", c, s
+    printf " GET of the same record %.2f: %.2f× a GET\n", g, s / g }'
 done <"$work/replay-vs-get"
-awk '$1 == "redis" { cpu[$2 " " $3] = $10; conns[$2] = 1 }
-  END { for (c in conns) printf "first request, %s connections: redis-server CPU %.2f µs per request, plain %.2f: idem adds %.2f µs\n",
-    c, cpu[c " first"], cpu[c " plain"], cpu[c " first"] - cpu[c " plain"] }' "$results" | sort -t, -k1,1 -n
+awk '$1 == "redis" { cpu[$2 " " $3] += $10; requests[$2 " " $3] += $4; conns[$2] = 1 }
+  END { for (c in conns) { first = cpu[c " first"] * 1e6 / requests[c " first"]; plain = cpu[c " plain"] * 1e6 / requests[c " plain"]
+    printf "first request, %s connections: redis-server CPU %.2f µs per request, plain %.2f: idem adds %.2f µs\n",
+      c, first, plain, first - plain } }' "$results" | sort -t, -k1,1 -n
 echo
 read -r sent _ _ _ refused _ <"$work/memory"
 awk -v sent="$sent" -v refused="$refused" -v ran="$executions" -v kib="$rss_kib" -v bound="$MEMORY_BOUND" 'BEGIN {

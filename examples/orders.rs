@@ -199,7 +199,11 @@ async fn place_order(state: &AppState, headers: &HeaderMap, order: NewOrder) -> 
 }
 
 #[idempotent(required = false, wait_timeout = 0)]
-async fn create_payment(State(state): State<AppState>, headers: HeaderMap, Json(payment): Json<NewPayment>) -> Response {
+async fn create_payment(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(payment): Json<NewPayment>,
+) -> Response {
     let payment_id = match state.execute(&headers).await {
         Ok(id) => id,
         Err(response) => return response,
@@ -255,7 +259,12 @@ async fn backend() -> Result<(Idempotency, Executions, String), Box<dyn std::err
         // The store opens its own connections, so it fails fast during an outage and heals by itself; the counter
         // shares nothing with it.
         let store = RedisStore::open(url.as_str()).await?;
-        let counter = idem::redis::Client::open(url.as_str())?.get_connection_manager().await?;
+        // Reconnecting every 100 ms at most (redis-rs' default backoff doubles up to seconds): after Redis comes
+        // back, the counter must answer as soon as the store does, or the first requests fail with 500.
+        let config = idem::redis::aio::ConnectionManagerConfig::new()
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(100));
+        let counter = idem::redis::Client::open(url.as_str())?.get_connection_manager_with_config(config).await?;
         return Ok((Idempotency::new(store), Executions::Redis(counter), format!("redis {url}")));
     }
     Ok((Idempotency::new(MemoryStore::new()), Executions::Memory(Arc::default()), "memory".to_owned()))
@@ -270,14 +279,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let (idempotency, executions, backend) = backend().await?;
     executions.keep_healthy();
-    let state = AppState { idempotency, executions };
+    let state = AppState { idempotency: idempotency.clone(), executions };
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     tracing::info!("orders service listening on http://{} (store: {backend})", listener.local_addr()?);
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    // Handlers whose clients already left still run detached: let them finish and record their responses.
+    if let Err(undrained) = idempotency.drain(Duration::from_secs(30)).await {
+        tracing::warn!(%undrained, "shutting down with handlers still running");
+    }
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what a deploy sends).
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing the requests in flight");
 }

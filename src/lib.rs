@@ -11,15 +11,16 @@
 //! ## 1. Add the crate
 //!
 //! ```text
-//! cargo add idem
+//! cargo add axum-idem
 //! cargo add axum
 //! cargo add tokio --features full
 //! cargo add serde --features derive
 //! cargo add --dev tower --features util      # for `oneshot` in tests
 //! ```
 //!
-//! `idem` brings the Redis store by default; `cargo add idem --no-default-features` leaves it out when memory
-//! is enough (tests, one process).
+//! The package is `axum-idem` (the name `idem` on crates.io belongs to another crate); its library is named `idem`,
+//! so code says `use idem::...`. It brings the Redis store by default; `cargo add axum-idem --no-default-features`
+//! leaves it out when memory is enough (tests, one process).
 //!
 //! ## 2. Annotate a handler
 //!
@@ -102,6 +103,7 @@
 //! #     (StatusCode::CREATED, Json(Order { id, item: order.item }))
 //! # }
 //! use axum::Router;
+//! use axum::http::{HeaderName, header::CONTENT_TYPE};
 //! use axum::routing::post;
 //! use idem::MemoryStore;
 //!
@@ -113,7 +115,7 @@
 //! # async fn serve() -> std::io::Result<()> {
 //! // In production, share records between processes with `idem::RedisStore` (feature `redis`).
 //! let idempotency = Idempotency::builder(MemoryStore::new())
-//!     .fingerprint_headers(["content-type", "x-tenant"])
+//!     .fingerprint_headers([CONTENT_TYPE, HeaderName::from_static("x-tenant")])
 //!     .build();
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! axum::serve(listener, app(idempotency)).await
@@ -227,10 +229,99 @@
 //! # Cargo features
 //!
 //! - `redis` (default): `RedisStore`, for single nodes, Sentinel and Cluster.
+//! - `tls`: `rediss://` URLs for `RedisStore` (rustls), trusting the system's root certificates; the builder's
+//!   `tls_root_certificates` trusts a private CA instead, `tls_client_certificate` presents a client certificate.
+//! - `tls-webpki-roots`: `tls`, trusting Mozilla's root certificates compiled into the binary instead (for
+//!   images without a CA bundle).
 //! - `metrics`: `MetricsFacade`, reporting to the [`metrics`](https://docs.rs/metrics) crate's recorder.
+//! - `test-kit`: `test_kit`, the conformance suite for your own [`store::Store`], for your tests (enable
+//!   it on the dev-dependency).
+//!
+//! # Your own store
+//!
+//! Implement [`store::Store`] with [`#[idem::async_trait]`](async_trait) (the same version idem uses), and check
+//! it with the test kit: one line under `tests/` runs every conformance case on it, one `#[test]` per case.
+//!
+//! ```toml
+//! [dev-dependencies]
+//! axum-idem = { version = "0.1", features = ["test-kit"] }
+//! ```
+//!
+//! ```
+//! // tests/my_store.rs: a closure that makes the store under test (here idem's own, to keep this compiling).
+//! idem::test_kit::conformance_tests!(my_store, || async { idem::MemoryStore::new() });
+//! # fn main() {}
+//! ```
+//!
+//! `examples/custom_store.rs` in the repository is a complete store written from the contract, checked this way.
 
 pub use idem_macros::idempotent;
-pub use idem_runtime::*;
+
+pub use idem_runtime::http::key::KeyFormat;
+pub use idem_runtime::{
+    Completed, Fence, Idempotency, IdempotencyBuilder, IdempotencyKey, IdempotencyLayer, IdempotencyService,
+    MemoryStore, MemoryStoreBuilder, Once, OnceError, Policy, PrincipalFn, Problem, StoreFailure, Undrained,
+};
+#[cfg(feature = "redis")]
+pub use idem_runtime::{RedisStore, RedisStoreBuilder};
+
+/// Writing a store of your own: the [`Store`] trait and what it keeps.
+///
+/// The built-in stores are here too ([`MemoryStore`], and `RedisStore` with the `redis`
+/// feature).
+pub mod store {
+    pub use idem_runtime::{
+        Claimed, Entry, Fingerprint, FingerprintBuilder, Forgotten, MemoryStore, MemoryStoreBuilder, OwnerToken,
+        Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write,
+    };
+    #[cfg(feature = "redis")]
+    pub use idem_runtime::{RedisStore, RedisStoreBuilder};
+}
+
+/// Building another front door on the engine: the bare claim / wait / replay protocol.
+pub mod engine {
+    pub use idem_runtime::{Claim, Execution, Outcome, begin};
+}
+
+/// Counting what the engine decides: the [`Metrics`] trait and ready-made implementations.
+pub mod metrics {
+    #[cfg(feature = "metrics")]
+    pub use idem_runtime::MetricsFacade;
+    pub use idem_runtime::{Counters, Event, Metrics, Site, Snapshot, StoreOperation, WAIT_BUCKETS, WaitHistogram};
+}
+
+/// Reading the `Idempotency-Key` header: the rules a key must follow and the formats a server can require.
+pub mod key {
+    pub use idem_runtime::http::key::{Key, KeyError, KeyFormat, MAX_KEY_LEN, parse};
+}
+
+/// The headers idem adds to its answers.
+pub mod headers {
+    pub use idem_runtime::http::{REPLAYED_HEADER, SIGNATURE_HEADER, STATUS_HEADER};
+}
+
+pub use idem_runtime::http::DEFAULT_PROBLEM_TYPE_BASE;
+pub use idem_runtime::problems;
+
+pub use idem_runtime::async_trait;
+#[cfg(feature = "test-kit")]
+pub use idem_runtime::test_kit;
+
+// Kept while the workspace's own tests and examples move to the modules above.
+#[cfg(feature = "metrics")]
+#[doc(hidden)]
+pub use idem_runtime::MetricsFacade;
+#[doc(hidden)]
+pub use idem_runtime::http;
+#[doc(hidden)]
+pub use idem_runtime::{
+    Claim, Claimed, Counters, Entry, Event, Execution, Fingerprint, FingerprintBuilder, Forgotten, Metrics, Outcome,
+    OwnerToken, Record, Site, Snapshot, Store, StoreError, StoreKey, StoreOperation, Stored, StoredResponse,
+    WAIT_BUCKETS, WaitHistogram, Write, begin,
+};
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub use idem_runtime::{deadpool_redis, redis};
 
 /// What `#[idempotent]` expands to use. Not a public API.
 #[doc(hidden)]

@@ -51,7 +51,10 @@ impl Reply {
         assert_eq!(self.status, StatusCode::INTERNAL_SERVER_ERROR, "{case}: {self:?}");
         assert_eq!(self.headers["content-type"], "application/problem+json", "{case}");
         let problem: Value = serde_json::from_slice(&self.body).expect("a JSON problem");
-        assert_eq!(problem["type"], "urn:idem:problem:corrupt-record", "{case}: {problem}");
+        assert_eq!(
+            problem["type"], "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#corrupt-record",
+            "{case}: {problem}"
+        );
         assert_eq!(problem["status"], 500, "{case}");
         for replay_marker in ["idempotent-replayed", "x-run"] {
             assert!(!self.headers.contains_key(replay_marker), "{case}: {replay_marker} on {self:?}");

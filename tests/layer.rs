@@ -3,8 +3,6 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
-#[path = "conformance/outage.rs"]
-mod outage;
 mod probe;
 mod redis_server;
 use axum::body::{Body, Bytes};
@@ -13,8 +11,8 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use idem::test_kit::Outage;
 use idem::{Counters, Idempotency, IdempotencyLayer, Policy, Store, idempotent};
-use outage::Outage;
 use probe::Probe;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -183,7 +181,10 @@ impl Reply {
     fn assert_problem(&self, status: u16, name: &str) {
         assert_eq!(self.status.as_u16(), status, "body: {:?}", self.body);
         assert_eq!(self.headers["content-type"], "application/problem+json");
-        assert_eq!(self.json()["type"], format!("urn:idem:problem:{name}"));
+        assert_eq!(
+            self.json()["type"],
+            format!("https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#{name}")
+        );
     }
 }
 

@@ -1,14 +1,12 @@
 //! The behaviour table (DESIGN.md §3) on [`idem::MemoryStore`], plus the rows only paused time can show quickly:
 //! lease renewal and record expiry.
 
-mod conformance;
-
-use conformance::app::TestApp;
-use conformance::client::{RequestExt, fresh_key, post};
+use idem::test_kit::app::TestApp;
+use idem::test_kit::client::{RequestExt, fresh_key, post};
 use serde_json::json;
 use std::time::Duration;
 
-conformance::suite!(memory, || async { idem::MemoryStore::new() });
+idem::test_kit::conformance_tests!(memory, || async { idem::MemoryStore::new() });
 
 #[tokio::test(start_paused = true)]
 async fn handler_outliving_its_lease_is_renewed_and_never_runs_twice() {

@@ -4,8 +4,6 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
-#[path = "conformance/outage.rs"]
-mod outage;
 mod probe;
 mod redis_server;
 use axum::body::{Body, Bytes};
@@ -14,11 +12,11 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
+use idem::test_kit::Outage;
 use idem::{
     Claimed, Counters, Fingerprint, Idempotency, OnceError, OwnerToken, Policy, Record, Snapshot, Store, StoreError,
     StoreKey, WAIT_BUCKETS, Write, idempotent,
 };
-use outage::Outage;
 use probe::Probe;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,11 +3,9 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
-#[path = "conformance/outage.rs"]
-mod outage;
 mod redis_server;
-use idem::{Idempotency, OnceError, Policy, Store, StoreError, StoreFailure};
-use outage::Outage;
+use idem::test_kit::Outage;
+use idem::{Completed, Idempotency, OnceError, Policy, Store, StoreError, StoreFailure};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -109,6 +107,38 @@ pub async fn once_runs_the_work_once_and_returns_its_stored_result_to_repeats(st
         let receipt = idempotency.once("charges", &key).run(&charge(500), || charger.charge(500)).await;
         assert_eq!(receipt.unwrap(), Receipt { charge_id: 1, cents: 500 });
     }
+    assert_eq!(charger.runs(), 1);
+}
+
+/// A redelivered event whose payload is a map: each delivery builds its own `HashMap`, whose iteration order (and so
+/// its plain JSON) differs from run to run, yet it is the same input.
+pub async fn once_takes_equal_maps_for_the_same_input_whatever_their_order(store: impl Store) {
+    let idempotency = Idempotency::new(store);
+    let charger = Charger::new();
+    let key = fresh_key("map");
+    for delivery in 0..20 {
+        let mut metadata = std::collections::HashMap::new();
+        for n in 0..16 {
+            metadata.insert(format!("field-{n}"), n);
+        }
+        let receipt = idempotency.once("charges", &key).run(&metadata, || charger.charge(500)).await;
+        assert_eq!(receipt.unwrap(), Receipt { charge_id: 1, cents: 500 }, "delivery {delivery}");
+    }
+    assert_eq!(charger.runs(), 1);
+}
+
+/// A caller can tell the run that did the work from the ones that got its stored result.
+pub async fn once_tells_a_fresh_run_from_a_replay(store: impl Store) {
+    let idempotency = Idempotency::new(store);
+    let charger = Charger::new();
+    let key = fresh_key("fresh");
+    let first = idempotency.once("charges", &key).run_or_replay(&charge(500), || charger.charge(500)).await.unwrap();
+    assert_eq!(first, Completed::Fresh(Receipt { charge_id: 1, cents: 500 }));
+    assert!(!first.is_replay());
+    let again = idempotency.once("charges", &key).run_or_replay(&charge(500), || charger.charge(500)).await.unwrap();
+    assert_eq!(again, Completed::Replayed(Receipt { charge_id: 1, cents: 500 }));
+    assert!(again.is_replay());
+    assert_eq!(again.into_value(), Receipt { charge_id: 1, cents: 500 });
     assert_eq!(charger.runs(), 1);
 }
 
@@ -321,6 +351,8 @@ macro_rules! once_cases {
             once_duplicate_waits_for_the_original_within_wait_timeout,
             once_cancelled_work_releases_its_key_for_a_retry,
             once_keeps_scopes_apart,
+            once_takes_equal_maps_for_the_same_input_whatever_their_order,
+            once_tells_a_fresh_run_from_a_replay,
             once_renews_the_lease_of_work_that_outlives_it,
             once_fails_closed_with_a_store_error_and_does_not_run,
             once_fails_open_when_asked,

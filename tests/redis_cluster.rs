@@ -1,6 +1,5 @@
 //! The conformance suite on a real 3-master Redis Cluster (started by the test on free loopback ports).
 
-mod conformance;
 mod redis_server;
 
 use redis_server::RedisCluster;
@@ -18,4 +17,4 @@ async fn store() -> idem::RedisStore {
     idem::RedisStore::cluster(cluster().urls()).await.expect("connect to the test cluster").with_prefix(prefix)
 }
 
-conformance::suite!(redis_cluster, store);
+idem::test_kit::conformance_tests!(redis_cluster, store);

@@ -175,3 +175,69 @@ async fn a_store_on_your_connection_manager_fails_fast_and_recovers() {
     println!("served again {:?} after the restart", restarted.elapsed());
     assert_eq!(claimed.unwrap(), Claimed::Owned);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_refused_by_an_outage_lands_once_redis_is_back() {
+    // Durable, so the claim made before the outage is still there after the restart, as on a production Redis.
+    let mut server = RedisServer::start_durable();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(RedisStore::open(server.url()).await.unwrap());
+    let policy = idem::Policy::new();
+    let outcome = idem::begin(&store, key("completed-late"), fingerprint(), &policy).await.unwrap();
+    let idem::Outcome::Execute(claim) = outcome else { panic!("a fresh key is claimed: {outcome:?}") };
+
+    // The work ran and its answer went out; then Redis is gone when its record is to be written.
+    server.terminate();
+    let stored = idem::Stored::Response(idem::StoredResponse {
+        status: 201,
+        headers: vec![("content-type".to_owned(), "application/json".into())],
+        body: r#"{"order_id":1}"#.into(),
+    });
+    let completed = claim.complete(stored.clone(), Duration::from_secs(60)).await;
+    assert!(matches!(completed, Err(StoreError::Unavailable(_))), "{completed:?}");
+
+    // Left in flight, the claim would lapse after its 30 s lease and a retry would run the work again. The record
+    // lands in the background instead, within about a second of Redis answering.
+    server.restart_keeping_data();
+    let restarted = Instant::now();
+    loop {
+        match store.claim(&key("completed-late"), &fingerprint(), &OwnerToken::generate(), LEASE).await {
+            Ok(Claimed::Existing(idem::Entry::Completed(record))) => {
+                assert_eq!(record.stored, stored);
+                break;
+            }
+            Ok(Claimed::Owned) => panic!("the key was free: the claim made before the outage was lost"),
+            Ok(Claimed::Existing(idem::Entry::InFlight { .. })) | Err(_) => {}
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(10), "the record never landed: the key is still in flight");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("the retried completion landed {:?} after the restart", restarted.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_refused_by_an_outage_frees_the_key_once_redis_is_back() {
+    let mut server = RedisServer::start_durable();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(RedisStore::open(server.url()).await.unwrap());
+    let outcome = idem::begin(&store, key("released-late"), fingerprint(), &idem::Policy::new()).await.unwrap();
+    let idem::Outcome::Execute(claim) = outcome else { panic!("a fresh key is claimed: {outcome:?}") };
+
+    // The work failed (a 5xx): its key must be freed for a retry, but Redis is gone.
+    server.terminate();
+    let released = claim.release().await;
+    assert!(matches!(released, Err(StoreError::Unavailable(_))), "{released:?}");
+
+    // Left in flight, the key would answer 409 for the rest of its 30 s lease with nobody running the work. The
+    // release lands in the background instead, and a retry claims the key within about a second of Redis answering.
+    server.restart_keeping_data();
+    let restarted = Instant::now();
+    loop {
+        match store.claim(&key("released-late"), &fingerprint(), &OwnerToken::generate(), LEASE).await {
+            Ok(Claimed::Owned) => break,
+            Ok(Claimed::Existing(idem::Entry::Completed(_))) => panic!("nothing was completed"),
+            Ok(Claimed::Existing(idem::Entry::InFlight { .. })) | Err(_) => {}
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(10), "the key stayed in flight: the release never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("the retried release landed {:?} after the restart", restarted.elapsed());
+}

@@ -57,7 +57,10 @@ async fn two_instances_run_one_key_once_and_five_hundred_keys_five_hundred_times
                 replayed += usize::from(answer.replayed);
             }
             StatusCode::CONFLICT => {
-                assert_eq!(answer.body["type"], "urn:idem:problem:in-progress");
+                assert_eq!(
+                    answer.body["type"],
+                    "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#in-progress"
+                );
                 conflicts += 1;
             }
             other => panic!("unexpected answer {other}: {}", answer.body),

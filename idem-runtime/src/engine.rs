@@ -97,7 +97,7 @@ async fn claim_or_wait(
             Err(error) => {
                 // The claim may have taken effect with only its reply lost: give it up rather than leave the key
                 // in flight, answering 409, for a whole lease with nobody running the request.
-                release_lost_claim(store.clone(), key, owner);
+                release_lost_claim(store.clone(), key, owner, policy.lease_duration());
                 return Err(error);
             }
         };
@@ -178,9 +178,14 @@ impl Claim {
         self.fingerprint
     }
 
-    /// Runs `work` while the lease is renewed every third of its length beside it, so work that outlives its lease
-    /// is never run a second time by a duplicate. Renewing goes on (on a task of its own, so a slow store never
-    /// holds the work up) until the claim is completed, released or dropped.
+    /// Runs `work` while the lease is renewed every third of its length beside it (a renewal that fails is retried
+    /// every twentieth of the lease until one lands), so work that outlives its lease is never run a second time by
+    /// a duplicate. Renewing goes on (on a task of its own, so a slow store never holds the work up) until the claim
+    /// is completed, released or dropped.
+    ///
+    /// Only a store out of reach for the rest of a lease can cost the claim: a duplicate that claims the key once
+    /// the lease has run out (and before a renewal re-claims it) runs the work again. The work here still runs to
+    /// its end; its completion is then fenced, so the duplicate's record stands.
     pub async fn keep_alive<F: Future>(&self, work: F) -> F::Output {
         self.start_keeping();
         work.await
@@ -198,6 +203,7 @@ impl Claim {
                 key: self.key.clone(),
                 owner: owner.clone(),
                 fingerprint: self.fingerprint,
+                failures: 0,
             };
             *keeper = Some(Keeper::spawn(renewal, self.lease));
         }
@@ -220,6 +226,15 @@ impl Claim {
         }
     }
 
+    /// The claim's fence: its owner token, and a way to check (renewing at once) that the claim is still held.
+    /// Starts the renewal task if it does not run yet.
+    pub fn fence(&self) -> Fence {
+        self.start_keeping();
+        let keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let owner = self.owner.clone().expect("a live claim has an owner");
+        Fence { owner, keeper }
+    }
+
     /// Stops renewing, once any renewal in flight has landed: a renewal arriving after the release could otherwise
     /// claim the freed key again.
     async fn stop_keeping(&self) {
@@ -230,22 +245,126 @@ impl Claim {
     }
 
     /// Records the result for `ttl` and wakes waiting duplicates.
+    ///
+    /// When the store cannot be reached ([`StoreError::Unavailable`]), the error is returned and the completion is
+    /// also retried in the background until it lands or `ttl` has passed: the work has run, and a claim left in
+    /// flight would lapse after its lease and let a retry run the work a second time. The store accepts a
+    /// completion as long as nobody claimed the key since, even after the lease ran out, so an outage shorter than
+    /// the rest of the lease costs nothing; a longer one leaves a window in which a retry that claims first runs
+    /// again.
     pub async fn complete(mut self, stored: Stored, ttl: Duration) -> Result<Write, StoreError> {
         self.stop_keeping().await;
         let owner = self.owner.take().expect("a live claim has an owner");
         let record = Record { fingerprint: self.fingerprint, stored };
         let write = self.store.complete(&self.key, &owner, &record, ttl).await;
         report_write(&*self.metrics, &self.key, "complete", &write);
+        if let Err(StoreError::Unavailable(_)) = &write {
+            let pending = Pending::Complete { record, ttl };
+            PendingWrite { store: self.store.clone(), key: self.key.clone(), owner, write: pending }.spawn(ttl);
+        }
         write
     }
 
     /// Gives the key up so a retry runs the work again, and wakes waiting duplicates.
+    ///
+    /// When the store cannot be reached, the release is also retried in the background until it lands or the lease
+    /// has run out (when the key frees itself): otherwise duplicates would be refused `409 in-progress` for the rest
+    /// of the lease with nobody running the work.
     pub async fn release(mut self) -> Result<Write, StoreError> {
         self.stop_keeping().await;
         let owner = self.owner.take().expect("a live claim has an owner");
         let write = self.store.release(&self.key, &owner).await;
         report_write(&*self.metrics, &self.key, "release", &write);
+        if let Err(StoreError::Unavailable(_)) = &write {
+            let pending =
+                PendingWrite { store: self.store.clone(), key: self.key.clone(), owner, write: Pending::Release };
+            pending.spawn(self.lease);
+        }
         write
+    }
+}
+
+/// The first pause before a failed write is sent again, doubled per failure up to [`WRITE_RETRY_LAST`].
+const WRITE_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two attempts of a failed write: a store back from an outage gets it within about this
+/// long.
+const WRITE_RETRY_LAST: Duration = Duration::from_secs(1);
+
+/// An owner-checked write the store could not take, sent again in the background.
+struct PendingWrite {
+    store: Arc<dyn Store>,
+    key: StoreKey,
+    owner: OwnerToken,
+    write: Pending,
+}
+
+enum Pending {
+    /// The work ran and its answer went out: its record must still land, or after the lease a retry runs it again.
+    Complete { record: Record, ttl: Duration },
+    /// The work failed: the key must be freed, or duplicates are refused until the lease runs out.
+    Release,
+}
+
+impl PendingWrite {
+    fn operation(&self) -> &'static str {
+        match self.write {
+            Pending::Complete { .. } => "complete",
+            Pending::Release => "release",
+        }
+    }
+
+    async fn send(&self) -> Result<Write, StoreError> {
+        match &self.write {
+            Pending::Complete { record, ttl } => self.store.complete(&self.key, &self.owner, record, *ttl).await,
+            Pending::Release => self.store.release(&self.key, &self.owner).await,
+        }
+    }
+
+    /// Sends the write again, backing off, until the store takes it (or fences it: someone else claimed the key once
+    /// the lease ran out) or `useful_for` has passed (the record would have expired, or the claim lapsed by itself).
+    fn spawn(self, useful_for: Duration) {
+        tracing::warn!(
+            key = %self.key,
+            operation = self.operation(),
+            "write failed: retrying in the background until the store is back"
+        );
+        self.spawn_quietly(useful_for);
+    }
+
+    /// [`PendingWrite::spawn`] without the warning: for a release of a claim that most likely never landed.
+    fn spawn_quietly(self, useful_for: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let operation = self.operation();
+        runtime.spawn(
+            async move {
+                let give_up = Instant::now() + useful_for;
+                let mut pause = WRITE_RETRY_FIRST;
+                loop {
+                    tokio::time::sleep(pause).await;
+                    match self.send().await {
+                        Ok(Write::Applied) => {
+                            tracing::info!(key = %self.key, operation, "write retried: it landed");
+                            return;
+                        }
+                        Ok(Write::Fenced) => {
+                            tracing::warn!(
+                                key = %self.key,
+                                operation,
+                                "write retried too late: the key was claimed again after the lease ran out"
+                            );
+                            return;
+                        }
+                        Err(StoreError::Unavailable(_)) if Instant::now() < give_up => {}
+                        Err(error) => {
+                            tracing::error!(key = %self.key, operation, %error, "write retry given up");
+                            return;
+                        }
+                    }
+                    pause = (pause * 2).min(WRITE_RETRY_LAST);
+                }
+            }
+            .in_current_span(),
+        );
     }
 }
 
@@ -256,26 +375,50 @@ struct Renewal {
     key: StoreKey,
     owner: OwnerToken,
     fingerprint: Fingerprint,
+    /// Renewals that failed in a row.
+    failures: u32,
 }
 
 impl Renewal {
     /// One renewal, given up after one renewal period: a store that hangs must not hold up the next renewal, nor
     /// the completion that waits for this one to land.
-    async fn renew(&self, lease: Duration) -> Result<Write, StoreError> {
+    ///
+    /// Of failures in a row (retried every [`renewal_retry_period`] while the store is out of reach) only the first
+    /// is counted and logged as an error, so an outage does not flood the log with one error per retry per claim.
+    async fn renew(&mut self, lease: Duration) -> Result<Write, StoreError> {
         let renewal = self.store.renew(&self.key, &self.owner, &self.fingerprint, lease);
         let write = match tokio::time::timeout(renewal_period(lease), renewal).await {
             Ok(write) => write,
             Err(_) => Err(StoreError::Unavailable("the lease renewal timed out".to_owned())),
         };
-        report_write(&*self.metrics, &self.key, "renew", &write);
+        match &write {
+            Err(error) if self.failures > 0 => {
+                tracing::debug!(key = %self.key, %error, failures = self.failures, "lease renewal failed again");
+            }
+            Ok(Write::Applied) if self.failures > 0 => {
+                tracing::info!(key = %self.key, failures = self.failures, "lease renewed again after failed attempts");
+            }
+            _ => report_write(&*self.metrics, &self.key, "renew", &write),
+        }
+        self.failures = if write.is_err() { self.failures + 1 } else { 0 };
         write
     }
 }
 
-/// How often a lease of `lease` is renewed: three times per lease, so two renewals in a row can fail (a store
-/// briefly out of reach) before it lapses.
+/// How often a lease of `lease` is renewed: three times per lease.
 fn renewal_period(lease: Duration) -> Duration {
     (lease / 3).max(Duration::from_millis(10))
+}
+
+/// How soon a renewal that failed (the store could not be reached) is tried again: a twentieth of the lease, until
+/// one lands. Waiting a whole renewal period instead put the attempt after two failures exactly where the lease
+/// runs out, racing the duplicates that the store wakes at that moment: an outage of a little over a third of the
+/// lease could hand the key to a duplicate while the owner was still running. Retried, the lease is extended as soon
+/// as the store answers again, so an outage that ends (as seen by this process) a twentieth of the lease before the
+/// lease granted by the last renewal runs out costs nothing. Attempts are cheap while the store is known to be down
+/// (the Redis store fails them without touching the network).
+fn renewal_retry_period(lease: Duration) -> Duration {
+    (lease / 20).max(Duration::from_millis(10))
 }
 
 /// The handle of a claim's renewal task. The task makes one renewal at a time, so renewals land in the order it
@@ -288,6 +431,8 @@ struct Keeper {
 enum KeeperCommand {
     /// Renew now for this lease, then every third of it; answer with the renewal.
     RenewFor(Duration, tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
+    /// Renew now for the current lease; answer with the renewal.
+    RenewNow(tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
     /// Stop; answer once no renewal is in flight.
     Stop(tokio::sync::oneshot::Sender<()>),
 }
@@ -300,7 +445,7 @@ impl Keeper {
     }
 
     async fn run(
-        renewal: Renewal,
+        mut renewal: Renewal,
         mut lease: Duration,
         mut commands: tokio::sync::mpsc::UnboundedReceiver<KeeperCommand>,
     ) {
@@ -316,6 +461,19 @@ impl Keeper {
                         next = Instant::now() + renewal_period(lease);
                         let write = renewal.renew(lease).await;
                         lost = matches!(write, Ok(Write::Fenced));
+                        if write.is_err() {
+                            next = Instant::now() + renewal_retry_period(lease);
+                        }
+                        let _ = answer.send(write);
+                    }
+                    Some(KeeperCommand::RenewNow(answer)) => {
+                        // A lost claim stays lost: renewing it now could take a key that someone else freed.
+                        let write = if lost { Ok(Write::Fenced) } else { renewal.renew(lease).await };
+                        next = Instant::now() + renewal_period(lease);
+                        lost = matches!(write, Ok(Write::Fenced));
+                        if write.is_err() {
+                            next = Instant::now() + renewal_retry_period(lease);
+                        }
                         let _ = answer.send(write);
                     }
                     Some(KeeperCommand::Stop(done)) => {
@@ -327,7 +485,11 @@ impl Keeper {
                 },
                 () = tokio::time::sleep_until(next), if !lost => {
                     next = Instant::now() + renewal_period(lease);
-                    lost = matches!(renewal.renew(lease).await, Ok(Write::Fenced));
+                    match renewal.renew(lease).await {
+                        Ok(Write::Applied) => {}
+                        Ok(Write::Fenced) => lost = true,
+                        Err(_) => next = Instant::now() + renewal_retry_period(lease),
+                    }
                 }
             }
         }
@@ -341,11 +503,57 @@ impl Keeper {
         answered.await.unwrap_or(Ok(Write::Fenced))
     }
 
+    async fn renew_now(&self) -> Result<Write, StoreError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if self.commands.send(KeeperCommand::RenewNow(answer)).is_err() {
+            return Ok(Write::Fenced);
+        }
+        answered.await.unwrap_or(Ok(Write::Fenced))
+    }
+
     async fn stop(self) {
         let (done, stopped) = tokio::sync::oneshot::channel();
         if self.commands.send(KeeperCommand::Stop(done)).is_ok() {
             let _ = stopped.await;
         }
+    }
+}
+
+/// What a running handler knows of its claim: the owner token that every write to its key presents, and a check
+/// that the claim is still held. The extractor behind `#[idempotent]` handlers and the layer
+/// (see [`Fence`'s `FromRequestParts`](#impl-FromRequestParts%3CS%3E-for-Fence)).
+///
+/// idem fences its own writes: a handler whose lease lapsed (it was frozen, or the store was out of reach for a whole
+/// lease) and whose key was claimed by a retry can no longer store or delete anything under the key. The handler's
+/// *own* writes are its business; the fence gives it two tools for them:
+/// - [`Fence::is_held`] just before an irreversible step (charging a card): it renews the lease at once and says
+///   whether the claim is still this handler's;
+/// - [`Fence::token`], to store beside the handler's own rows (e.g. `UPDATE … WHERE claimed_by = $token`), so a
+///   second writer for the same key can tell the two apart.
+#[derive(Clone)]
+pub struct Fence {
+    owner: OwnerToken,
+    keeper: Option<Keeper>,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence").field("owner", &self.owner).finish_non_exhaustive()
+    }
+}
+
+impl Fence {
+    /// The claim's owner token: random, unique to this execution of the handler.
+    pub fn token(&self) -> &OwnerToken {
+        &self.owner
+    }
+
+    /// Renews the lease now and answers whether the claim is still held: `Ok(false)` once the lease lapsed and the
+    /// key was claimed by someone else (or the claim already completed), `Err` when the store could not be reached
+    /// (whether the claim is held is then unknown; treat it as not held before an irreversible step).
+    pub async fn is_held(&self) -> Result<bool, StoreError> {
+        let Some(keeper) = &self.keeper else { return Ok(false) };
+        keeper.renew_now().await.map(|write| write == Write::Applied)
     }
 }
 
@@ -382,13 +590,123 @@ impl Drop for Claim {
 
 /// Releases a claim whose call failed, in case it took effect with only its reply lost. A release deletes nothing
 /// but `owner`'s own claim, so it is harmless when the claim never landed (the usual case: that is not reported).
-fn release_lost_claim(store: Arc<dyn Store>, key: StoreKey, owner: OwnerToken) {
+///
+/// While the store is out of reach the release is retried until it lands or `lease` has passed: a claim that sat in
+/// a frozen server's socket takes effect when the server resumes, and would otherwise hold its key for a whole lease
+/// with nobody running the request.
+fn release_lost_claim(store: Arc<dyn Store>, key: StoreKey, owner: OwnerToken, lease: Duration) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     runtime.spawn(async move {
         match store.release(&key, &owner).await {
             Ok(Write::Applied) => tracing::info!(key = %key, "released a claim whose reply was lost"),
             Ok(Write::Fenced) => {}
+            Err(StoreError::Unavailable(_)) => {
+                PendingWrite { store, key, owner, write: Pending::Release }.spawn_quietly(lease);
+            }
             Err(error) => tracing::debug!(key = %key, %error, "could not release a claim whose call failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A [`MemoryStore`] whose renewals fail while `unreachable` is set, as a remote store's do while it cannot be
+    /// reached; it notes when each renewal landed.
+    #[derive(Default)]
+    struct Unreachable {
+        store: MemoryStore,
+        unreachable: AtomicBool,
+        renewed: Mutex<Vec<Instant>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Unreachable {
+        async fn claim(
+            &self,
+            key: &StoreKey,
+            fingerprint: &Fingerprint,
+            owner: &OwnerToken,
+            lease: Duration,
+        ) -> Result<Claimed, StoreError> {
+            self.store.claim(key, fingerprint, owner, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &StoreKey,
+            owner: &OwnerToken,
+            record: &Record,
+            ttl: Duration,
+        ) -> Result<Write, StoreError> {
+            self.store.complete(key, owner, record, ttl).await
+        }
+        async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
+            self.store.release(key, owner).await
+        }
+        async fn renew(
+            &self,
+            key: &StoreKey,
+            owner: &OwnerToken,
+            fingerprint: &Fingerprint,
+            lease: Duration,
+        ) -> Result<Write, StoreError> {
+            if self.unreachable.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("unreachable (a test double)".to_owned()));
+            }
+            let write = self.store.renew(key, owner, fingerprint, lease).await;
+            if matches!(write, Ok(Write::Applied)) {
+                self.renewed.lock().unwrap().push(Instant::now());
+            }
+            write
+        }
+        async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+            self.store.wait(key, timeout).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_renewal_is_retried_until_it_lands_long_before_the_lease_runs_out() {
+        let store = Arc::new(Unreachable::default());
+        let shared: Arc<dyn Store> = store.clone();
+        // Renewed every second; the lease granted by the renewal at 1 s runs out at 4 s.
+        let lease = Duration::from_secs(3);
+        let policy = Policy::new().lease(lease).wait_timeout(Duration::ZERO);
+        let key = StoreKey::derive(&[b"renewal-retry"]);
+        let fingerprint = Fingerprint::builder().field(b"request").finish();
+        let counters = Arc::new(crate::Counters::new());
+        let metrics: Arc<dyn Metrics> = counters.clone();
+        let started = Instant::now();
+        let begun = begin_observed(&shared, &metrics, key.clone(), fingerprint, &policy).await;
+        let Ok(Outcome::Execute(claim)) = begun.result else {
+            panic!("a fresh key is claimed");
+        };
+        claim.start_keeping();
+
+        // Out of reach from 1.5 s to 3.2 s: the renewals due at 2 s and 3 s fail. Before retries, the next attempt
+        // came at 4 s, the very moment the lease ran out.
+        tokio::time::sleep_until(started + Duration::from_millis(1500)).await;
+        store.unreachable.store(true, Ordering::SeqCst);
+        tokio::time::sleep_until(started + Duration::from_millis(3200)).await;
+        store.unreachable.store(false, Ordering::SeqCst);
+        tokio::time::sleep_until(started + Duration::from_millis(3900)).await;
+
+        let renewed: Vec<Duration> = store.renewed.lock().unwrap().iter().map(|at| *at - started).collect();
+        let back = Duration::from_millis(3200);
+        assert!(
+            renewed.iter().any(|at| *at >= back && *at <= back + renewal_retry_period(lease)),
+            "renewed within a retry period of the store answering again: {renewed:?}"
+        );
+        // Many attempts failed while the store was out of reach; one store error is counted for them.
+        assert_eq!(counters.snapshot().store_errors, 1);
+        // So the key is still held when the lease of the renewal at 1 s would have run out.
+        tokio::time::sleep_until(started + Duration::from_millis(4001)).await;
+        let duplicate = Fingerprint::builder().field(b"duplicate").finish();
+        let claimed = shared.claim(&key, &duplicate, &OwnerToken::generate(), lease).await.unwrap();
+        assert_eq!(claimed, Claimed::Existing(Entry::InFlight { fingerprint }));
+        claim.release().await.unwrap();
+    }
 }

@@ -69,6 +69,12 @@ impl fmt::Display for Fingerprint {
 /// Accumulates length-prefixed fields into a [`Fingerprint`].
 pub struct FingerprintBuilder(Sha256);
 
+impl std::fmt::Debug for FingerprintBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FingerprintBuilder").finish_non_exhaustive()
+    }
+}
+
 impl FingerprintBuilder {
     /// Adds one field. The length prefix keeps `("ab", "c")` and `("a", "bc")` apart.
     pub fn field(mut self, bytes: &[u8]) -> Self {

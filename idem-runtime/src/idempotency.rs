@@ -6,6 +6,7 @@ use crate::{MemoryStore, Policy};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, StatusCode};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A function of the request that names who is asking; records are scoped by it so one client never receives
 /// another's stored response.
@@ -27,9 +28,10 @@ pub enum StoreFailure {
 /// extensions (`.layer(Extension(idempotency))`).
 ///
 /// ```
+/// use axum::http::{HeaderName, header::CONTENT_TYPE};
 /// use idem_runtime::{Idempotency, MemoryStore};
 /// let idempotency = Idempotency::builder(MemoryStore::new())
-///     .fingerprint_headers(["content-type", "x-tenant"])
+///     .fingerprint_headers([CONTENT_TYPE, HeaderName::from_static("x-tenant")])
 ///     .max_record_bytes(512 * 1024)
 ///     .build();
 /// # let _ = idempotency;
@@ -49,8 +51,43 @@ pub(crate) struct Shared {
     pub(crate) layer_policy: Policy,
     pub(crate) layer_body_limit: usize,
     pub(crate) metrics: Arc<dyn Metrics>,
+    /// Whether [`IdempotencyBuilder::metrics`] installed metrics: only then are events labelled and store calls
+    /// timed, which costs an allocation and a clock read per request.
+    pub(crate) metrics_installed: bool,
     /// Statuses the layer sends but never stores, since it cannot tell whether the handler answered them.
     pub(crate) layer_unstored: Vec<StatusCode>,
+    /// The handler tasks the HTTP doors detached from their connections, for [`Idempotency::drain`].
+    pub(crate) running: Arc<crate::drain::Running>,
+    /// How the engine words its own answers.
+    pub(crate) answers: crate::http::Answers,
+    pub(crate) key_format: crate::http::key::KeyFormat,
+    /// Whether a request without a principal was already reported (once per engine).
+    unscoped_reported: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// The metrics one request reports to: labelled with its door and route when metrics are installed.
+    pub(crate) fn metrics_at(&self, door: &'static str, route: &str) -> Arc<dyn Metrics> {
+        if !self.metrics_installed {
+            return self.metrics.clone();
+        }
+        Arc::new(crate::metrics::Labeled { inner: self.metrics.clone(), door, route: route.into() })
+    }
+
+    /// Reports, once per engine, that a request was scoped to no principal: every such request shares one scope,
+    /// so two clients choosing the same key would share one record. The default principal reads only the
+    /// `Authorization` header; apps authenticating by cookie, mTLS or a gateway header must set their own.
+    pub(crate) fn warn_unscoped_once(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.unscoped_reported.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "idempotency: a request with a key had no principal (the default principal is the Authorization \
+                 header, and it was absent), so it shares one record scope with every other such request. If \
+                 clients authenticate another way (cookie, mTLS, gateway header), set \
+                 `Idempotency::builder(..).principal(..)` to name the client; this is reported once"
+            );
+        }
+    }
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -90,7 +127,12 @@ impl Idempotency {
                 layer_policy: Policy::new().required(false),
                 layer_body_limit: 2 << 20,
                 metrics: Arc::new(NoMetrics),
+                metrics_installed: false,
                 layer_unstored: LAYER_UNSTORED.to_vec(),
+                running: Arc::default(),
+                answers: crate::http::Answers::default(),
+                key_format: crate::http::key::KeyFormat::any(),
+                unscoped_reported: std::sync::atomic::AtomicBool::new(false),
             },
         }
     }
@@ -128,39 +170,61 @@ pub struct IdempotencyBuilder {
     shared: Shared,
 }
 
+impl std::fmt::Debug for IdempotencyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyBuilder")
+            .field("key_header", &self.shared.key_header)
+            .field("fingerprint_headers", &self.shared.fingerprint_headers)
+            .field("key_format", &self.shared.key_format)
+            .field("max_record_bytes", &self.shared.max_record_bytes)
+            .field("on_store_failure", &self.shared.on_store_failure)
+            .finish_non_exhaustive()
+    }
+}
+
 impl IdempotencyBuilder {
     /// The header carrying the key (default `Idempotency-Key`).
     ///
-    /// # Panics
-    /// If `name` is not a valid header name.
-    pub fn key_header(mut self, name: &str) -> Self {
-        self.shared.key_header = HeaderName::try_from(name).expect("key_header: not a valid header name");
+    /// ```
+    /// use axum::http::HeaderName;
+    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// let idempotency = Idempotency::builder(MemoryStore::new())
+    ///     .key_header(HeaderName::from_static("x-request-key"))
+    ///     .build();
+    /// # let _ = idempotency;
+    /// ```
+    pub fn key_header(mut self, name: HeaderName) -> Self {
+        self.shared.key_header = name;
         self
     }
 
     /// Request headers that are part of the fingerprint, besides method, path, query and body
     /// (default `content-type`).
-    ///
-    /// # Panics
-    /// If a name is not a valid header name.
-    pub fn fingerprint_headers<I, N>(mut self, names: I) -> Self
-    where
-        I: IntoIterator<Item = N>,
-        N: AsRef<str>,
-    {
-        self.shared.fingerprint_headers = names
-            .into_iter()
-            .map(|name| HeaderName::try_from(name.as_ref()).expect("fingerprint_headers: not a valid header name"))
-            .collect();
+    pub fn fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.shared.fingerprint_headers = names.into_iter().collect();
         self
     }
 
-    /// Who is asking (default: the `Authorization` header). Records are scoped by the returned bytes.
+    /// Who is asking (default: the `Authorization` header). Records are scoped by the returned bytes (hashed into
+    /// the store key), so one client can never receive another's stored response.
+    ///
+    /// The default suits APIs authenticated by `Authorization`. An app that authenticates another way must name its
+    /// client here, or all its clients share one scope (idem logs a warning, once, the first time a request with a
+    /// key has an empty principal). The usual way is to read what the app's own authentication middleware put in
+    /// the request extensions; it runs before idem when it is layered outside the routes:
     ///
     /// ```
     /// use idem_runtime::{Idempotency, MemoryStore};
+    ///
+    /// /// Inserted by the app's authentication middleware.
+    /// #[derive(Clone)]
+    /// struct User { id: u64 }
+    ///
     /// let idempotency = Idempotency::builder(MemoryStore::new())
-    ///     .principal(|parts| parts.headers.get("x-api-key").map(|v| v.as_bytes().to_vec()).unwrap_or_default())
+    ///     .principal(|parts| match parts.extensions.get::<User>() {
+    ///         Some(user) => user.id.to_be_bytes().to_vec(),
+    ///         None => Vec::new(),
+    ///     })
     ///     .build();
     /// # let _ = idempotency;
     /// ```
@@ -169,6 +233,20 @@ impl IdempotencyBuilder {
         F: Fn(&Parts) -> Vec<u8> + Send + Sync + 'static,
     {
         self.shared.principal = Arc::new(principal);
+        self
+    }
+
+    /// Which keys are accepted (default [`KeyFormat::any`](crate::http::key::KeyFormat::any)); a key in another
+    /// format is answered `400 invalid-key` before the store is touched.
+    ///
+    /// ```
+    /// use idem_runtime::http::key::KeyFormat;
+    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// let idempotency = Idempotency::builder(MemoryStore::new()).key_format(KeyFormat::uuid()).build();
+    /// # let _ = idempotency;
+    /// ```
+    pub fn key_format(mut self, format: crate::http::key::KeyFormat) -> Self {
+        self.shared.key_format = format;
         self
     }
 
@@ -232,11 +310,48 @@ impl IdempotencyBuilder {
     /// ```
     pub fn metrics(mut self, metrics: impl Metrics) -> Self {
         self.shared.metrics = Arc::new(metrics);
+        self.shared.metrics_installed = true;
+        self
+    }
+
+    /// The start of every problem `type` URI the engine answers with; the problem's name is appended (default
+    /// [`DEFAULT_PROBLEM_TYPE_BASE`](crate::http::DEFAULT_PROBLEM_TYPE_BASE), the crate's documentation of each
+    /// problem). Point it at your API's own documentation:
+    ///
+    /// ```
+    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// // 409 answers then carry "type": "https://api.example.com/problems/in-progress".
+    /// let idempotency = Idempotency::builder(MemoryStore::new())
+    ///     .problem_type_base("https://api.example.com/problems/")
+    ///     .build();
+    /// # let _ = idempotency;
+    /// ```
+    pub fn problem_type_base(mut self, base: &str) -> Self {
+        self.shared.answers.set_type_base(base);
+        self
+    }
+
+    /// The `Retry-After` sent with `409 in-progress` (default 1 s) and with `503 store-unavailable` (default 5 s),
+    /// in whole seconds rounded up, at least 1.
+    pub fn retry_after(mut self, in_progress: Duration, store_unavailable: Duration) -> Self {
+        self.shared.answers.set_retry_after_in_progress(in_progress);
+        self.shared.answers.set_retry_after_store(store_unavailable);
+        self
+    }
+
+    /// Whether answers carry `X-Idempotency-Signature`, the request's fingerprint (default `true`). Turn it off when
+    /// clients have no use for it.
+    pub fn signature_header(mut self, send: bool) -> Self {
+        self.shared.answers.signature_header = send;
         self
     }
 
     /// Builds the engine.
-    pub fn build(self) -> Idempotency {
+    pub fn build(mut self) -> Idempotency {
+        if self.shared.metrics_installed {
+            let timed = crate::store::timed::Timed { inner: self.shared.store, metrics: self.shared.metrics.clone() };
+            self.shared.store = Arc::new(timed);
+        }
         Idempotency { shared: Arc::new(self.shared) }
     }
 }

@@ -77,15 +77,84 @@ use tracing::Instrument;
 ///   `Router::route_layer`. Wrapping a whole router from outside (`IdempotencyLayer::new(..).layer(router)`)
 ///   leaves only the handoff: every request to an annotated route is then claimed with the layer's settings and
 ///   completed with the annotation's.
+///
+/// # One policy per route or per router
+///
+/// Each layer carries its own settings, starting from the engine's `layer_*` defaults: [`IdempotencyLayer::policy`],
+/// [`IdempotencyLayer::methods`], [`IdempotencyLayer::body_limit`] and [`IdempotencyLayer::unstored_statuses`]. Put
+/// one on a single route (`post(handler).layer(..)`) or on a nested router to give those routes their own `ttl` or
+/// `wait_timeout`, the tower way, instead of one policy for the whole app:
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use idem_runtime::{Idempotency, MemoryStore, Policy};
+/// use std::time::Duration;
+///
+/// let idempotency = Idempotency::new(MemoryStore::new());
+/// let payments = Policy::new().required(true).ttl(Duration::from_secs(86_400)).wait_timeout(Duration::from_secs(5));
+/// let app: Router = Router::new()
+///     // Keys required and kept a day on this route only.
+///     .route("/payments", post(|| async { "paid" }).layer(idempotency.layer().policy(payments)))
+///     // The rest of the API: the engine's layer defaults.
+///     .nest("/v1", Router::new().route("/notes", post(|| async { "noted" })).layer(idempotency.layer()));
+/// # let _ = app;
+/// ```
+///
+/// An annotated route needs no layer: its annotation is its policy. Keeping layers off annotated routes (a layer per
+/// route or per router of plain handlers, as above) also keeps clear of the first-contact rule described above.
 #[derive(Debug, Clone)]
 pub struct IdempotencyLayer {
     idempotency: Idempotency,
+    settings: Arc<LayerSettings>,
+}
+
+/// What one layer applies: the engine's `layer_*` defaults unless the layer was given its own.
+#[derive(Debug, Clone)]
+struct LayerSettings {
+    policy: Policy,
+    body_limit: usize,
+    unstored: Vec<StatusCode>,
+    methods: Vec<Method>,
 }
 
 impl IdempotencyLayer {
     /// A layer over `idempotency`'s store and settings.
     pub fn new(idempotency: Idempotency) -> Self {
-        Self { idempotency }
+        let shared = &idempotency.shared;
+        let settings = LayerSettings {
+            policy: shared.layer_policy,
+            body_limit: shared.layer_body_limit,
+            unstored: shared.layer_unstored.clone(),
+            methods: vec![Method::POST, Method::PUT, Method::PATCH, Method::DELETE],
+        };
+        Self { idempotency, settings: Arc::new(settings) }
+    }
+
+    /// This layer's policy (default: the engine's
+    /// [`layer_policy`](crate::IdempotencyBuilder::layer_policy)).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        Arc::make_mut(&mut self.settings).policy = policy;
+        self
+    }
+
+    /// The methods this layer makes idempotent (default `POST`, `PUT`, `PATCH`, `DELETE`); others pass through.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        Arc::make_mut(&mut self.settings).methods = methods.into_iter().collect();
+        self
+    }
+
+    /// How much of a body this layer buffers to fingerprint it (default: the engine's
+    /// [`layer_body_limit`](crate::IdempotencyBuilder::layer_body_limit)).
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.settings).body_limit = bytes;
+        self
+    }
+
+    /// Statuses this layer sends but never stores (default: the engine's
+    /// [`layer_unstored_statuses`](crate::IdempotencyBuilder::layer_unstored_statuses)).
+    pub fn unstored_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        Arc::make_mut(&mut self.settings).unstored = statuses.into_iter().collect();
+        self
     }
 }
 
@@ -103,7 +172,12 @@ impl<S> Layer<S> for IdempotencyLayer {
         // `Router::layer` layers each route (each method of each path) on its own, so a registry per service is a
         // registry per route: an annotation elsewhere, even in another router on the same engine, cannot switch this
         // route's protection off.
-        IdempotencyService { inner, idempotency: self.idempotency.clone(), annotated: Arc::default() }
+        IdempotencyService {
+            inner,
+            idempotency: self.idempotency.clone(),
+            settings: self.settings.clone(),
+            annotated: Arc::default(),
+        }
     }
 }
 
@@ -112,6 +186,7 @@ impl<S> Layer<S> for IdempotencyLayer {
 pub struct IdempotencyService<S> {
     inner: S,
     idempotency: Idempotency,
+    settings: Arc<LayerSettings>,
     /// The annotated routes behind this service, as their handlers reported them (shared by its clones).
     annotated: Arc<AnnotatedRoutes>,
 }
@@ -152,25 +227,25 @@ where
                 request.extensions_mut().insert(LayerRoutes(vec![self.annotated.clone()]));
             }
         }
-        if !is_unsafe(request.method()) || claimed_outside || annotated {
+        let settings = self.settings.clone();
+        if !settings.methods.contains(request.method()) || claimed_outside || annotated {
             return Box::pin(async move { inner.call(request).await.map(IntoResponse::into_response) });
         }
         Box::pin(async move {
             let span = request_span(Door::Layer, &request);
-            let policy: Policy = idempotency.shared.layer_policy;
-            let limit = BodyLimit::Bytes(idempotency.shared.layer_body_limit);
+            let policy = settings.policy;
+            let limit = BodyLimit::Bytes(settings.body_limit);
             // The inner service's error cannot travel through the engine (it answers responses): it is parked
             // here, the claim released as for a rejection, and returned as the error it was.
             let failed = Arc::new(Mutex::new(None));
             let parked = failed.clone();
-            let engine = idempotency.clone();
             let run = move |request: Request| async move {
                 match inner.call(request).await {
                     // The layer cannot tell a handler's answer from a rejection by an extractor, the router or a
                     // middleware further in (a 404, a 429): those statuses are sent but never stored.
                     Ok(response) => {
                         let response = response.into_response();
-                        if engine.shared.layer_unstored.contains(&response.status()) {
+                        if settings.unstored.contains(&response.status()) {
                             Execution::Rejected(response)
                         } else {
                             Execution::Ran(response)
@@ -189,11 +264,6 @@ where
             }
         })
     }
-}
-
-/// The methods the layer makes idempotent; the others are safe (or `CONNECT`) and pass through.
-fn is_unsafe(method: &Method) -> bool {
-    matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
 }
 
 /// The routes whose handlers are annotated, as `#[idempotent]` handlers report them on first contact.

@@ -1,8 +1,9 @@
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 //! The engine behind [idem](https://docs.rs/idem): keys, fingerprints, claim / wait / store / replay, and the stores.
 //!
 //! Users depend on the `idem` crate, which re-exports everything here together with the `#[idempotent]` macro.
 
+mod drain;
 mod engine;
 mod fingerprint;
 #[cfg(feature = "redis")]
@@ -15,24 +16,33 @@ mod layer;
 pub mod macro_support;
 mod metrics;
 mod once;
+mod operations;
 mod policy;
+pub mod problems;
 mod record;
 mod store;
+#[cfg(feature = "test-kit")]
+pub mod test_kit;
 
-pub use engine::{Claim, Outcome, begin};
+pub use drain::Undrained;
+pub use engine::{Claim, Fence, Outcome, begin};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};
-pub use http::{Execution, Problem};
+pub use http::{Execution, IdempotencyKey, Problem};
 pub use idempotency::{Idempotency, IdempotencyBuilder, PrincipalFn, StoreFailure};
 pub use layer::{IdempotencyLayer, IdempotencyService};
 #[cfg(feature = "metrics")]
 pub use metrics::MetricsFacade;
-pub use metrics::{Counters, Event, Metrics, Snapshot, WAIT_BUCKETS, WaitHistogram};
-pub use once::{Once, OnceError};
+pub use metrics::{Counters, Event, Metrics, Site, Snapshot, StoreOperation, WAIT_BUCKETS, WaitHistogram};
+pub use once::{Completed, Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
-pub use store::{Claimed, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
+pub use store::{Claimed, Forgotten, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder};
+
+/// The attribute [`Store`] is declared with, for implementing it: `#[idem::async_trait] impl Store for MyStore`,
+/// with no `async-trait` dependency of your own to keep at a matching version.
+pub use async_trait::async_trait;
 
 /// The `deadpool-redis` crate accepted by [`RedisStore::from_pool`].
 #[cfg(feature = "redis")]

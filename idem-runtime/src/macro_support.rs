@@ -10,6 +10,7 @@ pub fn locate(request: &Request, from_state: Option<Idempotency>) -> Option<Idem
 
 /// Autoref specialisation on the state type (concrete in generated code): `(&StateProbe(&state)).idempotency()`
 /// resolves to [`ViaState`] when `Idempotency: FromRef<S>` and to [`NoState`] otherwise.
+#[allow(missing_debug_implementations)]
 pub struct StateProbe<'a, S>(pub &'a S);
 
 /// Taken when the state provides the engine.
@@ -77,6 +78,7 @@ impl DurationConst for std::time::Duration {
 }
 
 /// A duration from a const, converted to nanoseconds in const context by [`Seconds::nanos`].
+#[allow(missing_debug_implementations)]
 pub struct Seconds<T>(T);
 
 /// Wraps a const's value for conversion; the bound reports any other type against the user's expression.

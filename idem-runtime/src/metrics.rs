@@ -19,7 +19,8 @@ pub enum Event {
     /// A key reused for a different request, refused with `422 key-reused`
     /// (or [`OnceError::Mismatch`](crate::OnceError::Mismatch)).
     Mismatch,
-    /// A store operation failed (claim, complete, release or lease renewal).
+    /// A store operation failed (claim, complete, release or lease renewal; renewals that fail in a row, retried
+    /// while the store is out of reach, count once).
     StoreError,
     /// An owner-checked write (complete, release, renew) was refused because the claim had expired and the key had
     /// moved on: a stale owner was fenced off.
@@ -70,6 +71,66 @@ pub trait Metrics: Send + Sync + 'static {
     /// Records how long one duplicate waited for an in-flight original (whatever the wait ended in: a replay, a
     /// takeover of a released key, or a conflict). Requests that did not wait are not observed.
     fn observe_wait(&self, waited: Duration);
+
+    /// Counts one event with where it happened: the front door and the route. The engine calls this one; the
+    /// default forwards to [`Metrics::record`], for implementations that do not label.
+    fn record_at(&self, event: Event, site: &Site<'_>) {
+        let _ = site;
+        self.record(event);
+    }
+
+    /// Records how long one store call took and whether it answered (an error or a timeout did not). Waits for an
+    /// in-flight original are not store calls: see [`Metrics::observe_wait`]. The default records nothing.
+    fn observe_store(&self, operation: StoreOperation, elapsed: Duration, answered: bool) {
+        let _ = (operation, elapsed, answered);
+    }
+}
+
+/// Where an [`Event`] happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Site<'a> {
+    /// The front door: `handler` (`#[idempotent]`), `layer` or `once`.
+    pub door: &'static str,
+    /// The route: the matched path template (`/orders/{id}`), `unmatched` outside a router, or the scope of
+    /// [`Idempotency::once`](crate::Idempotency::once) work. Bounded by the app's routes and scopes, never a raw
+    /// request path.
+    pub route: &'a str,
+}
+
+/// A [`Store`](crate::Store) call, as [`Metrics::observe_store`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreOperation {
+    /// [`Store::claim`](crate::Store::claim): one per first request or replay.
+    Claim,
+    /// [`Store::complete`](crate::Store::complete).
+    Complete,
+    /// [`Store::release`](crate::Store::release).
+    Release,
+    /// [`Store::renew`](crate::Store::renew): lease renewals.
+    Renew,
+    /// [`Store::inspect`](crate::Store::inspect).
+    Inspect,
+    /// [`Store::forget`](crate::Store::forget).
+    Forget,
+    /// [`Store::ping`](crate::Store::ping).
+    Ping,
+}
+
+impl StoreOperation {
+    /// A stable lower-case name, usable as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            StoreOperation::Claim => "claim",
+            StoreOperation::Complete => "complete",
+            StoreOperation::Release => "release",
+            StoreOperation::Renew => "renew",
+            StoreOperation::Inspect => "inspect",
+            StoreOperation::Forget => "forget",
+            StoreOperation::Ping => "ping",
+        }
+    }
 }
 
 impl<M: Metrics + ?Sized> Metrics for std::sync::Arc<M> {
@@ -79,6 +140,39 @@ impl<M: Metrics + ?Sized> Metrics for std::sync::Arc<M> {
 
     fn observe_wait(&self, waited: Duration) {
         (**self).observe_wait(waited);
+    }
+
+    fn record_at(&self, event: Event, site: &Site<'_>) {
+        (**self).record_at(event, site);
+    }
+
+    fn observe_store(&self, operation: StoreOperation, elapsed: Duration, answered: bool) {
+        (**self).observe_store(operation, elapsed, answered);
+    }
+}
+
+/// The engine's metrics seen from one request: every event it records carries the request's [`Site`].
+pub(crate) struct Labeled {
+    pub(crate) inner: std::sync::Arc<dyn Metrics>,
+    pub(crate) door: &'static str,
+    pub(crate) route: Box<str>,
+}
+
+impl Metrics for Labeled {
+    fn record(&self, event: Event) {
+        self.inner.record_at(event, &Site { door: self.door, route: &self.route });
+    }
+
+    fn observe_wait(&self, waited: Duration) {
+        self.inner.observe_wait(waited);
+    }
+
+    fn record_at(&self, event: Event, site: &Site<'_>) {
+        self.inner.record_at(event, site);
+    }
+
+    fn observe_store(&self, operation: StoreOperation, elapsed: Duration, answered: bool) {
+        self.inner.observe_store(operation, elapsed, answered);
     }
 }
 
@@ -218,7 +312,9 @@ pub struct WaitHistogram {
 /// Forwards to the [`metrics`](https://docs.rs/metrics) crate's global recorder (Prometheus, StatsD, ... exporters).
 ///
 /// Emits the counter `idem_requests_total` labelled `outcome` = `new` | `hit` | `conflict` | `mismatch`, the
-/// counters `idem_store_errors_total` and `idem_fenced_writes_total`, and the histogram `idem_wait_seconds`.
+/// counters `idem_store_errors_total` and `idem_fenced_writes_total` (each also labelled `door` and `route`, see
+/// [`Site`]), the histogram `idem_wait_seconds`, and the histogram `idem_store_seconds` of store calls labelled
+/// `operation` (see [`StoreOperation`]) and `outcome` = `answered` | `failed`.
 ///
 /// ```
 /// use idem_runtime::{Idempotency, MemoryStore, MetricsFacade};
@@ -232,18 +328,33 @@ pub struct MetricsFacade;
 #[cfg(feature = "metrics")]
 impl Metrics for MetricsFacade {
     fn record(&self, event: Event) {
+        self.record_at(event, &Site { door: "unknown", route: "unknown" });
+    }
+
+    fn record_at(&self, event: Event, site: &Site<'_>) {
+        let (door, route) = (site.door, site.route.to_owned());
         match event {
-            Event::New => ::metrics::counter!("idem_requests_total", "outcome" => "new").increment(1),
-            Event::Hit => ::metrics::counter!("idem_requests_total", "outcome" => "hit").increment(1),
-            Event::Conflict => ::metrics::counter!("idem_requests_total", "outcome" => "conflict").increment(1),
-            Event::Mismatch => ::metrics::counter!("idem_requests_total", "outcome" => "mismatch").increment(1),
-            Event::StoreError => ::metrics::counter!("idem_store_errors_total").increment(1),
-            Event::Fenced => ::metrics::counter!("idem_fenced_writes_total").increment(1),
+            Event::StoreError => {
+                ::metrics::counter!("idem_store_errors_total", "door" => door, "route" => route).increment(1)
+            }
+            Event::Fenced => {
+                ::metrics::counter!("idem_fenced_writes_total", "door" => door, "route" => route).increment(1)
+            }
+            outcome => {
+                ::metrics::counter!("idem_requests_total", "outcome" => outcome.name(), "door" => door, "route" => route)
+                    .increment(1)
+            }
         }
     }
 
     fn observe_wait(&self, waited: Duration) {
         ::metrics::histogram!("idem_wait_seconds").record(waited.as_secs_f64());
+    }
+
+    fn observe_store(&self, operation: StoreOperation, elapsed: Duration, answered: bool) {
+        let outcome = if answered { "answered" } else { "failed" };
+        ::metrics::histogram!("idem_store_seconds", "operation" => operation.name(), "outcome" => outcome)
+            .record(elapsed.as_secs_f64());
     }
 }
 
@@ -343,22 +454,25 @@ mod facade_tests {
         let capture = Capture::default();
         let log = capture.0.clone();
         ::metrics::with_local_recorder(&capture, || {
+            let site = Site { door: "handler", route: "/orders" };
             for event in [Event::New, Event::Hit, Event::Conflict, Event::Mismatch, Event::StoreError, Event::Fenced] {
-                MetricsFacade.record(event);
+                MetricsFacade.record_at(event, &site);
             }
             MetricsFacade.observe_wait(Duration::from_millis(250));
+            MetricsFacade.observe_store(StoreOperation::Claim, Duration::from_millis(2), true);
         });
         let log = log.lock().unwrap().clone();
         assert_eq!(
             log,
             [
-                ("idem_requests_total{outcome=new}".to_owned(), 1.0),
-                ("idem_requests_total{outcome=hit}".to_owned(), 1.0),
-                ("idem_requests_total{outcome=conflict}".to_owned(), 1.0),
-                ("idem_requests_total{outcome=mismatch}".to_owned(), 1.0),
-                ("idem_store_errors_total".to_owned(), 1.0),
-                ("idem_fenced_writes_total".to_owned(), 1.0),
+                ("idem_requests_total{outcome=new,door=handler,route=/orders}".to_owned(), 1.0),
+                ("idem_requests_total{outcome=hit,door=handler,route=/orders}".to_owned(), 1.0),
+                ("idem_requests_total{outcome=conflict,door=handler,route=/orders}".to_owned(), 1.0),
+                ("idem_requests_total{outcome=mismatch,door=handler,route=/orders}".to_owned(), 1.0),
+                ("idem_store_errors_total{door=handler,route=/orders}".to_owned(), 1.0),
+                ("idem_fenced_writes_total{door=handler,route=/orders}".to_owned(), 1.0),
                 ("idem_wait_seconds".to_owned(), 0.25),
+                ("idem_store_seconds{operation=claim,outcome=answered}".to_owned(), 0.002),
             ]
         );
     }

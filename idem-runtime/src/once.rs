@@ -97,6 +97,9 @@ impl Once<'_> {
     ///
     /// When the store fails, this answers [`OnceError::Store`] without running the work, unless the engine was
     /// built with [`StoreFailure::FailOpen`], in which case the work runs unprotected.
+    ///
+    /// The fingerprint is the input's JSON in a canonical form (object members sorted by name), so inputs that are
+    /// equal but serialize their maps in another order (a `HashMap`) are the same input.
     pub async fn run<I, T, E, F, Fut>(self, input: &I, work: F) -> Result<T, OnceError<E>>
     where
         I: Serialize + ?Sized,
@@ -104,9 +107,32 @@ impl Once<'_> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let input = serde_json::to_vec(input).map_err(OnceError::Encode)?;
+        self.run_or_replay(input, work).await.map(Completed::into_value)
+    }
+
+    /// [`Once::run`], telling a fresh run of the work from a replay of its stored result.
+    ///
+    /// ```
+    /// use idem_runtime::{Completed, Idempotency};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let idempotency = Idempotency::in_memory();
+    /// let first = idempotency.once("emails", "welcome-42").run_or_replay(&42, || async { Ok::<_, ()>(1) }).await;
+    /// assert_eq!(first.unwrap(), Completed::Fresh(1));
+    /// let again = idempotency.once("emails", "welcome-42").run_or_replay(&42, || async { Ok::<_, ()>(2) }).await;
+    /// assert_eq!(again.unwrap(), Completed::Replayed(1));
+    /// # }
+    /// ```
+    pub async fn run_or_replay<I, T, E, F, Fut>(self, input: &I, work: F) -> Result<Completed<T>, OnceError<E>>
+    where
+        I: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let input = canonical_json(input).map_err(OnceError::Encode)?;
         let fingerprint = Fingerprint::builder().field(b"once").field(self.scope.as_bytes()).field(&input).finish();
-        let store_key = StoreKey::derive(&[b"once", self.scope.as_bytes(), self.key.as_bytes()]);
+        let store_key = self.idempotency.once_store_key(self.scope, self.key);
         let span = tracing::info_span!(
             "idempotency",
             door = "once",
@@ -123,7 +149,7 @@ impl Once<'_> {
         store_key: StoreKey,
         fingerprint: Fingerprint,
         work: F,
-    ) -> Result<T, OnceError<E>>
+    ) -> Result<Completed<T>, OnceError<E>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
@@ -131,7 +157,8 @@ impl Once<'_> {
     {
         let shared = &*self.idempotency.shared;
         let span = tracing::Span::current();
-        let begun = begin_observed(&shared.store, &shared.metrics, store_key, fingerprint, &self.policy).await;
+        let metrics = shared.metrics_at("once", self.scope);
+        let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, &self.policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         }
@@ -140,7 +167,9 @@ impl Once<'_> {
             Ok(Outcome::Replay(record)) => {
                 span.record("outcome", "hit");
                 return match record.stored {
-                    Stored::Response(stored) => serde_json::from_slice(&stored.body).map_err(OnceError::Decode),
+                    Stored::Response(stored) => {
+                        serde_json::from_slice(&stored.body).map(Completed::Replayed).map_err(OnceError::Decode)
+                    }
                     Stored::NotReplayable { .. } => Err(OnceError::NotReplayable),
                 };
             }
@@ -168,7 +197,7 @@ impl Once<'_> {
                     StoreFailure::FailOpen => {
                         span.record("outcome", "store-error-fail-open");
                         tracing::error!(%error, "idempotency store failed: running the work unprotected (fail open)");
-                        work().await.map_err(OnceError::Work)
+                        work().await.map(Completed::Fresh).map_err(OnceError::Work)
                     }
                 };
             }
@@ -197,7 +226,102 @@ impl Once<'_> {
             }
         };
         let _ = claim.complete(stored, self.policy.ttl_duration()).await;
-        Ok(value)
+        Ok(Completed::Fresh(value))
+    }
+}
+
+/// What [`Once::run_or_replay`] returned: the work's result from this call, or the stored result of an earlier one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Completed<T> {
+    /// The work ran in this call (its result is now stored).
+    Fresh(T),
+    /// The work ran before; this is its stored result, and nothing ran now.
+    Replayed(T),
+}
+
+impl<T> Completed<T> {
+    /// The result, however it was obtained.
+    pub fn into_value(self) -> T {
+        match self {
+            Completed::Fresh(value) | Completed::Replayed(value) => value,
+        }
+    }
+
+    /// The result, however it was obtained.
+    pub fn value(&self) -> &T {
+        match self {
+            Completed::Fresh(value) | Completed::Replayed(value) => value,
+        }
+    }
+
+    /// Whether the result is a stored one (the work did not run in this call).
+    pub fn is_replay(&self) -> bool {
+        matches!(self, Completed::Replayed(_))
+    }
+}
+
+/// `input` as JSON with every object's members sorted by name, whatever order its maps iterate in.
+fn canonical_json<I: Serialize + ?Sized>(input: &I) -> Result<Vec<u8>, serde_json::Error> {
+    let value = serde_json::to_value(input)?;
+    let mut out = Vec::new();
+    write_canonical(&value, &mut out)?;
+    Ok(out)
+}
+
+fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    use serde_json::Value;
+    match value {
+        Value::Array(items) => {
+            out.push(b'[');
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out)?;
+            }
+            out.push(b']');
+        }
+        Value::Object(members) => {
+            // Sorted here rather than trusting `serde_json::Map`, which keeps insertion order when any crate in the
+            // build enables serde_json's `preserve_order`.
+            let mut members: Vec<_> = members.iter().collect();
+            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (index, (name, member)) in members.into_iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, name)?;
+                out.push(b':');
+                write_canonical(member, out)?;
+            }
+            out.push(b'}');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar)?,
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_json;
+    use std::collections::HashMap;
+
+    #[test]
+    fn equal_maps_have_one_canonical_form_whatever_their_order() {
+        let forward: HashMap<String, u32> = (0..64).map(|n| (format!("k{n}"), n)).collect();
+        let backward: HashMap<String, u32> = (0..64).rev().map(|n| (format!("k{n}"), n)).collect();
+        assert_eq!(canonical_json(&forward).unwrap(), canonical_json(&backward).unwrap());
+        let nested = serde_json::json!({ "b": [1, { "z": null, "a": "x\"y" }], "a": 1.5 });
+        assert_eq!(
+            String::from_utf8(canonical_json(&nested).unwrap()).unwrap(),
+            r#"{"a":1.5,"b":[1,{"a":"x\"y","z":null}]}"#
+        );
+        assert_ne!(
+            canonical_json(&serde_json::json!({ "a": 1 })).unwrap(),
+            canonical_json(&serde_json::json!({ "a": 2 })).unwrap()
+        );
     }
 }
 

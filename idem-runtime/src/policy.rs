@@ -74,7 +74,8 @@ impl Policy {
     }
 
     /// How long an in-flight claim lives without renewal. The engine renews it every third of this while the
-    /// handler runs, so a crashed process blocks its keys for at most one lease.
+    /// handler runs (a failed renewal is retried every twentieth of it until one lands), so a crashed process blocks
+    /// its keys for at most one lease.
     pub const fn lease(mut self, lease: Duration) -> Self {
         self.lease = clamp(lease, Self::MIN_LEASE);
         self

@@ -160,6 +160,13 @@ impl RedisServer {
         }
         panic!("redis-server on port {} did not answer PING within 10 s", self.port);
     }
+
+    /// A node that writes every change to its append-only file before answering (`appendfsync always`), so a
+    /// [`RedisServer::restart`] after [`RedisServer::kill`] finds every acknowledged claim, record and counter again,
+    /// with its expiry (kept as an absolute time: a lease keeps running out while the server is down).
+    pub fn start_persistent() -> Self {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
 }
 
 /// Starts `program` under a shell that kills it when this test process exits, even by a crash or SIGKILL.
@@ -272,4 +279,71 @@ pub async fn shared_node_store() -> idem::RedisStore {
     let server = SERVER.get_or_init(RedisServer::start);
     let prefix = format!("idem-test-{}:", NEXT.fetch_add(1, Ordering::Relaxed));
     idem::RedisStore::open(server.url()).await.expect("connect to the test redis-server").with_prefix(prefix)
+}
+
+impl RedisServer {
+    /// A node that makes every write durable before acknowledging it (AOF with `appendfsync always`), so after
+    /// [`RedisServer::terminate`] and [`RedisServer::restart_keeping_data`] it holds every write it acknowledged.
+    pub fn start_durable() -> Self {
+        // Later arguments override the `--appendonly no` of `start_with`.
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    /// Stops the server with SIGTERM, a graceful shutdown (it syncs its AOF and exits), and waits until it is gone.
+    /// Its data directory stays. Unlike [`RedisServer::kill`] (SIGKILL, a crash), no acknowledged write is lost;
+    /// but the replies to commands it executed in its last event-loop turn can be: Redis 7 writes replies just
+    /// before it next waits for input, and shuts down from its timer in between, so such a command is durable
+    /// while its client sees the connection close. [`RedisServer::drain_and_terminate`] avoids that.
+    pub fn terminate(&mut self) {
+        let pid = std::fs::read_to_string(self.dir.join("redis.pid")).expect("redis.pid");
+        let pid = pid.trim();
+        let status = Command::new("kill").args(["-TERM", pid]).status().expect("run kill");
+        assert!(status.success(), "kill -TERM {pid}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Command::new("kill").args(["-0", pid]).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+            assert!(Instant::now() < deadline, "redis-server {pid} did not exit within 20 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Its watchdog shell notices within half a second.
+        let _ = self.child.wait();
+    }
+
+    /// A maintenance shutdown: `CLIENT PAUSE WRITE` first (write commands from then on wait, and are never run),
+    /// then [`RedisServer::terminate`]. Every write the server ran had its reply sent before the pause was
+    /// acknowledged, so a client never sees an error for a write that took effect.
+    pub fn drain_and_terminate(&mut self) {
+        let paused = self.cli(&["CLIENT", "PAUSE", "60000", "WRITE"]);
+        assert_eq!(paused.trim(), "OK", "CLIENT PAUSE WRITE");
+        self.terminate();
+    }
+
+    /// Starts the server again on the same port and in the same directory after [`RedisServer::terminate`] or
+    /// [`RedisServer::kill`]; a server from [`RedisServer::start_durable`] loads its AOF and comes back with its
+    /// data.
+    pub fn restart_keeping_data(&mut self) {
+        self.restart();
+    }
+
+    /// A Sentinel watching the primary at `127.0.0.1:primary_port` under the name `service`, with `extra` lines of
+    /// configuration (e.g. a TLS port, and `tls-replication yes` to reach a primary's TLS port).
+    pub fn sentinel_with(service: &str, primary_port: u16, extra: &str) -> Self {
+        let port = free_port();
+        let dir = scratch_dir(port);
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n{extra}\n\
+                 sentinel monitor {service} 127.0.0.1 {primary_port} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\n",
+                dir = dir.display(),
+            ),
+        )
+        .expect("write sentinel.conf");
+        let args = vec![config.display().to_string(), "--sentinel".to_owned()];
+        let child = spawn_watched(&binary("redis-server"), &args, &dir);
+        let server = Self { port, child, dir, args };
+        server.wait_until_ready();
+        server
+    }
 }

@@ -67,4 +67,58 @@ impl Service {
             reqwest::get(format!("{}/stats", self.base)).await.unwrap().json().await.unwrap();
         stats["executions"].as_u64().expect("executions")
     }
+
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the instance now with SIGKILL (a crash: no graceful shutdown, handlers stop mid-way) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the instance with SIGSTOP: its sockets stay open and the kernel still accepts connections, but nothing
+    /// in it runs (no handler, no lease renewal) until [`Service::thaw`], like a process stuck in a long GC pause or
+    /// a VM that was suspended.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes an instance stopped by [`Service::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    /// Asks the instance to shut down (SIGTERM, what a deploy sends) and waits up to `within` for it to exit:
+    /// `Some(exit status)`, or `None` if it was still running (it is then killed).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.signal("-TERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the instance") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.pid().to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill {signal} {}", self.pid());
+    }
+
+    /// How many times handler bodies ran for requests with this `Idempotency-Key` (`GET /stats/keys/{key}`; the
+    /// count lives in Redis when the instance uses it, so any instance can read another's). `key` must be URL-safe.
+    pub async fn key_executions(&self, key: &str) -> u64 {
+        let response = reqwest::get(format!("{}/stats/keys/{key}", self.base)).await.expect("GET /stats/keys");
+        assert!(response.status().is_success(), "GET /stats/keys/{key}: {}", response.status());
+        let stats: serde_json::Value = response.json().await.expect("a JSON body");
+        stats["executions"].as_u64().expect("executions")
+    }
 }

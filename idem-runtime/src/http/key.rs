@@ -2,6 +2,7 @@
 
 use axum::http::HeaderValue;
 use axum::http::header::GetAll;
+use std::sync::Arc;
 
 /// The longest key accepted, in characters.
 pub const MAX_KEY_LEN: usize = 255;
@@ -32,6 +33,76 @@ pub enum KeyError {
     /// The key holds a control character, a non-ASCII byte or a broken quoted string.
     #[error("the key must be printable ASCII, bare or as a quoted structured-field string")]
     Malformed,
+    /// The key is well formed but not in the format the server asks for (see [`KeyFormat`]).
+    #[error("the key must be {0}")]
+    Format(Arc<str>),
+}
+
+/// Which well-formed keys a server accepts, on top of the basic rule (1–255 printable ASCII). Set with
+/// [`IdempotencyBuilder::key_format`](crate::IdempotencyBuilder::key_format); a key in another format is answered
+/// `400 invalid-key` before the store is touched.
+///
+/// The IETF idempotency-key draft recommends UUIDs (or another random identifier with enough entropy): a guessable
+/// key lets one client collide with another's within the same scope.
+///
+/// ```
+/// use idem_runtime::http::key::KeyFormat;
+/// let uuid = KeyFormat::uuid();
+/// assert!(uuid.accepts("9b2f1a64-1c3e-4c6a-9a44-3f0e2b7d8c11"));
+/// assert!(!uuid.accepts("order-1"));
+/// let prefixed = KeyFormat::custom("an `ord_` key", |key| key.starts_with("ord_") && key.len() >= 20);
+/// assert!(prefixed.accepts("ord_4f9d2c81b7e04a6d"));
+/// ```
+#[derive(Clone)]
+pub struct KeyFormat {
+    description: Arc<str>,
+    accepts: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl KeyFormat {
+    /// Every well-formed key (the default).
+    pub fn any() -> Self {
+        Self::custom("1-255 printable ASCII characters", |_| true)
+    }
+
+    /// A UUID in its 36-character text form, any version, either case.
+    pub fn uuid() -> Self {
+        Self::custom("a UUID (36 characters: 8-4-4-4-12 hexadecimal digits)", is_uuid)
+    }
+
+    /// Keys for which `accepts` is true; `description` completes the sentence "the key must be …" in the answer.
+    pub fn custom(description: &str, accepts: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self { description: description.into(), accepts: Arc::new(accepts) }
+    }
+
+    /// Whether `key` is in this format.
+    pub fn accepts(&self, key: &str) -> bool {
+        (self.accepts)(key)
+    }
+
+    pub(crate) fn check(&self, key: &Key) -> Result<(), KeyError> {
+        if self.accepts(key.as_str()) { Ok(()) } else { Err(KeyError::Format(self.description.clone())) }
+    }
+}
+
+impl Default for KeyFormat {
+    fn default() -> Self {
+        Self::any()
+    }
+}
+
+impl std::fmt::Debug for KeyFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("KeyFormat").field(&self.description).finish()
+    }
+}
+
+fn is_uuid(key: &str) -> bool {
+    key.len() == 36
+        && key.bytes().enumerate().all(|(at, byte)| match at {
+            8 | 13 | 18 | 23 => byte == b'-',
+            _ => byte.is_ascii_hexdigit(),
+        })
 }
 
 /// Reads the key from every instance of the header: `Ok(None)` when absent.

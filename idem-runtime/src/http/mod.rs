@@ -1,14 +1,18 @@
 //! The HTTP front door: key header, fingerprint, problem answers, replay; shared by the macro and the layer.
 
+mod extract;
 pub mod key;
 mod problem;
 mod replay;
 
-pub use problem::Problem;
+pub use extract::{IdempotencyKey, NotProtected};
+pub(crate) use problem::Answers;
+pub use problem::{DEFAULT_PROBLEM_TYPE_BASE, Problem};
 
 use crate::engine::{Claim, Outcome, begin_observed};
+use crate::idempotency::Shared;
 use crate::layer::{Adoptable, Handoff, LayerRoutes};
-use crate::store::{StoreError, StoreKey, Write};
+use crate::store::{StoreError, Write};
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
@@ -55,11 +59,20 @@ pub(crate) enum BodyLimit {
     Bytes(usize),
 }
 
-/// Which front door is answering, for the request span.
+/// Which front door is answering, for the request span and the metrics.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Door {
     Handler,
     Layer,
+}
+
+impl Door {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Door::Handler => "handler",
+            Door::Layer => "layer",
+        }
+    }
 }
 
 /// How a claimed request's work ended.
@@ -108,20 +121,21 @@ impl Idempotency {
         // whichever of the two leases is longer.
         let mut response = match claim.renew_for(policy.lease_duration()).await {
             Ok(Write::Applied) => {
-                match execute(claim, policy, self.shared.max_record_bytes, request, run, None).await {
+                // The key and fence extensions the layer set stay: they name the same key and the same claim.
+                match execute(&self.shared, claim, policy, request, run, None).await {
                     Finished::Ran(response) => with_status(response, "new"),
                     Finished::Rejected(response) | Finished::Adopted(response) => response,
                 }
             }
             // The layer's claim lapsed before the handler was reached and the key is someone else's now.
-            Ok(Write::Fenced) => Problem::InProgress.into_response(),
+            Ok(Write::Fenced) => self.shared.answers.render(Problem::InProgress),
             Err(error) => {
                 tracing::error!(%error, "idempotency store failed while taking the claim over: answering 503");
                 drop(claim);
-                Problem::StoreUnavailable.into_response()
+                self.shared.answers.render(Problem::StoreUnavailable)
             }
         };
-        identify(&mut response, echo, fingerprint);
+        identify(&self.shared.answers, &mut response, echo, fingerprint);
         response
     }
 
@@ -141,19 +155,21 @@ impl Idempotency {
     {
         let shared = &*self.shared;
         let span = tracing::Span::current();
-        let key = match key::parse(request.headers().get_all(&shared.key_header)) {
+        let parsed = key::parse(request.headers().get_all(&shared.key_header))
+            .and_then(|key| key.map(|key| shared.key_format.check(&key).map(|()| key)).transpose());
+        let key = match parsed {
             Ok(Some(key)) => key,
             Ok(None) if policy.is_required() => {
                 span.record("outcome", "missing-key");
-                return Problem::MissingKey { header: shared.key_header.to_string() }.into_response();
+                return shared.answers.render(Problem::MissingKey { header: shared.key_header.to_string() });
             }
             Ok(None) => {
                 span.record("outcome", "no-key");
-                return run_unprotected(request, run).await;
+                return run_unprotected(shared, request, run).await;
             }
             Err(error) => {
                 span.record("outcome", "invalid-key");
-                return Problem::InvalidKey { reason: error.to_string() }.into_response();
+                return shared.answers.render(Problem::InvalidKey { reason: error.to_string() });
             }
         };
         let echo = request.headers().get(&shared.key_header).map(|value| (shared.key_header.clone(), value.clone()));
@@ -168,25 +184,26 @@ impl Idempotency {
             Ok(body) => body,
             Err(error) if is_length_limit(&error) => {
                 span.record("outcome", "payload-too-large");
-                return Problem::PayloadTooLarge.into_response();
+                return shared.answers.render(Problem::PayloadTooLarge);
             }
             Err(_) => {
                 span.record("outcome", "unreadable-body");
-                return Problem::UnreadableBody.into_response();
+                return shared.answers.render(Problem::UnreadableBody);
             }
         };
         let fingerprint = self.fingerprint(&parts, &body);
         let principal = (shared.principal)(&parts);
-        let store_key = StoreKey::derive(&[
-            b"http",
-            parts.method.as_str().as_bytes(),
-            target(parts.extensions.get(), &parts.uri).path().as_bytes(),
-            &principal,
-            key.as_str().as_bytes(),
-        ]);
+        if principal.is_empty() {
+            shared.warn_unscoped_once();
+        }
+        let path = target(parts.extensions.get(), &parts.uri).path();
+        let store_key = self.http_store_key(&parts.method, path, &principal, key.as_str());
         span.record("key", store_key.as_str());
-        let request = Request::from_parts(parts, Body::from(body));
-        let begun = begin_observed(&shared.store, &shared.metrics, store_key, fingerprint, policy).await;
+        let mut request = Request::from_parts(parts, Body::from(body));
+        request.extensions_mut().insert(IdempotencyKey::new(key.as_str()));
+        let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
+        let metrics = shared.metrics_at(door.name(), route);
+        let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         }
@@ -197,7 +214,7 @@ impl Idempotency {
                     Door::Layer => Some(echo.clone()),
                     Door::Handler => None,
                 };
-                match execute(claim, policy, shared.max_record_bytes, request, run, handoff).await {
+                match execute(shared, claim, policy, request, run, handoff).await {
                     Finished::Ran(response) => with_status(response, "new"),
                     Finished::Rejected(rejection) => rejection,
                     // The adopting handler set the headers; adding them again would repeat them.
@@ -212,37 +229,40 @@ impl Idempotency {
                         response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
                         with_status(response, "hit")
                     }
-                    Stored::NotReplayable { status } => Problem::NotReplayable { status: *status }.into_response(),
+                    Stored::NotReplayable { status } => {
+                        shared.answers.render(Problem::NotReplayable { status: *status })
+                    }
                 }
             }
             Ok(Outcome::InFlight) => {
                 span.record("outcome", "conflict");
-                Problem::InProgress.into_response()
+                shared.answers.render(Problem::InProgress)
             }
             Ok(Outcome::Mismatch) => {
                 span.record("outcome", "mismatch");
-                Problem::KeyReused.into_response()
+                shared.answers.render(Problem::KeyReused)
             }
             // Not an outage: running the handler would ignore what the store holds, so even fail-open refuses.
             Err(error @ StoreError::Corrupt(_)) => {
                 span.record("outcome", "corrupt-record");
                 tracing::error!(%error, "idempotency record unreadable: answering 500, nothing ran");
-                Problem::CorruptRecord.into_response()
+                shared.answers.render(Problem::CorruptRecord)
             }
             Err(error) => match shared.on_store_failure {
                 StoreFailure::FailClosed => {
                     span.record("outcome", "store-error");
                     tracing::error!(%error, "idempotency store failed: answering 503 (fail closed)");
-                    Problem::StoreUnavailable.into_response()
+                    shared.answers.render(Problem::StoreUnavailable)
                 }
                 StoreFailure::FailOpen => {
                     span.record("outcome", "store-error-fail-open");
                     tracing::error!(%error, "idempotency store failed: running the request unprotected (fail open)");
-                    return run_unprotected(request, run).await;
+                    // The key stays: a handler forwarding it downstream keeps that protection, at least.
+                    return run_unprotected(shared, request, run).await;
                 }
             },
         };
-        identify(&mut response, echo, fingerprint);
+        identify(&shared.answers, &mut response, echo, fingerprint);
         response
     }
 
@@ -270,13 +290,9 @@ impl Idempotency {
 /// The span every request answered by a front door runs in; `key` (the store key's digest, never the client's
 /// key), `outcome` and `wait_ms` are filled in as they become known.
 pub(crate) fn request_span(door: Door, request: &Request) -> tracing::Span {
-    let door = match door {
-        Door::Handler => "handler",
-        Door::Layer => "layer",
-    };
     tracing::info_span!(
         "idempotency",
-        door,
+        door = door.name(),
         method = %request.method(),
         path = target(request.extensions().get(), request.uri()).path(),
         key = Empty,
@@ -309,12 +325,19 @@ fn with_status(mut response: Response, status: &'static str) -> Response {
 }
 
 /// The headers that name the request on every answer made after the key was read: the key echoed, the signature.
-fn identify(response: &mut Response, echo: Option<(HeaderName, HeaderValue)>, fingerprint: Fingerprint) {
+fn identify(
+    answers: &Answers,
+    response: &mut Response,
+    echo: Option<(HeaderName, HeaderValue)>,
+    fingerprint: Fingerprint,
+) {
     let headers = response.headers_mut();
     if let Some((name, value)) = echo {
         headers.insert(name, value);
     }
-    if let Ok(signature) = HeaderValue::try_from(fingerprint.to_hex()) {
+    if answers.signature_header
+        && let Ok(signature) = HeaderValue::try_from(fingerprint.to_hex())
+    {
         headers.insert(SIGNATURE_HEADER, signature);
     }
 }
@@ -325,10 +348,12 @@ fn identify(response: &mut Response, echo: Option<(HeaderName, HeaderValue)>, fi
 /// With `handoff` (the layer's door, carrying the key header to echo), the claim is offered to an annotated
 /// handler further in through the request extensions; if one takes it, it completes the claim itself and the
 /// answer is [`Finished::Adopted`]. The lease is kept alive here until then.
+///
+/// The task is counted in `shared.running` until it ends, for [`Idempotency::drain`].
 async fn execute<F, Fut>(
+    shared: &Shared,
     claim: Claim,
     policy: &Policy,
-    limit: usize,
     mut request: Request,
     run: F,
     handoff: Option<Option<(HeaderName, HeaderValue)>>,
@@ -339,8 +364,12 @@ where
 {
     let ttl = policy.ttl_duration();
     let store_server_errors = policy.stores_server_errors();
+    let limit = shared.max_record_bytes;
+    let answers = shared.answers.clone();
+    let running = shared.running.enter();
+    request.extensions_mut().insert(claim.fence());
     let task = async move {
-        claim.start_keeping();
+        let _running = running;
         let (claim, ran) = match handoff {
             None => (claim, AssertUnwindSafe(run(request)).catch_unwind().await),
             Some(echo) => {
@@ -352,7 +381,7 @@ where
                     Some(adoptable) => (adoptable.claim, ran),
                     None => {
                         let response =
-                            ran.map_or_else(|_| Problem::HandlerPanicked.into_response(), |e| e.into_response());
+                            ran.map_or_else(|_| answers.render(Problem::HandlerPanicked), |e| e.into_response());
                         return Finished::Adopted(response);
                     }
                 }
@@ -366,7 +395,7 @@ where
             }
             Err(_) => {
                 tracing::error!(key = %claim.key(), "the idempotent handler panicked; its key is released");
-                Problem::HandlerPanicked.into_response()
+                answers.render(Problem::HandlerPanicked)
             }
         };
         if response.status().is_server_error() && !store_server_errors {
@@ -379,24 +408,28 @@ where
     };
     tokio::spawn(task.instrument(tracing::Span::current())).await.unwrap_or_else(|error| {
         tracing::error!(%error, "the idempotent handler's task ended abnormally");
-        Finished::Ran(Problem::HandlerPanicked.into_response())
+        Finished::Ran(shared.answers.render(Problem::HandlerPanicked))
     })
 }
 
 /// Runs a request that no claim protects (no key and none required, or a store failure under fail-open) the way a
 /// protected one runs: on its own task, so a client that disconnects does not cancel it halfway through its side
 /// effects, and with a panic answered as a 500 problem rather than a dropped connection.
-async fn run_unprotected<F, Fut>(request: Request, run: F) -> Response
+async fn run_unprotected<F, Fut>(shared: &Shared, request: Request, run: F) -> Response
 where
     F: FnOnce(Request) -> Fut + Send + 'static,
     Fut: Future<Output = Execution> + Send + 'static,
 {
-    let task = AssertUnwindSafe(run(request)).catch_unwind();
+    let running = shared.running.enter();
+    let task = AssertUnwindSafe(run(request)).catch_unwind().map(move |ran| {
+        drop(running);
+        ran
+    });
     match tokio::spawn(task.instrument(tracing::Span::current())).await {
         Ok(Ok(execution)) => execution.into_response(),
         Ok(Err(_)) | Err(_) => {
             tracing::error!("a handler run without an idempotency claim panicked");
-            Problem::HandlerPanicked.into_response()
+            shared.answers.render(Problem::HandlerPanicked)
         }
     }
 }

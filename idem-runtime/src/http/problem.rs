@@ -2,10 +2,18 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+/// Where the default problem `type` URIs point: the page documenting every problem, one anchor per name.
+pub const DEFAULT_PROBLEM_TYPE_BASE: &str = "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#";
 
 /// Every answer the engine makes itself, as an RFC 9457 problem.
 ///
-/// The `type` of each is a stable URI, `urn:idem:problem:<name>`, with the names listed on each variant.
+/// The `type` of each is a stable URI ending in the name listed on each variant: by default
+/// `https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#<name>`, a link to its documentation in
+/// [`crate::problems`], as the IETF idempotency-key draft asks; an app can point them at its own documentation with
+/// [`IdempotencyBuilder::problem_type_base`](crate::IdempotencyBuilder::problem_type_base).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
     /// `missing-key` (400): the route requires a key and none was sent.
@@ -43,8 +51,68 @@ pub enum Problem {
     CorruptRecord,
 }
 
-const RETRY_AFTER_IN_PROGRESS: HeaderValue = HeaderValue::from_static("1");
-const RETRY_AFTER_STORE: HeaderValue = HeaderValue::from_static("5");
+/// How the engine words the answers it makes itself; set on the [`IdempotencyBuilder`](crate::IdempotencyBuilder).
+#[derive(Debug, Clone)]
+pub(crate) struct Answers {
+    type_base: Arc<str>,
+    retry_after_in_progress: HeaderValue,
+    retry_after_store: HeaderValue,
+    pub(crate) signature_header: bool,
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        Self {
+            type_base: DEFAULT_PROBLEM_TYPE_BASE.into(),
+            retry_after_in_progress: HeaderValue::from_static("1"),
+            retry_after_store: HeaderValue::from_static("5"),
+            signature_header: true,
+        }
+    }
+}
+
+impl Answers {
+    pub(crate) fn set_type_base(&mut self, base: &str) {
+        self.type_base = base.into();
+    }
+
+    pub(crate) fn set_retry_after_in_progress(&mut self, after: Duration) {
+        self.retry_after_in_progress = retry_after(after);
+    }
+
+    pub(crate) fn set_retry_after_store(&mut self, after: Duration) {
+        self.retry_after_store = retry_after(after);
+    }
+
+    /// `problem` as a response, with this app's `type` URIs and `Retry-After` values.
+    pub(crate) fn render(&self, problem: Problem) -> Response {
+        let body = serde_json::json!({
+            "type": format!("{}{}", self.type_base, problem.name()),
+            "title": problem.title(),
+            "status": problem.status().as_u16(),
+            "detail": problem.detail(),
+        });
+        let mut response = (problem.status(), body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        match problem {
+            Problem::InProgress => {
+                headers.insert(header::RETRY_AFTER, self.retry_after_in_progress.clone());
+            }
+            Problem::StoreUnavailable => {
+                headers.insert(header::RETRY_AFTER, self.retry_after_store.clone());
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up: a client told 0 would retry at once into the same answer.
+fn retry_after(after: Duration) -> HeaderValue {
+    let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    HeaderValue::from(seconds.max(1))
+}
 
 impl Problem {
     /// The stable name the `type` URI ends in.
@@ -80,7 +148,7 @@ impl Problem {
         }
     }
 
-    fn title(&self) -> &'static str {
+    pub(crate) fn title(&self) -> &'static str {
         match self {
             Problem::MissingKey { .. } => "Idempotency key required",
             Problem::InvalidKey { .. } => "Invalid idempotency key",
@@ -96,7 +164,7 @@ impl Problem {
         }
     }
 
-    fn detail(&self) -> String {
+    pub(crate) fn detail(&self) -> String {
         match self {
             Problem::MissingKey { header } => format!("This endpoint requires an `{header}` header."),
             Problem::InvalidKey { reason } => {
@@ -129,25 +197,9 @@ impl Problem {
 }
 
 impl IntoResponse for Problem {
+    /// With the default `type` URIs and `Retry-After` values; the engine renders with the app's own settings.
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "type": format!("urn:idem:problem:{}", self.name()),
-            "title": self.title(),
-            "status": self.status().as_u16(),
-            "detail": self.detail(),
-        });
-        let mut response = (self.status(), body.to_string()).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        match self {
-            Problem::InProgress => {
-                headers.insert(header::RETRY_AFTER, RETRY_AFTER_IN_PROGRESS);
-            }
-            Problem::StoreUnavailable => {
-                headers.insert(header::RETRY_AFTER, RETRY_AFTER_STORE);
-            }
-            _ => {}
-        }
-        response
+        static DEFAULT: LazyLock<Answers> = LazyLock::new(Answers::default);
+        DEFAULT.render(self)
     }
 }

@@ -1,6 +1,6 @@
 //! An in-process store with the same semantics as the Redis store, for tests and single-process apps.
 
-use super::{Claimed, Store, StoreError, StoreKey, Write};
+use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
 use crate::{Entry, Fingerprint, OwnerToken, Record, Stored};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -11,6 +11,10 @@ use tokio::time::Instant;
 
 /// Bytes charged for an in-flight claim (the key, the token, the bookkeeping).
 const CLAIM_WEIGHT: usize = 192;
+
+/// Stale expiry times tolerated beyond one per live slot before the expiry heap is rebuilt (see
+/// [`State::set_expiry`]): enough that a store holding few keys does not rebuild on every claim.
+const STALE_EXPIRIES_SLACK: usize = 1024;
 
 /// An in-memory [`Store`]: atomic claim-or-read under one lock, owner-checked writes, waiters woken in-process by
 /// [`Notify`] (no polling), expiry on [`tokio::time`] (so `#[tokio::test(start_paused = true)]` can advance it).
@@ -33,6 +37,15 @@ pub struct MemoryStore {
     max_bytes: usize,
 }
 
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("max_entries", &self.max_entries)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Configures a [`MemoryStore`].
 #[derive(Debug, Clone)]
 pub struct MemoryStoreBuilder {
@@ -43,7 +56,8 @@ pub struct MemoryStoreBuilder {
 #[derive(Default)]
 struct State {
     slots: HashMap<StoreKey, Slot>,
-    /// Expiry times, possibly stale (a renewed or completed slot leaves its old time behind); checked on pop.
+    /// Expiry times, possibly stale (a renewed, completed or released slot leaves its old time behind); checked on
+    /// pop, and dropped in bulk by [`State::set_expiry`] once they outnumber the live ones.
     expiries: BinaryHeap<Reverse<(Instant, StoreKey)>>,
     bytes: usize,
 }
@@ -186,6 +200,13 @@ impl State {
             slot.expires_at = at;
             self.expiries.push(Reverse((at, key.clone())));
         }
+        // A stale time stays until it comes due, a whole lease later: a flood of claims that are released at once
+        // (failing or rejected requests, each with a fresh key) would otherwise grow the heap without bound while
+        // the store holds nothing. Rebuilding it from the live slots once stale times are the majority keeps it
+        // within twice the entry bound, at an amortised cost of one slot per push.
+        if self.expiries.len() > 2 * self.slots.len() + STALE_EXPIRIES_SLACK {
+            self.expiries = self.slots.iter().map(|(key, slot)| Reverse((slot.expires_at, key.clone()))).collect();
+        }
     }
 }
 
@@ -283,6 +304,28 @@ impl Store for MemoryStore {
             None => self.insert_claim(&mut state, key, fingerprint, owner, now + lease)?,
         }
         Ok(Write::Applied)
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Entry>, StoreError> {
+        let mut state = self.lock();
+        state.sweep(Instant::now());
+        Ok(state.slots.get(key).map(|slot| match &slot.entry {
+            SlotEntry::InFlight { fingerprint, .. } => Entry::InFlight { fingerprint: *fingerprint },
+            SlotEntry::Completed(record) => Entry::Completed(record.clone()),
+        }))
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<Forgotten, StoreError> {
+        let mut state = self.lock();
+        state.sweep(Instant::now());
+        match state.slots.get(key).map(|slot| matches!(slot.entry, SlotEntry::InFlight { .. })) {
+            None => Ok(Forgotten::Absent),
+            Some(true) => Ok(Forgotten::InFlight),
+            Some(false) => {
+                state.remove(key);
+                Ok(Forgotten::Removed)
+            }
+        }
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
@@ -430,6 +473,41 @@ mod tests {
             Err(StoreError::Full(_))
         ));
         assert!(matches!(claim(&store, "a", "a", lease).await.1, Claimed::Existing(_)));
+    }
+
+    #[tokio::test]
+    async fn claims_released_at_once_leave_no_expiry_times_behind() {
+        let store = MemoryStore::new();
+        let lease = Duration::from_secs(30);
+        let held = owned(&store, "held", "a", lease).await;
+        for index in 0..20_000 {
+            let owner = owned(&store, &format!("churn-{index}"), "a", lease).await;
+            assert_eq!(store.release(&key(&format!("churn-{index}")), &owner).await.unwrap(), Write::Applied);
+        }
+        let (slots, expiries) = {
+            let state = store.lock();
+            (state.slots.len(), state.expiries.len())
+        };
+        assert_eq!(slots, 1);
+        assert!(expiries <= 2 + STALE_EXPIRIES_SLACK, "{expiries} expiry times kept");
+        assert_eq!(store.release(&key("held"), &held).await.unwrap(), Write::Applied, "the live key is intact");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuilt_expiry_heap_still_expires_every_live_key() {
+        let store = MemoryStore::new();
+        let short = owned(&store, "short", "a", Duration::from_secs(5)).await;
+        store.complete(&key("short"), &short, &record(b"x"), Duration::from_secs(10)).await.unwrap();
+        owned(&store, "long", "a", Duration::from_secs(60)).await;
+        for index in 0..(3 * STALE_EXPIRIES_SLACK) {
+            let owner = owned(&store, &format!("churn-{index}"), "a", Duration::from_secs(30)).await;
+            store.release(&key(&format!("churn-{index}")), &owner).await.unwrap();
+        }
+        assert_eq!(store.len(), 2);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(store.len(), 1, "the completed record expired after its ttl");
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert!(store.is_empty(), "the claim expired after its lease");
     }
 
     #[tokio::test]

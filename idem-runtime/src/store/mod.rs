@@ -3,6 +3,7 @@
 mod memory;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+pub(crate) mod timed;
 
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
@@ -73,8 +74,21 @@ pub enum Write {
     Fenced,
 }
 
+/// What [`Store::forget`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Forgotten {
+    /// A completed record (or an entry the store could not read) was removed: the key can be used again.
+    Removed,
+    /// Nothing was there.
+    Absent,
+    /// A request holds the key in flight: left alone, since removing it would let a retry run beside the original.
+    InFlight,
+}
+
 /// A store failed; the engine answers `503 store-unavailable` (or runs unprotected when fail-open is chosen).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The backend could not be reached or answered with an error.
     #[error("idempotency store unavailable: {0}")]
@@ -85,6 +99,9 @@ pub enum StoreError {
     /// A record read back from the store could not be decoded.
     #[error("idempotency store returned a corrupt record: {0}")]
     Corrupt(String),
+    /// The store does not implement this optional operation ([`Store::inspect`], [`Store::forget`]).
+    #[error("this idempotency store does not support `{0}`")]
+    Unsupported(&'static str),
 }
 
 /// A place to keep claims and records: one small async trait, so the engine never knows which backend it talks to.
@@ -137,6 +154,26 @@ pub trait Store: Send + Sync + 'static {
     /// not by polling, must not lose a wake-up that happens while they start waiting, and must return by
     /// `timeout` whatever the network does.
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError>;
+
+    /// What the store holds under `key`, read without changing anything: for operators and tests. Optional (the
+    /// default answers [`StoreError::Unsupported`]); the built-in stores implement it.
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Entry>, StoreError> {
+        let _ = key;
+        Err(StoreError::Unsupported("inspect"))
+    }
+
+    /// Removes a completed record, or an entry the store cannot read, so the key can be used again (an operator
+    /// purging a record, or a corrupt entry); wakes waiters. An in-flight claim is never removed. Optional (the
+    /// default answers [`StoreError::Unsupported`]); the built-in stores implement it.
+    async fn forget(&self, key: &StoreKey) -> Result<Forgotten, StoreError> {
+        let _ = key;
+        Err(StoreError::Unsupported("forget"))
+    }
+
+    /// Checks that the store answers, for health checks. The default answers `Ok` (a store with nothing to reach).
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -173,5 +210,14 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
         (**self).wait(key, timeout).await
+    }
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Entry>, StoreError> {
+        (**self).inspect(key).await
+    }
+    async fn forget(&self, key: &StoreKey) -> Result<Forgotten, StoreError> {
+        (**self).forget(key).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        (**self).ping().await
     }
 }

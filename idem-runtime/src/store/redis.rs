@@ -7,6 +7,7 @@ mod notify;
 mod replicas;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use super::{Claimed, Store, StoreError, StoreKey, Write};
 use crate::{Fingerprint, OwnerToken, Record};
@@ -15,12 +16,13 @@ use health::Health;
 use notify::{ClientSource, Link, Notifier, Waiters};
 use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClientBuilder;
-use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::sentinel::SentinelClient;
 use redis::{Client, IntoConnectionInfo, Pipeline, ProtocolVersion, Value};
 use replicas::ReplicaAcks;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
+use tls::TlsSettings;
 
 /// A Lua script with its SHA-1, so a call sends `EVALSHA` and falls back to `EVAL` once per node that lacks it.
 struct Script {
@@ -72,6 +74,14 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redi
 /// first answer puts the store back in service, so an idle process serves its first request after an outage
 /// normally. A call that finds its connection broken (Redis restarted, a proxy closed it) is sent once more on a
 /// fresh connection. On a Cluster the connection routes around failed nodes itself and only the timeouts apply.
+///
+/// **TLS.** With the `tls` feature, `rediss://` URLs connect over TLS (rustls, with the `ring` crypto provider
+/// unless the app installed another first), trusting the system's root certificates; with `tls-webpki-roots`,
+/// Mozilla's roots compiled into the binary (for images without a CA bundle). The builder's
+/// `tls_root_certificates` trusts a private or self-signed CA instead, and `tls_client_certificate` presents a
+/// client certificate. Every connection the store opens (commands, pub/sub, each Cluster node, the primary a
+/// Sentinel names) uses the same settings. Without the feature a `rediss://` URL is refused with an error that
+/// names it.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), idem_runtime::StoreError> {
@@ -137,6 +147,7 @@ impl std::fmt::Debug for RedisStore {
 #[must_use = "a builder does nothing until a connecting method (`open`, `cluster`, …) is called"]
 pub struct RedisStoreBuilder {
     timeouts: Timeouts,
+    tls: TlsSettings,
 }
 
 impl RedisStoreBuilder {
@@ -159,14 +170,43 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects to a single node (or a proxy) by URL, e.g. `redis://127.0.0.1:6379/0`.
+    /// Trusts the CA certificates in `pem` (one or more, PEM-encoded) for `rediss://` connections, instead of the
+    /// default roots (the system's with the `tls` feature, Mozilla's with `tls-webpki-roots`): for a server whose
+    /// certificate a private or self-signed CA issued. The URLs given to [`open`](Self::open),
+    /// [`cluster`](Self::cluster) and [`sentinel`](Self::sentinel) must then be `rediss://`.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem_runtime::RedisStore;
+    /// let ca = std::fs::read("/etc/redis/ca.pem")?;
+    /// let store = RedisStore::builder().tls_root_certificates(ca).open("rediss://redis.internal:6380").await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.set_root_certificates(pem.into());
+        self
+    }
+
+    /// Presents a client certificate (PEM chain and its PEM private key) on `rediss://` connections, for servers
+    /// that authenticate clients by certificate (Redis' `tls-auth-clients yes`).
+    #[cfg(feature = "tls")]
+    pub fn tls_client_certificate(mut self, certificate_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.set_client_certificate(certificate_pem.into(), key_pem.into());
+        self
+    }
+
+    /// Connects to a single node (or a proxy) by URL, e.g. `redis://127.0.0.1:6379/0`, or `rediss://…` for TLS
+    /// (feature `tls`).
     pub async fn open(self, url: impl IntoConnectionInfo) -> Result<RedisStore, StoreError> {
-        self.client(Client::open(url).map_err(unavailable)?).await
+        let client = self.tls.node_client(tls::connection_info(url)?)?;
+        self.client(client).await
     }
 
     /// Uses a client for one multiplexed command connection (replaced when it breaks) and one pub/sub connection.
     /// Fails if the server does not answer now.
     pub async fn client(self, client: Client) -> Result<RedisStore, StoreError> {
+        tls::install_crypto_provider();
         let link = NodeLink::new(client.clone(), &self.timeouts);
         link.connect().await.map_err(unavailable)?;
         Ok(RedisStore::node(self.commands(Backend::Node(Box::new(link))), ClientSource::Fixed(client)))
@@ -176,29 +216,35 @@ impl RedisStoreBuilder {
     /// server) opens the pub/sub connection that wakes waiting duplicates and the connections that wait for
     /// replicas.
     pub fn connection_manager(self, manager: ConnectionManager, client: Client) -> RedisStore {
+        tls::install_crypto_provider();
         RedisStore::node(self.commands(Backend::Manager(manager, client.clone())), ClientSource::Fixed(client))
     }
 
     /// Uses a deadpool-redis pool for commands; `client` (the same server) opens the pub/sub connection.
     pub fn pool(self, pool: deadpool_redis::Pool, client: Client) -> RedisStore {
+        tls::install_crypto_provider();
         RedisStore::node(self.commands(Backend::Pool(pool)), ClientSource::Fixed(client))
     }
 
-    /// Connects to a Redis Cluster through any of its nodes, with this builder's connect and response timeouts.
+    /// Connects to a Redis Cluster through any of its nodes, with this builder's connect and response timeouts;
+    /// over TLS (feature `tls`) when the nodes' URLs are `rediss://`.
     pub async fn cluster<T: IntoConnectionInfo>(
         self,
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<RedisStore, StoreError> {
         let timeouts = self.timeouts;
+        let nodes = nodes.into_iter().map(tls::connection_info).collect::<Result<Vec<_>, _>>()?;
         // The response timeout also bounds the Cluster connection's own retries (redirections, reconnections).
         let builder =
-            ClusterClientBuilder::new(nodes).connection_timeout(timeouts.connect).response_timeout(timeouts.response);
+            self.tls.cluster_builder(nodes).connection_timeout(timeouts.connect).response_timeout(timeouts.response);
         self.cluster_builder(builder).await
     }
 
-    /// Connects to a Redis Cluster configured by `builder` (credentials, TLS, its own timeouts and retries). The
-    /// store switches it to RESP3 and installs its own push handler, which sharded pub/sub needs.
+    /// Connects to a Redis Cluster configured by `builder` (credentials, its own timeouts and retries, and with the
+    /// `tls` feature its TLS settings). The store switches it to RESP3 and installs its own push handler, which
+    /// sharded pub/sub needs.
     pub async fn cluster_builder(self, builder: ClusterClientBuilder) -> Result<RedisStore, StoreError> {
+        tls::install_crypto_provider();
         let waiters = Arc::new(Waiters::default());
         let dispatch = waiters.clone();
         let client = builder
@@ -223,15 +269,18 @@ impl RedisStoreBuilder {
     }
 
     /// Finds the primary of `service` through Sentinel (`sentinels` are the Sentinels' URLs), and finds it again
-    /// after a failover.
+    /// after a failover. With the `tls` feature, when the Sentinels' URLs are `rediss://` or certificates are set
+    /// on this builder, the primary is reached over TLS too, trusting the same roots.
     pub fn sentinel<T: IntoConnectionInfo>(self, sentinels: Vec<T>, service: &str) -> Result<RedisStore, StoreError> {
-        let client = SentinelClient::build(sentinels, service.to_owned(), None, SentinelServerType::Master)
-            .map_err(unavailable)?;
+        let sentinels = sentinels.into_iter().map(tls::connection_info).collect::<Result<Vec<_>, _>>()?;
+        let client = self.tls.sentinel_client(sentinels, service)?;
         Ok(self.sentinel_client(client))
     }
 
-    /// Uses a configured [`SentinelClient`] (it must name the primary: [`SentinelServerType::Master`]).
+    /// Uses a configured [`SentinelClient`] (it must name the primary:
+    /// [`SentinelServerType::Master`](redis::sentinel::SentinelServerType::Master)).
     pub fn sentinel_client(self, client: SentinelClient) -> RedisStore {
+        tls::install_crypto_provider();
         let link = Arc::new(SentinelLink::new(client, &self.timeouts));
         RedisStore::node(self.commands(Backend::Sentinel(link.clone())), ClientSource::Sentinel(link))
     }
@@ -276,8 +325,8 @@ impl RedisStore {
         Self::builder().cluster(nodes).await
     }
 
-    /// Connects to a Redis Cluster configured by `builder` (credentials, TLS, timeouts). The store switches it to
-    /// RESP3 and installs its own push handler, which sharded pub/sub needs.
+    /// Connects to a Redis Cluster configured by `builder` (credentials, timeouts, TLS with the `tls` feature). The
+    /// store switches it to RESP3 and installs its own push handler, which sharded pub/sub needs.
     pub async fn from_cluster_builder(builder: ClusterClientBuilder) -> Result<Self, StoreError> {
         Self::builder().cluster_builder(builder).await
     }
@@ -288,7 +337,8 @@ impl RedisStore {
         Self::builder().sentinel(sentinels, service)
     }
 
-    /// Uses a configured [`SentinelClient`] (it must name the primary: [`SentinelServerType::Master`]).
+    /// Uses a configured [`SentinelClient`] (it must name the primary:
+    /// [`SentinelServerType::Master`](redis::sentinel::SentinelServerType::Master)).
     pub fn from_sentinel_client(client: SentinelClient) -> Self {
         Self::builder().sentinel_client(client)
     }

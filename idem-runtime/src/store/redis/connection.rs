@@ -48,6 +48,13 @@ impl Timeouts {
 }
 
 /// The ways a user can hand us Redis.
+#[cfg_attr(
+    feature = "tls",
+    allow(
+        clippy::large_enum_variant,
+        reason = "with `tls` a redis `Client` holds its TLS parameters inline; built once per store"
+    )
+)]
 pub(super) enum Backend {
     /// A single node (or a proxy) through our own connection, replaced when it breaks.
     Node(Box<NodeLink>),

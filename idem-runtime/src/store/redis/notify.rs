@@ -228,6 +228,13 @@ impl Waiters {
 
 /// Where the subscriptions live. Cloned into each link task.
 #[derive(Clone)]
+#[cfg_attr(
+    feature = "tls",
+    allow(
+        clippy::large_enum_variant,
+        reason = "with `tls` a redis `Client` holds its TLS parameters inline; built once per store"
+    )
+)]
 pub(super) enum Link {
     /// One pub/sub connection to the node (or the primary Sentinel names), made when a channel needs it and
     /// replaced when it dies.
@@ -238,6 +245,13 @@ pub(super) enum Link {
 }
 
 #[derive(Clone)]
+#[cfg_attr(
+    feature = "tls",
+    allow(
+        clippy::large_enum_variant,
+        reason = "with `tls` a redis `Client` holds its TLS parameters inline; built once per store"
+    )
+)]
 pub(super) enum ClientSource {
     Fixed(Client),
     Sentinel(Arc<SentinelLink>),

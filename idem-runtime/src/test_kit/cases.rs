@@ -1,15 +1,15 @@
-//! One case per row of the behaviour table (DESIGN.md §3), each taking the store under test.
+//! The behaviour table, one case per row, each driving `#[idempotent]` handlers over the store under test.
 //!
 //! Every case asserts what the client sees (status, body, headers) and how many times the handler body ran. No case
 //! depends on paused time: a real store keeps real TTLs. Keys are fresh per run, so a persistent store can be
 //! shared by runs and by cases running in parallel.
 
+use super::Outage;
 use super::app::{BODY_LIMIT, TestApp, stream_chunks};
 use super::client::{KEY, REPLAYED, Reply, RequestExt, STATUS, exchange, fresh_key, post, raw_request, serve};
-use super::outage::Outage;
+use crate::{Idempotency, Store, StoreFailure};
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
-use idem::{Idempotency, Store, StoreFailure};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::time::Duration;
@@ -31,6 +31,7 @@ fn key_of_length(label: &str, len: usize) -> String {
 
 // --- keys -----------------------------------------------------------------------------------------------------
 
+/// A request without a key on a `required = false` route runs every time, its answer untouched by the engine.
 pub async fn no_key_with_required_false_passes_the_response_through_untouched(store: impl Store) {
     let app = TestApp::new(store);
     for run in 1..=2 {
@@ -52,6 +53,7 @@ pub async fn no_key_with_required_false_passes_the_response_through_untouched(st
     }
 }
 
+/// A request without a key on a route that requires one is `400 missing-key`; the handler does not run.
 pub async fn no_key_when_required_is_400_missing_key(store: impl Store) {
     let app = TestApp::new(store);
     let reply = app.send(post("/orders").json(&order("book"))).await;
@@ -59,6 +61,8 @@ pub async fn no_key_when_required_is_400_missing_key(store: impl Store) {
     assert_eq!(app.runs(), 0);
 }
 
+/// Empty, over-long, non-ASCII, control-character, unterminated and repeated keys are `400 invalid-key`;
+/// a 255-character key is valid.
 pub async fn malformed_keys_are_400_invalid_key(store: impl Store) {
     let app = TestApp::new(store);
     let repeated = HeaderValue::try_from(fresh_key("twice")).unwrap();
@@ -104,6 +108,7 @@ pub async fn malformed_keys_are_400_invalid_key(store: impl Store) {
     assert_eq!(app.runs(), 1, "a key with \\x01 must not run the handler");
 }
 
+/// `"k"` (a structured-field string) and `k` name the same key.
 pub async fn quoted_and_bare_keys_are_the_same_key(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("sf");
@@ -118,6 +123,7 @@ pub async fn quoted_and_bare_keys_are_the_same_key(store: impl Store) {
 
 // --- first request and replay ---------------------------------------------------------------------------------
 
+/// A first request runs once and is answered with the key echoed, `new` and the request's signature.
 pub async fn first_request_runs_once_and_answers_with_echo_new_and_signature(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("first");
@@ -130,6 +136,7 @@ pub async fn first_request_runs_once_and_answers_with_echo_new_and_signature(sto
     assert_eq!(app.runs(), 1);
 }
 
+/// Retries after completion are answered from the store, the handler not run again.
 pub async fn retry_after_completion_replays_the_stored_response(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("retry");
@@ -170,6 +177,7 @@ async fn replay_fidelity(store: impl Store, kind: &str, status: StatusCode) -> (
     (first, replay)
 }
 
+/// A JSON answer is replayed byte for byte, with its headers in order (less `Set-Cookie` and `Date`).
 pub async fn replay_keeps_a_json_response_byte_for_byte(store: impl Store) {
     let (_, replay) = replay_fidelity(store, "json", StatusCode::CREATED).await;
     assert_eq!(replay.header(header::CONTENT_TYPE), Some("application/json"));
@@ -178,18 +186,21 @@ pub async fn replay_keeps_a_json_response_byte_for_byte(store: impl Store) {
     assert_eq!(body["note"], "caf\u{e9} \u{1f980}");
 }
 
+/// A text answer is replayed byte for byte, with its headers in order.
 pub async fn replay_keeps_a_text_response_byte_for_byte(store: impl Store) {
     let (_, replay) = replay_fidelity(store, "text", StatusCode::OK).await;
     assert_eq!(replay.header(header::CONTENT_TYPE), Some("text/plain; charset=utf-8"));
     assert_eq!(replay.body, "plain text, run 1\r\n".as_bytes());
 }
 
+/// An empty `204` is replayed empty, with no content type added.
 pub async fn replay_keeps_an_empty_204_response(store: impl Store) {
     let (_, replay) = replay_fidelity(store, "empty", StatusCode::NO_CONTENT).await;
     assert!(replay.body.is_empty());
     assert_eq!(replay.header(header::CONTENT_TYPE), None);
 }
 
+/// A binary answer holding every byte value is replayed byte for byte.
 pub async fn replay_keeps_a_binary_response_byte_for_byte(store: impl Store) {
     let (_, replay) = replay_fidelity(store, "binary", StatusCode::OK).await;
     assert_eq!(replay.header(header::CONTENT_TYPE), Some("application/octet-stream"));
@@ -198,6 +209,7 @@ pub async fn replay_keeps_a_binary_response_byte_for_byte(store: impl Store) {
 
 // --- signature and scope --------------------------------------------------------------------------------------
 
+/// A key reused with a different body is `422 key-reused`.
 pub async fn retry_with_a_different_body_is_422_key_reused(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("reused");
@@ -211,6 +223,7 @@ pub async fn retry_with_a_different_body_is_422_key_reused(store: impl Store) {
     assert_eq!(app.runs(), 1, "the refused request changed nothing");
 }
 
+/// With `validate_signature = false`, a key reused with a different body replays the first answer.
 pub async fn retry_with_a_different_body_replays_when_signatures_are_not_validated(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("lenient");
@@ -222,6 +235,7 @@ pub async fn retry_with_a_different_body_replays_when_signatures_are_not_validat
     assert_eq!(app.runs(), 1);
 }
 
+/// A key reused with a different query string is `422 key-reused`.
 pub async fn retry_with_a_different_query_is_422_key_reused(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("query");
@@ -232,6 +246,7 @@ pub async fn retry_with_a_different_query_is_422_key_reused(store: impl Store) {
     assert_eq!(app.runs(), 1);
 }
 
+/// A key reused with a different content type is `422 key-reused`.
 pub async fn retry_with_a_different_content_type_is_422_key_reused(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("content-type");
@@ -248,6 +263,7 @@ pub async fn retry_with_a_different_content_type_is_422_key_reused(store: impl S
     assert_eq!(app.runs(), 1);
 }
 
+/// One key on two routes names two requests: both run.
 pub async fn same_key_on_two_paths_runs_both(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("paths");
@@ -262,6 +278,7 @@ pub async fn same_key_on_two_paths_runs_both(store: impl Store) {
     assert_eq!(app.runs(), 2);
 }
 
+/// One key from two principals names two requests: both run, and each is replayed its own answer.
 pub async fn same_key_for_two_principals_runs_both_and_replays_each_its_own(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("principals");
@@ -279,6 +296,7 @@ pub async fn same_key_for_two_principals_runs_both_and_replays_each_its_own(stor
 
 // --- what the handler answers ---------------------------------------------------------------------------------
 
+/// A handler's `4xx` answer is stored and replayed.
 pub async fn handler_4xx_is_stored_and_replayed(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("402");
@@ -291,6 +309,7 @@ pub async fn handler_4xx_is_stored_and_replayed(store: impl Store) {
     assert_eq!(app.runs(), 1, "a 4xx from the handler is its final answer");
 }
 
+/// A handler's `5xx` answer is not stored: the retry runs again.
 pub async fn handler_5xx_is_not_stored_and_a_retry_runs_again(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("500");
@@ -303,6 +322,7 @@ pub async fn handler_5xx_is_not_stored_and_a_retry_runs_again(store: impl Store)
     }
 }
 
+/// With `store_server_errors`, a `5xx` answer is stored and replayed.
 pub async fn handler_5xx_is_stored_with_store_server_errors(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("500-stored");
@@ -314,6 +334,7 @@ pub async fn handler_5xx_is_stored_with_store_server_errors(store: impl Store) {
     assert_eq!(app.runs(), 1);
 }
 
+/// A panicking handler is answered `500 handler-panicked` and its key released: the retry runs.
 pub async fn handler_panic_is_a_500_problem_and_a_retry_runs_again(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("panic");
@@ -329,6 +350,7 @@ pub async fn handler_panic_is_a_500_problem_and_a_retry_runs_again(store: impl S
     assert_eq!(app.runs(), 2);
 }
 
+/// With `store_server_errors`, a panic's `500` is the final answer, replayed to retries.
 pub async fn handler_panic_is_stored_with_store_server_errors(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("panic-stored");
@@ -340,6 +362,7 @@ pub async fn handler_panic_is_stored_with_store_server_errors(store: impl Store)
     assert_eq!(app.runs(), 1, "at-most-once: the panic is the final answer");
 }
 
+/// An extractor's rejection is sent as axum made it and releases the key: a valid retry runs.
 pub async fn extractor_rejection_is_sent_and_releases_the_key(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("rejected");
@@ -365,6 +388,7 @@ pub async fn extractor_rejection_is_sent_and_releases_the_key(store: impl Store)
     assert_eq!(app.runs(), 1);
 }
 
+/// A body over the router's limit is `413 payload-too-large` and releases the key.
 pub async fn body_over_the_limit_is_413_payload_too_large(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("too-large");
@@ -379,6 +403,7 @@ pub async fn body_over_the_limit_is_413_payload_too_large(store: impl Store) {
 
 // --- duplicates in flight -------------------------------------------------------------------------------------
 
+/// A duplicate of a running request, on a route that does not wait, is `409 in-progress` at once.
 pub async fn duplicate_in_flight_without_wait_is_409_in_progress(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("in-flight");
@@ -408,6 +433,7 @@ async fn held_duplicate(reply: impl Future<Output = Reply>) -> Reply {
 /// wait that ends by timing out (or by slow polling) rather than by the completion's notification is caught.
 const WOKEN_WITHIN: Duration = Duration::from_millis(1_500);
 
+/// A duplicate of a running request waits, is woken by the original's completion and gets its answer.
 pub async fn duplicate_in_flight_waits_and_gets_the_original_response(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("wait");
@@ -427,6 +453,7 @@ pub async fn duplicate_in_flight_waits_and_gets_the_original_response(store: imp
     assert_eq!(app.runs(), 1);
 }
 
+/// A duplicate whose `wait_timeout` runs out first is `409 in-progress`, after waiting that long.
 pub async fn duplicate_in_flight_whose_wait_times_out_is_409_in_progress(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("wait-timeout");
@@ -446,6 +473,7 @@ pub async fn duplicate_in_flight_whose_wait_times_out_is_409_in_progress(store: 
 
 const BURST: usize = 50;
 
+/// Fifty concurrent requests with one key run the handler once; the others are `409 in-progress` at once.
 pub async fn fifty_concurrent_duplicates_without_wait_run_once(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("burst");
@@ -481,6 +509,7 @@ pub async fn fifty_concurrent_duplicates_without_wait_run_once(store: impl Store
     assert_eq!(app.runs(), 1);
 }
 
+/// Fifty concurrent requests with one key run the handler once; the others wait and get its answer.
 pub async fn fifty_concurrent_duplicates_with_wait_all_get_the_original_response(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("burst-wait");
@@ -515,6 +544,7 @@ pub async fn fifty_concurrent_duplicates_with_wait_all_get_the_original_response
 
 // --- what cannot be stored ------------------------------------------------------------------------------------
 
+/// An answer too large to keep is sent in full; retries are `409 not-replayable`, never a second run.
 pub async fn response_too_large_to_store_is_sent_then_not_replayable(store: impl Store) {
     let app = TestApp::with(Idempotency::builder(store).max_record_bytes(16).build());
     let key = fresh_key("too-large-to-store");
@@ -527,6 +557,7 @@ pub async fn response_too_large_to_store_is_sent_then_not_replayable(store: impl
     assert_eq!(app.runs(), 1, "never a second execution");
 }
 
+/// A streamed answer is sent in full; retries are `409 not-replayable`, never a second run.
 pub async fn streamed_response_is_sent_then_not_replayable(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("stream");
@@ -541,6 +572,8 @@ pub async fn streamed_response_is_sent_then_not_replayable(store: impl Store) {
 
 // --- the store and the engine's configuration -----------------------------------------------------------------
 
+/// A store that is down is `503 store-unavailable` and the handler does not run (uses [`Outage`], not
+/// the store under test).
 pub async fn store_unavailable_is_503_and_the_handler_does_not_run(_store: impl Store) {
     let app = TestApp::new(Outage);
     let key = fresh_key("outage");
@@ -550,6 +583,7 @@ pub async fn store_unavailable_is_503_and_the_handler_does_not_run(_store: impl 
     assert_eq!(app.runs(), 0, "fail closed");
 }
 
+/// A store that is down, with fail-open, runs the handler unprotected (uses [`Outage`]).
 pub async fn store_unavailable_with_fail_open_runs_the_handler(_store: impl Store) {
     let app = TestApp::with(Idempotency::builder(Outage).on_store_failure(StoreFailure::FailOpen).build());
     let key = fresh_key("outage-open");
@@ -559,6 +593,7 @@ pub async fn store_unavailable_with_fail_open_runs_the_handler(_store: impl Stor
     assert_eq!(app.runs(), 1, "fail open runs the request unprotected");
 }
 
+/// An annotated handler that finds no engine is `500 not-configured`, never a silent pass-through.
 pub async fn no_engine_configured_is_500_not_configured(_store: impl Store) {
     let app = TestApp::without_state_engine(None);
     let key = fresh_key("unconfigured");
@@ -567,6 +602,7 @@ pub async fn no_engine_configured_is_500_not_configured(_store: impl Store) {
     assert_eq!(app.runs(), 0, "never a silent pass-through");
 }
 
+/// Handlers find the engine in the router's state through `FromRef`.
 pub async fn engine_found_in_the_state_through_from_ref(store: impl Store) {
     let app = TestApp::new(store);
     let key = fresh_key("from-ref");
@@ -576,6 +612,7 @@ pub async fn engine_found_in_the_state_through_from_ref(store: impl Store) {
     assert_eq!(app.runs(), 1);
 }
 
+/// Handlers find the engine in a request extension when the state has none.
 pub async fn engine_found_in_an_extension_layer(store: impl Store) {
     let app = TestApp::without_state_engine(Some(Idempotency::new(store)));
     let key = fresh_key("extension");
@@ -588,6 +625,7 @@ pub async fn engine_found_in_an_extension_layer(store: impl Store) {
 
 // --- a real connection ----------------------------------------------------------------------------------------
 
+/// A client that disconnects does not cancel the handler; its retry gets the stored answer.
 pub async fn client_disconnect_does_not_stop_the_handler_and_the_retry_gets_its_response(store: impl Store) {
     let app = TestApp::new(store);
     let address = serve(app.router.clone()).await;

@@ -2,13 +2,14 @@
 //! first thing in its body, so a case can say how many times the handler really ran.
 
 use super::client::Reply;
+use crate::{Idempotency, Store};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use idem::{Idempotency, Store, idempotent};
+use idem_macros::idempotent;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use tower::ServiceExt;
 pub const BODY_LIMIT: usize = 1024;
 
 /// What the handlers report to the test: how often they ran, and hooks to hold them while a case sends duplicates.
+#[derive(Debug)]
 pub struct Probe {
     runs: AtomicUsize,
     finished: AtomicUsize,
@@ -81,7 +83,7 @@ impl Probe {
 }
 
 /// The app state: the engine (found by the handlers through `FromRef`) and the probe.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct App {
     pub idempotency: Idempotency,
     pub probe: Arc<Probe>,
@@ -93,7 +95,8 @@ impl FromRef<App> for Idempotency {
     }
 }
 
-/// The test app with its probe; requests go through it in process, or over TCP with [`TestApp::serve`].
+/// The test app with its probe; requests go through it in process, or over TCP with [`serve`](super::client::serve).
+#[derive(Debug)]
 pub struct TestApp {
     pub router: Router,
     pub probe: Arc<Probe>,
@@ -179,32 +182,32 @@ fn created(run: usize, order: &Order) -> Response {
     (StatusCode::CREATED, [(header::LOCATION, location)], Json(body)).into_response()
 }
 
-#[idempotent]
+#[idempotent(crate = "crate::test_kit")]
 async fn create(State(app): State<App>, Json(order): Json<Order>) -> Response {
     let run = app.probe.run();
     created(run, &order)
 }
 
-#[idempotent(validate_signature = false)]
+#[idempotent(crate = "crate::test_kit", validate_signature = false)]
 async fn create_lenient(State(app): State<App>, Json(order): Json<Order>) -> Response {
     let run = app.probe.run();
     created(run, &order)
 }
 
-#[idempotent(required = false)]
+#[idempotent(crate = "crate::test_kit", required = false)]
 async fn create_optional(State(app): State<App>, Json(order): Json<Order>) -> Response {
     let run = app.probe.run();
     created(run, &order)
 }
 
 /// Answers the status in the path, with a text body naming the execution.
-#[idempotent]
+#[idempotent(crate = "crate::test_kit")]
 async fn status(State(app): State<App>, Path(code): Path<u16>) -> Response {
     let run = app.probe.run();
     status_answer(code, run)
 }
 
-#[idempotent(store_server_errors)]
+#[idempotent(crate = "crate::test_kit", store_server_errors)]
 async fn status_stored(State(app): State<App>, Path(code): Path<u16>) -> Response {
     let run = app.probe.run();
     status_answer(code, run)
@@ -216,7 +219,7 @@ fn status_answer(code: u16, run: usize) -> Response {
 }
 
 /// Panics on its first execution, answers 201 after.
-#[idempotent]
+#[idempotent(crate = "crate::test_kit")]
 async fn panics_once(State(app): State<App>) -> Response {
     let run = app.probe.run();
     if run == 1 {
@@ -225,7 +228,7 @@ async fn panics_once(State(app): State<App>) -> Response {
     (StatusCode::CREATED, format!("run {run}")).into_response()
 }
 
-#[idempotent(store_server_errors)]
+#[idempotent(crate = "crate::test_kit", store_server_errors)]
 async fn panics_always_stored(State(app): State<App>) -> Response {
     let run = app.probe.run();
     panic!("attempt {run} fails (a deliberate panic in a conformance test)");
@@ -233,7 +236,7 @@ async fn panics_always_stored(State(app): State<App>) -> Response {
 
 /// Everything a replay must keep: a status per body kind, headers in a non-alphabetical order, a repeated header,
 /// a non-UTF-8 value, plus `Set-Cookie` and `Date`, which must not be replayed.
-#[idempotent]
+#[idempotent(crate = "crate::test_kit")]
 async fn fidelity(State(app): State<App>, Path(kind): Path<String>) -> Response {
     let run = app.probe.run();
     let (status, content_type, body): (StatusCode, Option<&'static str>, Vec<u8>) = match kind.as_str() {
@@ -272,7 +275,7 @@ pub fn stream_chunks(run: usize) -> Vec<Bytes> {
     vec![Bytes::from(format!("run {run};")), Bytes::from_static(b"second chunk;"), Bytes::from_static(b"last chunk")]
 }
 
-#[idempotent]
+#[idempotent(crate = "crate::test_kit")]
 async fn stream(State(app): State<App>) -> Response {
     let run = app.probe.run();
     let chunks = stream_chunks(run).into_iter().map(Ok::<_, std::convert::Infallible>);
@@ -287,17 +290,17 @@ async fn held(app: &App) -> Response {
     (StatusCode::CREATED, Json(json!({ "run": run }))).into_response()
 }
 
-#[idempotent]
+#[idempotent(crate = "crate::test_kit")]
 async fn gated(State(app): State<App>) -> Response {
     held(&app).await
 }
 
-#[idempotent(wait_timeout = 3)]
+#[idempotent(crate = "crate::test_kit", wait_timeout = 3)]
 async fn gated_wait(State(app): State<App>) -> Response {
     held(&app).await
 }
 
-#[idempotent(wait_timeout = 0.3)]
+#[idempotent(crate = "crate::test_kit", wait_timeout = 0.3)]
 async fn gated_short_wait(State(app): State<App>) -> Response {
     held(&app).await
 }
@@ -318,30 +321,30 @@ async fn sleepy(app: &App, sleep: &Sleep) -> Response {
 }
 
 /// A lease of one second, so a handler can outlive it (memory-only case, under paused time).
-#[idempotent(lease = 1, ttl = 60)]
+#[idempotent(crate = "crate::test_kit", lease = 1, ttl = 60)]
 async fn slow(State(app): State<App>, Json(sleep): Json<Sleep>) -> Response {
     sleepy(&app, &sleep).await
 }
 
-#[idempotent(wait_timeout = 2)]
+#[idempotent(crate = "crate::test_kit", wait_timeout = 2)]
 async fn slow_wait(State(app): State<App>, Json(sleep): Json<Sleep>) -> Response {
     sleepy(&app, &sleep).await
 }
 
 /// A short retention (memory-only case, under paused time).
-#[idempotent(ttl = 10)]
+#[idempotent(crate = "crate::test_kit", ttl = 10)]
 async fn short_ttl(State(app): State<App>) -> Response {
     let run = app.probe.run();
     (StatusCode::CREATED, Json(json!({ "run": run }))).into_response()
 }
 
 /// A state with no `FromRef` for `Idempotency`: the engine can only come from a request extension.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Bare {
     probe: Arc<Probe>,
 }
 
-#[idempotent]
+#[idempotent(crate = "crate::test_kit")]
 async fn bare_create(State(bare): State<Bare>, Json(order): Json<Order>) -> Response {
     let run = bare.probe.run();
     created(run, &order)

@@ -1,12 +1,12 @@
 //! The one test double: a store that is down. It stands in for an outage, which no real store can be asked to have.
-//!
-//! The conformance suite uses it as `super::outage::Outage`; the `layer`, `once` and `metrics` tests include this
-//! file with `#[path = "conformance/outage.rs"] mod outage;`.
 
-use idem::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
+use crate::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
 use std::time::Duration;
 
-/// Every call fails as an unreachable backend would.
+/// A [`Store`] that is down: every call fails with [`StoreError::Unavailable`], as an unreachable backend would.
+/// For testing what an app answers during an outage (`503 store-unavailable` by default, or an unprotected run with
+/// [`StoreFailure::FailOpen`](crate::StoreFailure::FailOpen)).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Outage;
 
 fn down<T>() -> Result<T, StoreError> {

@@ -1,9 +1,10 @@
 //! The reference service: `cargo run --example orders`.
 //!
 //! Binds `BIND` (default `127.0.0.1:3000`). Keeps records in memory, or in Redis when `REDIS_URL` is set (a Redis
-//! Cluster when `REDIS_CLUSTER_URLS`, comma-separated, is set); on Redis the execution count is a Redis counter, so
-//! several instances share it. Each execution of a request that carried an `Idempotency-Key` is also counted under
-//! that key (`GET /stats/keys/{key}`), so fault and soak tests can check that no key ran twice.
+//! Cluster when `REDIS_CLUSTER_URLS`, comma-separated, is set), or in PostgreSQL when `DATABASE_URL` is set; on Redis
+//! the execution count is a Redis counter, on PostgreSQL a row per execution in table `orders`, so several
+//! instances share it. Each execution of a request that carried an `Idempotency-Key` is also counted under that key
+//! (`GET /stats/keys/{key}`), so fault and soak tests can check that no key ran twice.
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -H 'content-type: application/json' \
@@ -15,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idem::{Idempotency, MemoryStore, RedisStore, idempotent};
+use idem::{Idempotency, MemoryStore, PostgresStore, RedisStore, idempotent};
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
@@ -33,9 +34,23 @@ struct AppState {
 #[derive(Clone)]
 enum Executions {
     Memory(Arc<MemoryCounts>),
-    Redis(idem::redis::aio::ConnectionManager),
-    Cluster(idem::redis::cluster_async::ClusterConnection),
+    Redis(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+    /// One row per execution in table `orders` (its id is the order id), with the request's key.
+    Postgres(sqlx::PgPool),
 }
+
+/// Why an execution could not be counted or read.
+type CountError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The `orders` table, created at start (under an advisory lock, so instances starting at once take turns).
+const ORDERS_SCHEMA: &str = "SELECT pg_advisory_xact_lock(hashtext('orders'));
+CREATE TABLE IF NOT EXISTS orders (
+    id              bigserial   PRIMARY KEY,
+    idempotency_key text,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS orders_idempotency_key ON orders (idempotency_key);";
 
 // One hash tag, so the total and the per-key counts sit in one Cluster slot and are updated in one transaction.
 const EXECUTIONS_KEY: &str = "{orders}:executions";
@@ -43,22 +58,29 @@ const EXECUTIONS_BY_KEY: &str = "{orders}:executions:by-key";
 
 impl Executions {
     /// Counts one execution (and one for `key`, when the request carried one) and returns the new total.
-    async fn increment(&self, key: Option<&str>) -> Result<u64, idem::redis::RedisError> {
+    async fn increment(&self, key: Option<&str>) -> Result<u64, CountError> {
         match self {
             Executions::Memory(counts) => Ok(counts.increment(key)),
-            Executions::Redis(connection) => Self::increment_on(connection.clone(), key).await,
-            Executions::Cluster(connection) => Self::increment_on(connection.clone(), key).await,
+            Executions::Redis(connection) => Ok(Self::increment_on(connection.clone(), key).await?),
+            Executions::Cluster(connection) => Ok(Self::increment_on(connection.clone(), key).await?),
+            Executions::Postgres(pool) => {
+                let id: i64 = sqlx::query_scalar("INSERT INTO orders (idempotency_key) VALUES ($1) RETURNING id")
+                    .bind(key)
+                    .fetch_one(pool)
+                    .await?;
+                Ok(u64::try_from(id)?)
+            }
         }
     }
 
     async fn increment_on(
-        mut connection: impl idem::redis::aio::ConnectionLike,
+        mut connection: impl redis::aio::ConnectionLike,
         key: Option<&str>,
-    ) -> Result<u64, idem::redis::RedisError> {
+    ) -> Result<u64, redis::RedisError> {
         let Some(key) = key else {
-            return idem::redis::cmd("INCR").arg(EXECUTIONS_KEY).query_async(&mut connection).await;
+            return redis::cmd("INCR").arg(EXECUTIONS_KEY).query_async(&mut connection).await;
         };
-        let (total, _): (u64, u64) = idem::redis::pipe()
+        let (total, _): (u64, u64) = redis::pipe()
             .atomic()
             .incr(EXECUTIONS_KEY, 1)
             .hincr(EXECUTIONS_BY_KEY, key, 1)
@@ -67,9 +89,17 @@ impl Executions {
         Ok(total)
     }
 
-    async fn read(&self, key: Option<&str>) -> Result<u64, idem::redis::RedisError> {
-        use idem::redis::AsyncCommands;
+    async fn read(&self, key: Option<&str>) -> Result<u64, CountError> {
+        use redis::AsyncCommands;
         let count: Option<u64> = match (self, key) {
+            (Executions::Postgres(pool), key) => {
+                let count: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM orders WHERE $1::text IS NULL OR idempotency_key = $1")
+                        .bind(key)
+                        .fetch_one(pool)
+                        .await?;
+                Some(u64::try_from(count)?)
+            }
             (Executions::Memory(counts), key) => Some(counts.read(key)),
             (Executions::Redis(connection), None) => connection.clone().get(EXECUTIONS_KEY).await?,
             (Executions::Redis(connection), Some(key)) => connection.clone().hget(EXECUTIONS_BY_KEY, key).await?,
@@ -91,7 +121,7 @@ impl Executions {
             loop {
                 tick.tick().await;
                 let mut connection = connection.clone();
-                let ping = idem::redis::cmd("PING");
+                let ping = redis::cmd("PING");
                 // An error makes the connection manager reconnect; the next tick tries again.
                 let _ = tokio::time::timeout(Duration::from_secs(1), ping.query_async::<()>(&mut connection)).await;
             }
@@ -246,13 +276,13 @@ fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The store and the execution counter: Redis Cluster, Redis, or memory, from the environment.
+/// The store and the execution counter: Redis Cluster, Redis, PostgreSQL or memory, from the environment.
 async fn backend() -> Result<(Idempotency, Executions, String), Box<dyn std::error::Error>> {
     if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
         let nodes: Vec<String> =
             urls.split(',').map(str::trim).filter(|url| !url.is_empty()).map(String::from).collect();
         let store = RedisStore::cluster(nodes.clone()).await?;
-        let counter = idem::redis::cluster::ClusterClient::new(nodes)?.get_async_connection().await?;
+        let counter = redis::cluster::ClusterClient::new(nodes)?.get_async_connection().await?;
         return Ok((Idempotency::new(store), Executions::Cluster(counter), format!("redis cluster {urls}")));
     }
     if let Ok(url) = std::env::var("REDIS_URL") {
@@ -261,11 +291,19 @@ async fn backend() -> Result<(Idempotency, Executions, String), Box<dyn std::err
         let store = RedisStore::open(url.as_str()).await?;
         // Reconnecting every 100 ms at most (redis-rs' default backoff doubles up to seconds): after Redis comes
         // back, the counter must answer as soon as the store does, or the first requests fail with 500.
-        let config = idem::redis::aio::ConnectionManagerConfig::new()
+        let config = redis::aio::ConnectionManagerConfig::new()
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(100));
-        let counter = idem::redis::Client::open(url.as_str())?.get_connection_manager_with_config(config).await?;
+        let counter = redis::Client::open(url.as_str())?.get_connection_manager_with_config(config).await?;
         return Ok((Idempotency::new(store), Executions::Redis(counter), format!("redis {url}")));
+    }
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        // The records and the orders share the database (and here the pool); the store's table is created first.
+        let store = PostgresStore::connect(&url).await?;
+        store.migrate().await?;
+        sqlx::raw_sql(ORDERS_SCHEMA).execute(store.pool()).await?;
+        let orders = Executions::Postgres(store.pool().clone());
+        return Ok((Idempotency::new(store), orders, "postgres".to_owned()));
     }
     Ok((Idempotency::new(MemoryStore::new()), Executions::Memory(Arc::default()), "memory".to_owned()))
 }

@@ -14,7 +14,8 @@
 //! guarantee.
 
 use futures_util::StreamExt;
-use idem::{Counters, Idempotency, MemoryStore, OnceError, Policy};
+use idem::metrics::Counters;
+use idem::{Idempotency, MemoryStore, OnceError, Policy};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -158,7 +158,8 @@
 //! # }
 //! use axum::body::Body;
 //! use axum::http::Request;
-//! use idem::{Counters, MemoryStore};
+//! use idem::MemoryStore;
+//! use idem::metrics::Counters;
 //! use tower::ServiceExt; // `oneshot`
 //!
 //! fn order(key: &str, item: &str) -> Request<Body> {
@@ -212,7 +213,7 @@
 //!   per key and its `Serialize`/`DeserializeOwned` result is returned to every repeat, with typed errors
 //!   ([`OnceError`]).
 //!
-//! All three share the stores ([`MemoryStore`], and `RedisStore` with the `redis` feature, or your own [`Store`]),
+//! All three share the stores ([`MemoryStore`], and `RedisStore` with the `redis` feature, or your own [`Store`](store::Store)),
 //! the claim / wait / replay protocol, lease renewal, and the store-failure policy ([`StoreFailure`]: fail closed
 //! with `503 store-unavailable` by default).
 //!
@@ -222,8 +223,8 @@
 //! for the plain API), `key` (a digest of the scope and key; never the client's key), `outcome` (`new`, `hit`,
 //! `conflict`, `mismatch`, `store-error`, `no-key`, `missing-key`, ...) and `wait_ms`. Conflicts, mismatches,
 //! store errors and fenced writes by a stale owner are logged as events. Counts (new, hit, conflict, mismatch,
-//! store errors, fenced writes, a wait-time histogram) go to the [`Metrics`] given to
-//! [`IdempotencyBuilder::metrics`]: [`Counters`] to read them in-process, or `MetricsFacade` (feature `metrics`)
+//! store errors, fenced writes, a wait-time histogram) go to the [`Metrics`](metrics::Metrics) given to
+//! [`IdempotencyBuilder::metrics`]: [`Counters`](metrics::Counters) to read them in-process, or `MetricsFacade` (feature `metrics`)
 //! to export them through the `metrics` crate.
 //!
 //! # Cargo features
@@ -233,6 +234,7 @@
 //!   `tls_root_certificates` trusts a private CA instead, `tls_client_certificate` presents a client certificate.
 //! - `tls-webpki-roots`: `tls`, trusting Mozilla's root certificates compiled into the binary instead (for
 //!   images without a CA bundle).
+//! - `postgres`: `PostgresStore`, records in PostgreSQL (sqlx), from a URL or the app's own pool.
 //! - `metrics`: `MetricsFacade`, reporting to the [`metrics`](https://docs.rs/metrics) crate's recorder.
 //! - `test-kit`: `test_kit`, the conformance suite for your own [`store::Store`], for your tests (enable
 //!   it on the dev-dependency).
@@ -262,10 +264,12 @@ pub use idem_runtime::{
     Completed, Fence, Idempotency, IdempotencyBuilder, IdempotencyKey, IdempotencyLayer, IdempotencyService,
     MemoryStore, MemoryStoreBuilder, Once, OnceError, Policy, PrincipalFn, Problem, StoreFailure, Undrained,
 };
+#[cfg(feature = "postgres")]
+pub use idem_runtime::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 
-/// Writing a store of your own: the [`Store`] trait and what it keeps.
+/// Writing a store of your own: the [`Store`](store::Store) trait and what it keeps.
 ///
 /// The built-in stores are here too ([`MemoryStore`], and `RedisStore` with the `redis`
 /// feature).
@@ -274,6 +278,8 @@ pub mod store {
         Claimed, Entry, Fingerprint, FingerprintBuilder, Forgotten, MemoryStore, MemoryStoreBuilder, OwnerToken,
         Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write,
     };
+    #[cfg(feature = "postgres")]
+    pub use idem_runtime::{PostgresStore, PostgresStoreBuilder};
     #[cfg(feature = "redis")]
     pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 }
@@ -283,7 +289,7 @@ pub mod engine {
     pub use idem_runtime::{Claim, Execution, Outcome, begin};
 }
 
-/// Counting what the engine decides: the [`Metrics`] trait and ready-made implementations.
+/// Counting what the engine decides: the [`Metrics`](metrics::Metrics) trait and ready-made implementations.
 pub mod metrics {
     #[cfg(feature = "metrics")]
     pub use idem_runtime::MetricsFacade;
@@ -306,22 +312,6 @@ pub use idem_runtime::problems;
 pub use idem_runtime::async_trait;
 #[cfg(feature = "test-kit")]
 pub use idem_runtime::test_kit;
-
-// Kept while the workspace's own tests and examples move to the modules above.
-#[cfg(feature = "metrics")]
-#[doc(hidden)]
-pub use idem_runtime::MetricsFacade;
-#[doc(hidden)]
-pub use idem_runtime::http;
-#[doc(hidden)]
-pub use idem_runtime::{
-    Claim, Claimed, Counters, Entry, Event, Execution, Fingerprint, FingerprintBuilder, Forgotten, Metrics, Outcome,
-    OwnerToken, Record, Site, Snapshot, Store, StoreError, StoreKey, StoreOperation, Stored, StoredResponse,
-    WAIT_BUCKETS, WaitHistogram, Write, begin,
-};
-#[cfg(feature = "redis")]
-#[doc(hidden)]
-pub use idem_runtime::{deadpool_redis, redis};
 
 /// What `#[idempotent]` expands to use. Not a public API.
 #[doc(hidden)]

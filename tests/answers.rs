@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use idem::http::key::KeyFormat;
+use idem::KeyFormat;
 use idem::{Idempotency, IdempotencyBuilder, MemoryStore, idempotent};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -49,7 +49,7 @@ async fn send(app: &Router, request: Request<Body>) -> Reply {
     Reply { status: parts.status, headers: parts.headers, body: serde_json::from_slice(&body).unwrap_or(Value::Null) }
 }
 
-fn configured(store: impl idem::Store) -> IdempotencyBuilder {
+fn configured(store: impl idem::store::Store) -> IdempotencyBuilder {
     Idempotency::builder(store)
         .problem_type_base("https://api.example.com/problems/")
         .retry_after(Duration::from_millis(2500), Duration::from_secs(30))

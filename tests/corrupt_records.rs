@@ -88,7 +88,7 @@ impl Log {
 struct Case {
     router: Router,
     runs: Arc<AtomicUsize>,
-    redis: idem::redis::aio::MultiplexedConnection,
+    redis: redis::aio::MultiplexedConnection,
     record: String,
 }
 
@@ -99,7 +99,7 @@ impl Case {
         let runs = Arc::new(AtomicUsize::new(0));
         let app = App { idempotency: Idempotency::new(store), runs: runs.clone() };
         let router = Router::new().route("/charges", post(charge)).with_state(app);
-        let client = idem::redis::Client::open(server.url()).unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
         let redis = client.get_multiplexed_async_connection().await.expect("connect");
         let mut case = Self { router, runs, redis, record: String::new() };
         let first = case.send("order-1", "10 EUR").await;
@@ -119,20 +119,20 @@ impl Case {
         Reply { status: parts.status, headers: parts.headers, body }
     }
 
-    async fn redis<T: idem::redis::FromRedisValue>(&mut self, command: &mut idem::redis::Cmd) -> T {
+    async fn redis<T: redis::FromRedisValue>(&mut self, command: &mut redis::Cmd) -> T {
         command.query_async(&mut self.redis).await.expect("a redis command")
     }
 
     /// The record as the store wrote it.
     async fn stored(&mut self) -> Value {
-        let raw: Vec<u8> = self.redis(idem::redis::cmd("GET").arg(&self.record)).await;
+        let raw: Vec<u8> = self.redis(redis::cmd("GET").arg(&self.record)).await;
         serde_json::from_slice(&raw).expect("a JSON record")
     }
 
     async fn overwrite(&mut self, corruption: &Corruption) {
         let key = self.record.clone();
         let set = |value: Vec<u8>| {
-            let mut command = idem::redis::cmd("SET");
+            let mut command = redis::cmd("SET");
             command.arg(&key).arg(value);
             command
         };
@@ -145,8 +145,8 @@ impl Case {
                 self.redis::<()>(&mut set(record.to_string().into_bytes())).await;
             }
             Corruption::Command(args) => {
-                self.redis::<()>(idem::redis::cmd("DEL").arg(&key)).await;
-                let mut command = idem::redis::cmd(args[0]);
+                self.redis::<()>(redis::cmd("DEL").arg(&key)).await;
+                let mut command = redis::cmd(args[0]);
                 command.arg(&key).arg(&args[1..]);
                 self.redis::<()>(&mut command).await;
             }

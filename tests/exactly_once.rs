@@ -9,10 +9,8 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use idem::{
-    Claimed, Fingerprint, Idempotency, MemoryStore, OwnerToken, Policy, Record, Store, StoreError, StoreFailure,
-    StoreKey, Write, idempotent,
-};
+use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
+use idem::{Idempotency, MemoryStore, Policy, StoreFailure, idempotent};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

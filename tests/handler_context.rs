@@ -8,10 +8,8 @@ use axum::http::{Request, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
-use idem::{
-    Claimed, Fence, Fingerprint, Idempotency, IdempotencyKey, MemoryStore, OwnerToken, Record, Store, StoreError,
-    StoreKey, Undrained, Write, idempotent,
-};
+use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
+use idem::{Fence, Idempotency, IdempotencyKey, MemoryStore, Undrained, idempotent};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

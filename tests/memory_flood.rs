@@ -13,10 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use bytes::Bytes;
-use idem::{
-    Claimed, Fingerprint, Idempotency, MemoryStore, OwnerToken, Record, Store, StoreError, StoreKey, Stored,
-    StoredResponse, Write, idempotent,
+use idem::store::{
+    Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write,
 };
+use idem::{Idempotency, MemoryStore, idempotent};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -144,7 +144,7 @@ async fn flood(store: &MemoryStore, phase: u8, count: usize, record: Option<&Rec
         let kept = store.claim(&key, &fingerprint, &OwnerToken::generate(), LEASE).await.unwrap();
         if matches!(
             kept,
-            Claimed::Existing(idem::Entry::Completed(Record { stored: Stored::NotReplayable { .. }, .. }))
+            Claimed::Existing(idem::store::Entry::Completed(Record { stored: Stored::NotReplayable { .. }, .. }))
         ) {
             tally.not_replayable += 1;
         }

@@ -12,11 +12,10 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
+use idem::metrics::{Counters, Snapshot, WAIT_BUCKETS};
+use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
 use idem::test_kit::Outage;
-use idem::{
-    Claimed, Counters, Fingerprint, Idempotency, OnceError, OwnerToken, Policy, Record, Snapshot, Store, StoreError,
-    StoreKey, WAIT_BUCKETS, Write, idempotent,
-};
+use idem::{Idempotency, OnceError, Policy, idempotent};
 use probe::Probe;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,9 +3,11 @@
 //!
 //! Each case is a function of the store under test, so it can be run on Redis too; keys are fresh per run.
 
+mod postgres_server;
 mod redis_server;
+use idem::store::{Store, StoreError};
 use idem::test_kit::Outage;
-use idem::{Completed, Idempotency, OnceError, Policy, Store, StoreError, StoreFailure};
+use idem::{Completed, Idempotency, OnceError, Policy, StoreFailure};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -374,3 +376,4 @@ macro_rules! once_cases {
 
 once_cases!(memory, || async { idem::MemoryStore::new() });
 once_cases!(redis, crate::redis_server::shared_node_store);
+once_cases!(postgres, crate::postgres_server::shared_store);

@@ -4,7 +4,8 @@
 
 mod redis_server;
 
-use idem::{Claimed, Fingerprint, OwnerToken, RedisStore, Store, StoreError, StoreKey};
+use idem::RedisStore;
+use idem::store::{Claimed, Fingerprint, OwnerToken, Store, StoreError, StoreKey};
 use redis_server::RedisServer;
 use std::time::{Duration, Instant};
 
@@ -145,7 +146,7 @@ async fn a_host_that_does_not_resolve_fails_within_the_connect_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_on_your_connection_manager_fails_fast_and_recovers() {
     let mut server = RedisServer::start();
-    let client = idem::redis::Client::open(server.url()).unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
     let manager = client.get_connection_manager().await.unwrap();
     let store = RedisStore::from_connection_manager(manager, client);
     assert_eq!(claim(&store, "before").await.0.unwrap(), Claimed::Owned);
@@ -182,12 +183,12 @@ async fn a_completion_refused_by_an_outage_lands_once_redis_is_back() {
     let mut server = RedisServer::start_durable();
     let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(RedisStore::open(server.url()).await.unwrap());
     let policy = idem::Policy::new();
-    let outcome = idem::begin(&store, key("completed-late"), fingerprint(), &policy).await.unwrap();
-    let idem::Outcome::Execute(claim) = outcome else { panic!("a fresh key is claimed: {outcome:?}") };
+    let outcome = idem::engine::begin(&store, key("completed-late"), fingerprint(), &policy).await.unwrap();
+    let idem::engine::Outcome::Execute(claim) = outcome else { panic!("a fresh key is claimed: {outcome:?}") };
 
     // The work ran and its answer went out; then Redis is gone when its record is to be written.
     server.terminate();
-    let stored = idem::Stored::Response(idem::StoredResponse {
+    let stored = idem::store::Stored::Response(idem::store::StoredResponse {
         status: 201,
         headers: vec![("content-type".to_owned(), "application/json".into())],
         body: r#"{"order_id":1}"#.into(),
@@ -201,12 +202,12 @@ async fn a_completion_refused_by_an_outage_lands_once_redis_is_back() {
     let restarted = Instant::now();
     loop {
         match store.claim(&key("completed-late"), &fingerprint(), &OwnerToken::generate(), LEASE).await {
-            Ok(Claimed::Existing(idem::Entry::Completed(record))) => {
+            Ok(Claimed::Existing(idem::store::Entry::Completed(record))) => {
                 assert_eq!(record.stored, stored);
                 break;
             }
             Ok(Claimed::Owned) => panic!("the key was free: the claim made before the outage was lost"),
-            Ok(Claimed::Existing(idem::Entry::InFlight { .. })) | Err(_) => {}
+            Ok(Claimed::Existing(idem::store::Entry::InFlight { .. })) | Err(_) => {}
         }
         assert!(restarted.elapsed() < Duration::from_secs(10), "the record never landed: the key is still in flight");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -218,8 +219,8 @@ async fn a_completion_refused_by_an_outage_lands_once_redis_is_back() {
 async fn a_release_refused_by_an_outage_frees_the_key_once_redis_is_back() {
     let mut server = RedisServer::start_durable();
     let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(RedisStore::open(server.url()).await.unwrap());
-    let outcome = idem::begin(&store, key("released-late"), fingerprint(), &idem::Policy::new()).await.unwrap();
-    let idem::Outcome::Execute(claim) = outcome else { panic!("a fresh key is claimed: {outcome:?}") };
+    let outcome = idem::engine::begin(&store, key("released-late"), fingerprint(), &idem::Policy::new()).await.unwrap();
+    let idem::engine::Outcome::Execute(claim) = outcome else { panic!("a fresh key is claimed: {outcome:?}") };
 
     // The work failed (a 5xx): its key must be freed for a retry, but Redis is gone.
     server.terminate();
@@ -233,8 +234,8 @@ async fn a_release_refused_by_an_outage_frees_the_key_once_redis_is_back() {
     loop {
         match store.claim(&key("released-late"), &fingerprint(), &OwnerToken::generate(), LEASE).await {
             Ok(Claimed::Owned) => break,
-            Ok(Claimed::Existing(idem::Entry::Completed(_))) => panic!("nothing was completed"),
-            Ok(Claimed::Existing(idem::Entry::InFlight { .. })) | Err(_) => {}
+            Ok(Claimed::Existing(idem::store::Entry::Completed(_))) => panic!("nothing was completed"),
+            Ok(Claimed::Existing(idem::store::Entry::InFlight { .. })) | Err(_) => {}
         }
         assert!(restarted.elapsed() < Duration::from_secs(10), "the key stayed in flight: the release never landed");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -8,7 +8,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use idem::{Claimed, Entry, Fingerprint, Idempotency, OwnerToken, Record, RedisStore, Store, StoreKey, Stored, Write};
+use idem::store::{Claimed, Entry, Fingerprint, OwnerToken, Record, Store, StoreKey, Stored, Write};
+use idem::{Idempotency, RedisStore};
 use redis_server::{RedisCluster, RedisServer, all_command_calls};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,7 +142,7 @@ fn fp(text: &str) -> Fingerprint {
 fn record(body: &'static str) -> Record {
     Record {
         fingerprint: fp("a"),
-        stored: Stored::Response(idem::StoredResponse { status: 200, headers: vec![], body: body.into() }),
+        stored: Stored::Response(idem::store::StoredResponse { status: 200, headers: vec![], body: body.into() }),
     }
 }
 
@@ -212,10 +213,9 @@ async fn node_fences_stale_owners_and_wakes_waiters_across_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_and_connection_manager_constructors_share_one_store() {
     let server = RedisServer::start();
-    let client = idem::redis::Client::open(server.url()).unwrap();
-    let pool = idem::deadpool_redis::Config::from_url(server.url())
-        .create_pool(Some(idem::deadpool_redis::Runtime::Tokio1))
-        .unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let pool =
+        deadpool_redis::Config::from_url(server.url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
     let from_pool = RedisStore::from_pool(pool, client.clone());
     let manager = client.get_connection_manager().await.unwrap();
     let from_manager = RedisStore::from_connection_manager(manager, client);
@@ -364,7 +364,7 @@ async fn with_a_replica_first_requests_succeed_and_records_are_on_the_replica_wh
     let (primary, replica) = primary_and_replica();
     let store = Arc::new(RedisStore::open(primary.url()).await.unwrap().wait_for_replicas(1, Duration::from_secs(1)));
     let mut replica_connection =
-        idem::redis::Client::open(replica.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        redis::Client::open(replica.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let writes = (0..10).map(|i| {
         let store = store.clone();
         tokio::spawn(async move {
@@ -380,7 +380,7 @@ async fn with_a_replica_first_requests_succeed_and_records_are_on_the_replica_wh
     for key in futures_util::future::join_all(writes).await {
         let key = key.unwrap();
         let held: Option<String> =
-            idem::redis::cmd("GET").arg(record_key(&key)).query_async(&mut replica_connection).await.unwrap();
+            redis::cmd("GET").arg(record_key(&key)).query_async(&mut replica_connection).await.unwrap();
         let held: serde_json::Value = serde_json::from_str(&held.expect("on the replica")).unwrap();
         assert_eq!(held["state"], "completed");
     }
@@ -460,7 +460,7 @@ async fn a_key_of_another_type_at_a_records_name_is_corrupt_not_unavailable() {
     server.cli(&["HSET", &record_key(&key), "field", "value"]);
     let claimed = store.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await;
     assert!(
-        matches!(&claimed, Err(idem::StoreError::Corrupt(message)) if message.contains("WRONGTYPE")),
+        matches!(&claimed, Err(idem::store::StoreError::Corrupt(message)) if message.contains("WRONGTYPE")),
         "{claimed:?}"
     );
     // A server error says nothing about reachability: the store is not marked down.

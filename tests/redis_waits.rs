@@ -5,9 +5,11 @@
 mod proxy;
 mod redis_server;
 
-use idem::redis::Client;
-use idem::{Claimed, Fingerprint, Outcome, OwnerToken, Policy, Record, RedisStore, Store, StoreKey, Stored, Write};
+use idem::engine::Outcome;
+use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreKey, Stored, Write};
+use idem::{Policy, RedisStore};
 use proxy::Proxy;
+use redis::Client;
 use redis_server::{RedisServer, command_calls};
 use std::future::Future;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ fn fresh_key(name: &str) -> StoreKey {
 fn record() -> Record {
     Record {
         fingerprint: fp("a"),
-        stored: Stored::Response(idem::StoredResponse { status: 200, headers: vec![], body: "done".into() }),
+        stored: Stored::Response(idem::store::StoredResponse { status: 200, headers: vec![], body: "done".into() }),
     }
 }
 
@@ -179,7 +181,7 @@ async fn an_in_flight_record_without_a_ttl_is_waited_on_not_spun_on() {
     server.cli(&["CONFIG", "RESETSTAT"]);
     let policy = Policy::new().wait_timeout(Duration::from_secs(1));
     let started = Instant::now();
-    let outcome = idem::begin(&store, key, fp("a"), &policy).await.unwrap();
+    let outcome = idem::engine::begin(&store, key, fp("a"), &policy).await.unwrap();
     let waited = started.elapsed();
     assert!(matches!(outcome, Outcome::InFlight), "{outcome:?}");
     assert!(waited >= Duration::from_millis(990), "{waited:?}");

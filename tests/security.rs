@@ -15,8 +15,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use idem::store::{Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
 use idem::test_kit::client::{Reply, exchange, raw_request, serve};
-use idem::{Fingerprint, Idempotency, OwnerToken, Record, Store, StoreError, StoreKey, Write, idempotent};
+use idem::{Idempotency, idempotent};
 use probe::Probe;
 use redis_server::{RedisServer, all_command_calls};
 use serde_json::{Value, json};
@@ -280,7 +281,7 @@ impl<S: Store> Store for CountingStore<S> {
         fingerprint: &Fingerprint,
         owner: &OwnerToken,
         lease: Duration,
-    ) -> Result<idem::Claimed, StoreError> {
+    ) -> Result<idem::store::Claimed, StoreError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.claim(key, fingerprint, owner, lease).await
     }

@@ -205,12 +205,11 @@ async fn restart_redis_at(mut redis: RedisServer, at: Duration, down_for: Durati
 
 /// Per-key execution counts and the total, as the handlers recorded them in Redis.
 async fn executions(redis: &RedisServer) -> (HashMap<String, u64>, u64) {
-    let client = idem::redis::Client::open(redis.url()).unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let by_key: HashMap<String, u64> =
-        idem::redis::cmd("HGETALL").arg("{orders}:executions:by-key").query_async(&mut connection).await.unwrap();
-    let total: Option<u64> =
-        idem::redis::cmd("GET").arg("{orders}:executions").query_async(&mut connection).await.unwrap();
+        redis::cmd("HGETALL").arg("{orders}:executions:by-key").query_async(&mut connection).await.unwrap();
+    let total: Option<u64> = redis::cmd("GET").arg("{orders}:executions").query_async(&mut connection).await.unwrap();
     (by_key, total.unwrap_or(0))
 }
 
@@ -220,16 +219,16 @@ async fn left_in_flight<'a>(redis: &RedisServer, keys: impl Iterator<Item = &'a 
     // The store key of a request to `POST /orders` without `Authorization`, as the engine derives it.
     let by_record: HashMap<String, &str> = keys
         .map(|key| {
-            let digest = idem::StoreKey::derive(&[b"http", b"POST", b"/orders", b"", key.as_bytes()]);
+            let digest = idem::store::StoreKey::derive(&[b"http", b"POST", b"/orders", b"", key.as_bytes()]);
             (format!("idem:{{{digest}}}"), key)
         })
         .collect();
-    let client = idem::redis::Client::open(redis.url()).unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let records: Vec<String> = idem::redis::cmd("KEYS").arg("idem:*").query_async(&mut connection).await.unwrap();
+    let records: Vec<String> = redis::cmd("KEYS").arg("idem:*").query_async(&mut connection).await.unwrap();
     let mut in_flight = Vec::new();
     for name in records {
-        let value: Option<String> = idem::redis::cmd("GET").arg(&name).query_async(&mut connection).await.unwrap();
+        let value: Option<String> = redis::cmd("GET").arg(&name).query_async(&mut connection).await.unwrap();
         if value.is_some_and(|value| value.contains(r#""state":"in_flight""#)) {
             in_flight.push(by_record.get(&name).copied().unwrap_or("(a key no client sent)"));
         }

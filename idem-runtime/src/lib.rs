@@ -37,16 +37,11 @@ pub use once::{Completed, Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
 pub use store::{Claimed, Forgotten, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder};
 
 /// The attribute [`Store`] is declared with, for implementing it: `#[idem::async_trait] impl Store for MyStore`,
 /// with no `async-trait` dependency of your own to keep at a matching version.
 pub use async_trait::async_trait;
-
-/// The `deadpool-redis` crate accepted by [`RedisStore::from_pool`].
-#[cfg(feature = "redis")]
-pub use deadpool_redis;
-/// The `redis` crate this store is built on, so apps use the same version.
-#[cfg(feature = "redis")]
-pub use redis;

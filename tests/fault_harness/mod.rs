@@ -74,7 +74,7 @@ pub fn unexpected<'a>(answers: impl IntoIterator<Item = &'a Answer>, allowed: im
 
 /// Reads one record straight from Redis, with short timeouts so a frozen server only makes a read fail.
 pub struct RecordReader {
-    connection: idem::redis::aio::MultiplexedConnection,
+    connection: redis::aio::MultiplexedConnection,
     record_key: String,
 }
 
@@ -97,17 +97,18 @@ impl Sample {
 
 impl RecordReader {
     pub async fn open(redis: &RedisServer, key: &str) -> Self {
-        let config = idem::redis::AsyncConnectionConfig::new()
+        let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(200)))
             .set_response_timeout(Some(Duration::from_millis(100)));
-        let client = idem::redis::Client::open(redis.url()).unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
         let connection = client.get_multiplexed_async_connection_with_config(&config).await.unwrap();
-        let digest = idem::StoreKey::derive(&[b"http", b"POST", SHORT_LEASE_ROUTE.as_bytes(), b"", key.as_bytes()]);
+        let digest =
+            idem::store::StoreKey::derive(&[b"http", b"POST", SHORT_LEASE_ROUTE.as_bytes(), b"", key.as_bytes()]);
         Self { connection, record_key: format!("idem:{{{digest}}}") }
     }
 
     pub async fn sample(&mut self) -> Option<Sample> {
-        let mut pipe = idem::redis::pipe();
+        let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(&self.record_key).cmd("PTTL").arg(&self.record_key);
         let (record, pttl): (Option<String>, i64) = pipe.query_async(&mut self.connection).await.ok()?;
         Some(Sample { at: Instant::now(), record, pttl })

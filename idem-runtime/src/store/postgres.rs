@@ -1,0 +1,518 @@
+//! A [`Store`] on PostgreSQL: one table, one statement per state change, waiters woken by `LISTEN` / `NOTIFY`.
+
+mod listen;
+mod row;
+mod sql;
+
+use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
+use crate::{Entry, Fingerprint, OwnerToken, Record};
+use listen::{ListenSettings, Listener};
+use sql::{Statements, TableName};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{PgExecutor, Row};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// How many times a claim is sent again when it raced with another claimant's insert (see [`PostgresStore::claim`]).
+const CLAIM_ATTEMPTS: usize = 8;
+
+/// How long a pooled connection may have sat idle before it is pinged when handed out (the store's own pool).
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// A [`Store`] on PostgreSQL, through [`sqlx`].
+///
+/// **One table** (default `idem_records`, see [`PostgresStoreBuilder::table`]), created by
+/// [`PostgresStore::migrate`]; [`PostgresStore::schema_sql`] shows its SQL for teams that run migrations themselves.
+/// A row is a key's in-flight claim (`owner` set) or its completed record (`owner` null, the response in `status`,
+/// `headers`, `body`), with `expires_at`: a row whose `expires_at` has passed is treated as absent by every
+/// statement, and a background sweep deletes such rows in bounded batches. Times are the database's
+/// (`statement_timestamp()`), never the application's, so the clocks of the processes sharing the table do not
+/// matter.
+///
+/// **Round trips.** Every state change is one statement: a first request costs two (the claim, the completion),
+/// a replay one (the claim finds the record and reads it in the same statement), plus one renewal per third of a
+/// lease while a long handler runs. The claim is claim-or-read in one statement: it reads the key's live row and,
+/// only when there is none (or it is the caller's own, or it expired), upserts the caller's claim, taking over an
+/// expired one atomically under the row's lock; a replay writes nothing.
+///
+/// **Waiting duplicates** are woken by `NOTIFY` (the completion, release or purge sends the key's digest on the
+/// store's channel, `<table>_done`, delivered when it commits) through one listening connection per store,
+/// opened on the first wait and replaced by itself when it dies; waits never poll and end by their own timeout
+/// whatever the database does.
+///
+/// **Outages.** Each call is bounded by the statement timeout (default 2 s: acquiring a connection and running the
+/// statement) and fails with [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`); while the
+/// database refuses connections, a call fails within the connect timeout (default 1 s). The pool reconnects by
+/// itself when the database is back, and the listening connection is replaced within a couple of seconds.
+///
+/// **Poolers.** `LISTEN` needs a session of its own: the listening connection must reach PostgreSQL directly or
+/// through a session-pooling PgBouncer. The statements are prepared (sqlx caches them per connection), which
+/// PgBouncer's transaction pooling supports from version 1.21.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), idem_runtime::StoreError> {
+/// use idem_runtime::{Idempotency, PostgresStore};
+/// let store = PostgresStore::connect("postgres://app@127.0.0.1/app").await?;
+/// store.migrate().await?;
+/// let idempotency = Idempotency::new(store);
+/// # let _ = idempotency; Ok(()) }
+/// ```
+pub struct PostgresStore {
+    pool: PgPool,
+    statements: Arc<Statements>,
+    call_timeout: Duration,
+    sweep: SweepSettings,
+    sweeper: Mutex<Option<JoinHandle<()>>>,
+    listener: Listener,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.statements.table.as_str())
+            .field("statement_timeout", &self.call_timeout)
+            .field("sweep", &self.sweep)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SweepSettings {
+    interval: Duration,
+    batch: i64,
+    /// Batches per round at most, so one round over a huge backlog does not hold a connection for long.
+    batches_per_round: usize,
+}
+
+/// Builds a [`PostgresStore`]: its table, timeouts and sweep. [`PostgresStore::connect`] and
+/// [`PostgresStore::from_pool`] use the defaults.
+///
+/// | setting | default | what it does |
+/// |---|---|---|
+/// | [`table`](Self::table) | `idem_records` | the table (optionally `schema.table`) |
+/// | [`statement_timeout`](Self::statement_timeout) | 2 s | bounds each store call: a connection, the statement |
+/// | [`connect_timeout`](Self::connect_timeout) | 1 s | opening a connection (the store's own pool, the listener) |
+/// | [`max_connections`](Self::max_connections) | 10 | the size of the pool [`connect`](Self::connect) makes |
+/// | [`sweep_interval`](Self::sweep_interval) | 60 s | time between two sweeps of expired rows |
+/// | [`sweep_batch`](Self::sweep_batch) | 1 000 | rows one sweep statement deletes (10 statements a round at most) |
+/// | [`listen_heartbeat`](Self::listen_heartbeat) | 1 s | silence after which the listening connection is checked |
+///
+/// ```no_run
+/// # async fn run() -> Result<(), idem_runtime::StoreError> {
+/// use idem_runtime::PostgresStore;
+/// use std::time::Duration;
+/// let store = PostgresStore::builder()
+///     .table("billing.idempotency")
+///     .statement_timeout(Duration::from_millis(500))
+///     .sweep_interval(Duration::from_secs(300))
+///     .connect("postgres://app@127.0.0.1/app")
+///     .await?;
+/// store.migrate().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `connect` or `pool` is called"]
+pub struct PostgresStoreBuilder {
+    table: TableName,
+    statement_timeout: Duration,
+    connect_timeout: Duration,
+    max_connections: u32,
+    sweep: SweepSettings,
+    listen_heartbeat: Duration,
+}
+
+impl Default for PostgresStoreBuilder {
+    fn default() -> Self {
+        Self {
+            table: TableName::default(),
+            statement_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            max_connections: 10,
+            sweep: SweepSettings { interval: Duration::from_secs(60), batch: 1000, batches_per_round: 10 },
+            listen_heartbeat: Duration::from_secs(1),
+        }
+    }
+}
+
+impl PostgresStoreBuilder {
+    /// The table holding claims and records (default `idem_records`), optionally schema-qualified
+    /// (`schema.table`). Its notification channel is named after it (`<table>_done`).
+    ///
+    /// # Panics
+    /// Unless each part is an unquoted SQL identifier of at most 48 bytes: ASCII letters, digits and `_`, not
+    /// starting with a digit. The name is written into SQL (quoted), so it must come from configuration, never from
+    /// a request.
+    pub fn table(mut self, table: &str) -> Self {
+        self.table = TableName::parse(table).unwrap_or_else(|reason| panic!("PostgresStore table {table:?}: {reason}"));
+        self
+    }
+
+    /// Bounds each store call, acquiring a connection included (default 2 s): a call that takes longer fails with
+    /// [`StoreError::Unavailable`]. On the pool [`connect`](Self::connect) makes, it is also PostgreSQL's
+    /// `statement_timeout`, so the server abandons the statement too.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// Bounds opening a connection (default 1 s): the pool's acquire timeout with [`connect`](Self::connect), and
+    /// the listening connection's in every case.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The most connections the pool made by [`connect`](Self::connect) opens (default 10). The listening
+    /// connection is one more, of its own.
+    pub fn max_connections(mut self, connections: u32) -> Self {
+        self.max_connections = connections.max(1);
+        self
+    }
+
+    /// Time between two sweeps of expired rows (default 60 s). Expired rows are treated as absent whether swept
+    /// or not; the sweep only keeps the table small.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep.interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Rows one sweep statement deletes at most (default 1 000); a round runs at most ten such statements.
+    pub fn sweep_batch(mut self, rows: u32) -> Self {
+        self.sweep.batch = i64::from(rows.max(1));
+        self
+    }
+
+    /// How long the listening connection may stay silent before a `SELECT 1` checks it (default 1 s), so one that
+    /// died silently is replaced before a waiter needs it.
+    pub fn listen_heartbeat(mut self, interval: Duration) -> Self {
+        self.listen_heartbeat = interval;
+        self
+    }
+
+    /// The SQL [`PostgresStore::migrate`] runs for this builder's table.
+    pub fn schema_sql(&self) -> String {
+        sql::schema(&self.table)
+    }
+
+    /// Connects to `url` (e.g. `postgres://user:password@host:5432/database`) with a pool of its own. Fails with
+    /// [`StoreError::Unavailable`] if the database does not answer within the connect timeout.
+    pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(unavailable)?;
+        let server_timeout = self.statement_timeout.as_millis().max(1).to_string();
+        let options = options.options([("statement_timeout", server_timeout.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.connect_timeout)
+            // sqlx pings every connection it hands out by default: one more round trip per call. A connection
+            // in use moments ago is alive; one that sat idle (through a database restart, say) is checked.
+            .test_before_acquire(false)
+            .before_acquire(|connection, metadata| {
+                Box::pin(async move {
+                    Ok(metadata.idle_for < PING_WHEN_IDLE_FOR || sqlx::Connection::ping(connection).await.is_ok())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        Ok(self.pool(pool))
+    }
+
+    /// Uses the application's own pool (its settings decide how it connects; TLS comes with sqlx's TLS features).
+    /// The listening connection is opened with the pool's connect options, outside the pool.
+    pub fn pool(self, pool: PgPool) -> PostgresStore {
+        let statements = Arc::new(Statements::new(self.table));
+        let settings = ListenSettings { timeout: self.connect_timeout, heartbeat: self.listen_heartbeat };
+        let listener = Listener::new((*pool.connect_options()).clone(), statements.channel.clone(), settings);
+        PostgresStore {
+            pool,
+            statements,
+            call_timeout: self.statement_timeout,
+            sweep: self.sweep,
+            sweeper: Mutex::new(None),
+            listener,
+        }
+    }
+}
+
+impl PostgresStore {
+    /// A builder: table name, timeouts, sweep.
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder::default()
+    }
+
+    /// Connects to `url` with a pool of its own and the default settings.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().connect(url).await
+    }
+
+    /// Uses the application's own pool, with the default settings: the records live beside the application's data.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem_runtime::PostgresStore;
+    /// use idem_runtime::sqlx::postgres::PgPoolOptions;
+    /// let pool = PgPoolOptions::new().max_connections(20).connect("postgres://app@127.0.0.1/app").await?;
+    /// let store = PostgresStore::from_pool(pool.clone());
+    /// store.migrate().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self::builder().pool(pool)
+    }
+
+    /// Creates the table and its index if they do not exist (idempotent: safe to run at every start, from several
+    /// processes at once: they take turns on an advisory lock). The SQL is [`PostgresStore::schema_sql`].
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrate = create_table(&self.pool, self.statements.table.as_str(), self.schema_sql());
+        // DDL may wait for locks held by traffic on the table: give it longer than one call.
+        match tokio::time::timeout(self.call_timeout.max(Duration::from_secs(30)), migrate).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(StoreError::Unavailable("postgres: migrating timed out".to_owned())),
+        }
+    }
+
+    /// The SQL that creates this store's table and index (what [`PostgresStore::migrate`] runs), for teams that
+    /// manage migrations themselves.
+    pub fn schema_sql(&self) -> String {
+        sql::schema(&self.statements.table)
+    }
+
+    /// The table's name, as configured (`idem_records` by default).
+    pub fn table(&self) -> &str {
+        self.statements.table.as_str()
+    }
+
+    /// The pool the store runs its statements on.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Deletes expired rows now, in bounded batches, as the background sweep does every sweep interval: how many.
+    pub async fn sweep(&self) -> Result<u64, StoreError> {
+        sweep_round(&self.pool, &self.statements, self.sweep).await.map_err(unavailable)
+    }
+
+    /// Whether the connection that wakes waiting duplicates is up and listening (it is opened on the first wait).
+    pub fn is_listening(&self) -> bool {
+        self.listener.is_listening()
+    }
+
+    /// Runs `query` within the call timeout.
+    async fn bounded<T>(&self, query: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.call_timeout, query).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(StoreError::Unavailable(format!("postgres: no answer within {:?}", self.call_timeout))),
+        }
+    }
+
+    /// Starts the background sweep if it is not running (on first use, inside the caller's runtime).
+    fn ensure_sweeper(&self) {
+        let mut sweeper = self.sweeper.lock().unwrap_or_else(PoisonError::into_inner);
+        if sweeper.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let (pool, statements, settings) = (self.pool.clone(), self.statements.clone(), self.sweep);
+        *sweeper = Some(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(settings.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                match sweep_round(&pool, &statements, settings).await {
+                    Ok(0) => {}
+                    Ok(rows) => tracing::debug!(rows, table = statements.table.as_str(), "swept expired rows"),
+                    Err(error) => tracing::debug!(%error, "sweeping expired rows failed; trying again next round"),
+                }
+            }
+        }));
+    }
+
+    /// Completes `key` for `owner` on `executor`: the owner-checked upsert and its notification in one statement,
+    /// delivered when the executor's transaction commits. Kept generic so a completion can run inside an
+    /// application's own transaction.
+    async fn complete_on<'e>(
+        &self,
+        executor: impl PgExecutor<'e>,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, sqlx::Error> {
+        let columns = row::completed(record);
+        let done = sqlx::query(&self.statements.complete)
+            .bind(key.as_str())
+            .bind(owner.as_str())
+            .bind(columns.fingerprint)
+            .bind(columns.status)
+            .bind(columns.replayable)
+            .bind(columns.headers)
+            .bind(columns.body)
+            .bind(millis(ttl))
+            .bind(&self.statements.channel)
+            .fetch_optional(executor)
+            .await?;
+        Ok(if done.is_some() { Write::Applied } else { Write::Fenced })
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(task) = self.sweeper.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
+            task.abort();
+        }
+    }
+}
+
+/// Runs `schema` after taking an advisory lock named after the table, in one implicit transaction (one simple-query
+/// message), so processes migrating at once take turns: two concurrent `CREATE TABLE IF NOT EXISTS` can otherwise
+/// both try to create it.
+async fn create_table(pool: &PgPool, table: &str, schema: String) -> Result<(), sqlx::Error> {
+    // The name is a checked identifier (letters, digits, `_`, `.`): safe as a literal.
+    let locked = format!("SELECT pg_advisory_xact_lock(hashtext('{table}'));\n{schema}");
+    sqlx::raw_sql(&locked).execute(pool).await.map(drop)
+}
+
+/// One sweep round: batches of expired rows deleted until one comes back short, or the round's bound.
+async fn sweep_round(pool: &PgPool, statements: &Statements, settings: SweepSettings) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    for _ in 0..settings.batches_per_round {
+        let deleted = sqlx::query(&statements.sweep).bind(settings.batch).execute(pool).await?.rows_affected();
+        total += deleted;
+        if deleted < settings.batch as u64 {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+/// Sorts sqlx's errors: what the database could not be asked, or refused, is [`StoreError::Unavailable`]; a row
+/// that could not be read as the expected columns is [`StoreError::Corrupt`].
+fn unavailable(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
+            StoreError::Corrupt(format!("postgres: {error}"))
+        }
+        sqlx::Error::Database(ref database) if database.code().as_deref() == Some("42P01") => {
+            StoreError::Unavailable(format!("postgres: {error} (run PostgresStore::migrate, or the SQL of schema_sql)"))
+        }
+        error => StoreError::Unavailable(format!("postgres: {error}")),
+    }
+}
+
+fn decode(row: &PgRow) -> Result<Entry, StoreError> {
+    row::entry(row).map_err(StoreError::Corrupt)
+}
+
+#[async_trait::async_trait]
+impl Store for PostgresStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
+        self.ensure_sweeper();
+        let fingerprint = fingerprint.to_hex();
+        // The statement answers one row: the caller's claim, or the live row someone else holds. It answers none
+        // only when its insert met a row committed after the statement's snapshot was taken (a concurrent
+        // claimant's), which the snapshot cannot show; sent again, it sees that row.
+        for _ in 0..CLAIM_ATTEMPTS {
+            let answer = sqlx::query(&self.statements.claim)
+                .bind(key.as_str())
+                .bind(owner.as_str())
+                .bind(&fingerprint)
+                .bind(millis(lease))
+                .fetch_optional(&self.pool);
+            let Some(row) = self.bounded(answer).await? else { continue };
+            let owned: bool = row.try_get("owned").map_err(unavailable)?;
+            return if owned { Ok(Claimed::Owned) } else { decode(&row).map(Claimed::Existing) };
+        }
+        Err(StoreError::Unavailable(format!("postgres: the claim raced {CLAIM_ATTEMPTS} times with other claimants")))
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, StoreError> {
+        self.bounded(self.complete_on(&self.pool, key, owner, record, ttl)).await
+    }
+
+    async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
+        let released = sqlx::query(&self.statements.release)
+            .bind(key.as_str())
+            .bind(owner.as_str())
+            .bind(&self.statements.channel)
+            .fetch_optional(&self.pool);
+        Ok(if self.bounded(released).await?.is_some() { Write::Applied } else { Write::Fenced })
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Write, StoreError> {
+        let renewed = sqlx::query(&self.statements.renew)
+            .bind(key.as_str())
+            .bind(owner.as_str())
+            .bind(fingerprint.to_hex())
+            .bind(millis(lease))
+            .fetch_optional(&self.pool);
+        Ok(if self.bounded(renewed).await?.is_some() { Write::Applied } else { Write::Fenced })
+    }
+
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        // One deadline bounds it all (the listening connection, the re-read, the notification).
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+        let mut registration = self.listener.register(key.as_str());
+        // Re-read only once listening: a completion from then on is announced to us.
+        if !registration.listening(deadline).await {
+            return Ok(());
+        }
+        let read = sqlx::query(&self.statements.lease_left).bind(key.as_str()).fetch_optional(&self.pool);
+        let Ok(read) = tokio::time::timeout_at(deadline, self.bounded(read)).await else { return Ok(()) };
+        let Some(row) = read? else { return Ok(()) };
+        let left: i64 = row.try_get("left_ms").map_err(unavailable)?;
+        // A lease that runs out with nobody completing also ends the wait.
+        let lease_end = tokio::time::Instant::now() + Duration::from_millis(left.max(0) as u64);
+        registration.notified(deadline.min(lease_end)).await;
+        Ok(())
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Entry>, StoreError> {
+        let read = sqlx::query(&self.statements.inspect).bind(key.as_str()).fetch_optional(&self.pool);
+        self.bounded(read).await?.as_ref().map(decode).transpose()
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<Forgotten, StoreError> {
+        let forget = sqlx::query(&self.statements.forget)
+            .bind(key.as_str())
+            .bind(&self.statements.channel)
+            .fetch_one(&self.pool);
+        let row = self.bounded(forget).await?;
+        let removed: bool = row.try_get("removed").map_err(unavailable)?;
+        let in_flight: bool = row.try_get("in_flight").map_err(unavailable)?;
+        Ok(match (removed, in_flight) {
+            (true, _) => Forgotten::Removed,
+            (false, true) => Forgotten::InFlight,
+            (false, false) => Forgotten::Absent,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.bounded(sqlx::query("SELECT 1").execute(&self.pool)).await.map(drop)
+    }
+}

@@ -108,7 +108,7 @@ fn fingerprint(c: &mut Criterion) {
 
 /// A completed record as the Redis store writes it (JSON) and reads it back on a replay.
 fn record(c: &mut Criterion) {
-    use idem::{Fingerprint, Record, Stored, StoredResponse};
+    use idem::store::{Fingerprint, Record, Stored, StoredResponse};
     use idem_runtime::fuzzing::{decode_record, encode_record};
     let mut group = c.benchmark_group("record");
     for (name, size) in SIZES {

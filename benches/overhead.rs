@@ -1,5 +1,6 @@
 //! What idem adds to a request, in process (no network): a plain handler, the same handler annotated on a first
-//! request (claim, run, store) and on a replay (one claim-or-read, no handler), on `MemoryStore`.
+//! request (claim, run, store) and on a replay (one claim-or-read, no handler), on `MemoryStore`; and the two
+//! costs that grow with a request: the fingerprint over its body, and (on Redis) encoding and decoding its record.
 //!
 //! `cargo bench --bench overhead`; compare the medians in one run: the ratios are what matters on a noisy machine.
 //! It runs on a current-thread runtime, so it measures the CPU idem adds, not thread hand-offs between workers
@@ -84,5 +85,52 @@ fn overhead(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, overhead);
+/// A body of `size` bytes of JSON-like text (quotes included, so the record's JSON escapes them).
+fn body(size: usize) -> bytes::Bytes {
+    let unit = br#"{"item":"book","qty":1,"note":"a typical JSON order"},"#;
+    bytes::Bytes::from(unit.iter().copied().cycle().take(size).collect::<Vec<u8>>())
+}
+
+const SIZES: [(&str, usize); 3] = [("1 KiB", 1 << 10), ("64 KiB", 64 << 10), ("1 MiB", 1 << 20)];
+
+fn fingerprint(c: &mut Criterion) {
+    let idempotency = Idempotency::new(MemoryStore::new());
+    let (parts, ()) =
+        Request::post("/orders").header("content-type", "application/json").body(()).unwrap().into_parts();
+    let mut group = c.benchmark_group("fingerprint");
+    for (name, size) in SIZES {
+        let body = body(size);
+        group.throughput(criterion::Throughput::Bytes(size as u64));
+        group.bench_function(name, |b| b.iter(|| idempotency.fingerprint(&parts, &body)));
+    }
+    group.finish();
+}
+
+/// A completed record as the Redis store writes it (JSON) and reads it back on a replay.
+fn record(c: &mut Criterion) {
+    use idem::store::{Fingerprint, Record, Stored, StoredResponse};
+    use idem_runtime::fuzzing::{decode_record, encode_record};
+    let mut group = c.benchmark_group("record");
+    for (name, size) in SIZES {
+        let response = StoredResponse {
+            status: 201,
+            headers: vec![
+                ("content-type".to_owned(), bytes::Bytes::from_static(b"application/json")),
+                ("location".to_owned(), bytes::Bytes::from_static(b"/orders/42")),
+            ],
+            body: body(size),
+        };
+        let record = Record {
+            fingerprint: Fingerprint::builder().field(b"request").finish(),
+            stored: Stored::Response(response),
+        };
+        let encoded = encode_record(&record);
+        group.throughput(criterion::Throughput::Bytes(size as u64));
+        group.bench_function(format!("encode {name}"), |b| b.iter(|| encode_record(&record)));
+        group.bench_function(format!("decode {name}"), |b| b.iter(|| decode_record(encoded.as_bytes()).unwrap()));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, overhead, fingerprint, record);
 criterion_main!(benches);

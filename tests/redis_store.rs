@@ -54,7 +54,8 @@ async fn send(app: &Router, key: &str, body: &str) -> (StatusCode, String, Optio
 
 /// Commands the server ran, sorted, minus the ones this test sends itself to read the counts and the store's
 /// background `PING` (a few per second per process, not per request). Redis counts the calls a script makes too:
-/// every script here starts with one `GET`, so `get == evalsha` also proves the client sent no `GET` of its own.
+/// every script here starts with one `GET`, so `get == evalsha` also proves the client sent no `GET` of its own,
+/// and each script's own `SET` is one of the `set` calls.
 fn commands_run(server: &RedisServer) -> Vec<(String, u64)> {
     let mut calls: Vec<_> = all_command_calls(server)
         .into_iter()
@@ -78,14 +79,14 @@ async fn a_replay_costs_one_command_and_a_first_request_two() {
     server.cli(&["CONFIG", "RESETSTAT"]);
     let (status, body, state) = send(&app, "first", "a").await;
     assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CREATED, "charged a", Some("new")));
-    // Two round trips: the claim script (GET, SET) and the complete script (GET, SET, PUBLISH).
-    assert_eq!(commands_run(&server), calls(&[("evalsha", 2), ("get", 2), ("publish", 1), ("set", 2)]));
+    // Two round trips: the claim (`SET NX GET`, native) and the complete script (GET, SET, PUBLISH).
+    assert_eq!(commands_run(&server), calls(&[("evalsha", 1), ("get", 1), ("publish", 1), ("set", 2)]));
 
     server.cli(&["CONFIG", "RESETSTAT"]);
     let (status, body, state) = send(&app, "first", "a").await;
     assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CREATED, "charged a", Some("hit")));
-    // One round trip: the claim-or-read script, which finds the record (GET) and returns it.
-    assert_eq!(commands_run(&server), calls(&[("evalsha", 1), ("get", 1)]));
+    // One round trip and no script: the native claim-or-read, which finds the record and returns it.
+    assert_eq!(commands_run(&server), calls(&[("set", 1)]));
     assert_eq!(runs.load(Ordering::SeqCst), 2, "warm-up + first");
 }
 
@@ -102,7 +103,8 @@ async fn a_long_handler_costs_one_renewal_per_third_of_its_lease() {
     let run = commands_run(&server);
     let renewals = run.iter().find(|(name, _)| name == "pexpire").map_or(0, |(_, calls)| *calls);
     assert!((2..=5).contains(&renewals), "{run:?}");
-    let scripts = 2 + renewals;
+    // The claim is native; the completion and each renewal are scripts.
+    let scripts = 1 + renewals;
     assert_eq!(
         run,
         calls(&[("evalsha", scripts), ("get", scripts), ("pexpire", renewals), ("publish", 1), ("set", 2)])
@@ -233,12 +235,19 @@ async fn cluster_fences_stale_owners_and_wakes_waiters_with_sharded_pubsub() {
     for key in 0..12 {
         assert_eq!(send(&app, &format!("warm-{key}"), "x").await.0, StatusCode::CREATED);
     }
-    let before = cluster.command_calls("evalsha");
+    let count = |command| cluster.command_calls(command);
+    let before = [count("set"), count("evalsha"), count("get")];
     for key in 0..12 {
         assert_eq!(send(&app, &format!("k-{key}"), "x").await.0, StatusCode::CREATED);
         assert_eq!(send(&app, &format!("k-{key}"), "x").await.2.as_deref(), Some("hit"));
     }
-    assert_eq!(cluster.command_calls("evalsha") - before, 12 * 3, "2 per first request + 1 per replay");
+    let [sets, scripts, gets] = [count("set") - before[0], count("evalsha") - before[1], count("get") - before[2]];
+    // One native claim per request (first or replay) and one completion script per first request, whose own GET
+    // and SET Redis counts too: 2 round trips per first request + 1 per replay.
+    assert_eq!((scripts, gets), (12, 12), "one completion script per first request, and no GET of the client's");
+    let claims = sets - scripts;
+    assert_eq!(claims, 12 * 2, "one native claim per first request and per replay");
+    assert_eq!(claims + scripts, 12 * 3, "round trips: 2 per first request + 1 per replay");
     assert_eq!(runs.load(Ordering::SeqCst), 24);
     let holding: Vec<usize> = cluster.nodes.iter().map(|node| node.cli(&["--scan"]).lines().count()).collect();
     assert!(holding.iter().filter(|&&keys| keys > 0).count() >= 2, "keys spread over the masters: {holding:?}");

@@ -5,6 +5,8 @@ mod connection;
 mod health;
 mod notify;
 mod replicas;
+#[cfg(test)]
+mod tests;
 mod tls;
 
 use super::{Claimed, Store, StoreError, StoreKey, Write};
@@ -17,6 +19,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::sentinel::SentinelClient;
 use redis::{Client, IntoConnectionInfo, Pipeline, ProtocolVersion, Value};
 use replicas::ReplicaAcks;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tls::TlsSettings;
@@ -34,8 +37,16 @@ impl Script {
 
     /// This script with `keys` and `args`, by hash or by source.
     fn call(&self, pipe: &mut Pipeline, by_hash: bool, keys: &[&str], args: &[&[u8]]) {
-        let command = if by_hash { pipe.cmd("EVALSHA").arg(&self.sha) } else { pipe.cmd("EVAL").arg(self.source) };
+        // Sized up front: a completed record (the response body) is copied in once, not again as the buffer grows.
+        let size = keys.iter().map(|key| key.len()).sum::<usize>() + args.iter().map(|arg| arg.len()).sum::<usize>();
+        let mut command = redis::Cmd::with_capacity(3 + keys.len() + args.len(), size + self.source.len() + 64);
+        if by_hash {
+            command.arg("EVALSHA").arg(&self.sha);
+        } else {
+            command.arg("EVAL").arg(self.source);
+        }
         command.arg(keys.len()).arg(keys).arg(args);
+        pipe.add_command(command);
     }
 }
 
@@ -46,9 +57,12 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redi
 
 /// A [`Store`] on Redis.
 ///
-/// Every state change is one Lua script, so a replay costs one round trip and a first request two (claim,
-/// complete; three with [`RedisStore::wait_for_replicas`]), plus one renewal per third of a lease while a long
-/// handler runs. Records live under
+/// Every state change is one command, so a replay costs one round trip and a first request two (claim, complete;
+/// three with [`RedisStore::wait_for_replicas`]), plus one renewal per third of a lease while a long handler runs.
+/// A claim is the native `SET key claim NX GET PX lease` (Redis ≥ 7.0): it takes a free key, or reads what is
+/// there, so a replay costs Redis about what a `GET` costs. Writes that must check the owner first (complete,
+/// release, renew) are Lua scripts, as is the claim on a server older than 7.0: the first claim such a server
+/// refuses switches this store to the script for good. Records live under
 /// `{prefix}{<digest>}` (default prefix `idem:`), as JSON readable with `redis-cli GET`, always with a TTL;
 /// completions are announced on `{prefix}{<digest>}:done` (sharded pub/sub on a Cluster), which shares the record's
 /// hash tag and so its slot.
@@ -82,6 +96,11 @@ pub struct RedisStore {
     prefix: String,
     publish: &'static str,
     replicas: Option<ReplicaAcks>,
+    /// Set once the server refused `SET … NX GET` (Redis < 7.0): claims run the claim script from then on.
+    claim_by_script: AtomicBool,
+    /// Makes the native claim one that Redis 7 refuses as Redis 6 refuses `SET … NX GET` (`ERR syntax error`).
+    #[cfg(test)]
+    act_as_redis_6: AtomicBool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -243,6 +262,9 @@ impl RedisStoreBuilder {
             prefix: "idem:".to_owned(),
             publish: "SPUBLISH",
             replicas: None,
+            claim_by_script: AtomicBool::new(false),
+            #[cfg(test)]
+            act_as_redis_6: AtomicBool::new(false),
         })
     }
 
@@ -328,6 +350,9 @@ impl RedisStore {
             prefix: "idem:".to_owned(),
             publish: "PUBLISH",
             replicas: None,
+            claim_by_script: AtomicBool::new(false),
+            #[cfg(test)]
+            act_as_redis_6: AtomicBool::new(false),
         }
     }
 
@@ -378,11 +403,22 @@ impl RedisStore {
     }
 
     fn record_key(&self, key: &StoreKey) -> String {
-        format!("{}{{{}}}", self.prefix, key.as_str())
+        self.key_with_suffix(key, "")
     }
 
     fn channel(&self, key: &StoreKey) -> String {
-        format!("{}{{{}}}:done", self.prefix, key.as_str())
+        self.key_with_suffix(key, ":done")
+    }
+
+    /// `{prefix}{<digest>}{suffix}`, in one allocation (one for each key of each call).
+    fn key_with_suffix(&self, key: &StoreKey, suffix: &str) -> String {
+        let mut name = String::with_capacity(self.prefix.len() + key.as_str().len() + 2 + suffix.len());
+        name.push_str(&self.prefix);
+        name.push('{');
+        name.push_str(key.as_str());
+        name.push('}');
+        name.push_str(suffix);
+        name
     }
 
     /// The replica policy, unless on a Cluster (where `WAIT` is not used).
@@ -393,7 +429,7 @@ impl RedisStore {
     /// Runs a script in one round trip on the shared connection.
     async fn eval(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<Value, StoreError> {
         let pipeline = |by_hash: bool| {
-            let mut pipe = redis::pipe();
+            let mut pipe = Pipeline::with_capacity(1);
             script.call(&mut pipe, by_hash, keys, args);
             pipe
         };
@@ -456,9 +492,60 @@ impl RedisStore {
         Err(failure)
     }
 
+    /// Claim-or-read in one round trip: the held record, or `None` when the key was free and is now claimed with
+    /// `claim` for `lease`.
+    async fn claim_or_read(&self, key: &str, claim: &str, lease: &[u8]) -> Result<ClaimAnswer, StoreError> {
+        if !self.claim_by_script.load(Ordering::Relaxed) {
+            // Sized up front: this runs on every replay.
+            let mut command = redis::Cmd::with_capacity(8, key.len() + claim.len() + lease.len() + 32);
+            command.arg("SET").arg(key).arg(claim).arg("NX").arg("GET").arg("PX").arg(lease);
+            #[cfg(test)]
+            if self.act_as_redis_6.load(Ordering::Relaxed) {
+                // PX with KEEPTTL is a syntax error.
+                command.arg("KEEPTTL");
+            }
+            let mut pipe = Pipeline::with_capacity(1);
+            pipe.add_command(command);
+            match self.commands.query::<(Value,)>(&pipe).await {
+                Ok((held,)) => return ClaimAnswer::read(held, false),
+                // Redis < 7.0 answers `ERR syntax error` (NX and GET together are 7.0's): nothing ran.
+                Err(Failure::Refused(error)) => {
+                    tracing::info!(
+                        %error,
+                        "this Redis does not take SET … NX GET (Redis < 7.0): claims run a script from now on"
+                    );
+                    self.claim_by_script.store(true, Ordering::Relaxed);
+                }
+                Err(failure) => return Err(failure.into()),
+            }
+        }
+        ClaimAnswer::read(self.eval(&CLAIM, &[key], &[claim.as_bytes(), lease]).await?, true)
+    }
+
     /// Runs an owner-checked script and reads its 1 / 0 answer.
     async fn owned_write(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<Write, StoreError> {
         written(self.eval(script, keys, args).await?)
+    }
+}
+
+/// What a claim-or-read found.
+enum ClaimAnswer {
+    /// The key was free: the caller's claim is in.
+    Claimed,
+    /// The key holds this record; with `lease_restarted`, a record of the caller's that the claim script found
+    /// (a resent claim) and whose lease it restarted.
+    Held { record: Vec<u8>, lease_restarted: bool },
+}
+
+impl ClaimAnswer {
+    fn read(answer: Value, by_script: bool) -> Result<Self, StoreError> {
+        match answer {
+            Value::Nil => Ok(Self::Claimed),
+            // The script restarts the lease only of a record equal to the claim, which is what a resent claim
+            // finds; any other record of the caller's is recognised by its owner token below, as before.
+            Value::BulkString(record) => Ok(Self::Held { record, lease_restarted: by_script }),
+            other => Err(StoreError::Corrupt(format!("unexpected claim answer {other:?}").into())),
+        }
     }
 }
 
@@ -486,18 +573,41 @@ impl Store for RedisStore {
     ) -> Result<Claimed, StoreError> {
         let record = codec::in_flight(owner, fingerprint);
         let key = self.record_key(key);
-        match self.eval(&CLAIM, &[&key], &[record.as_bytes(), &millis(lease)]).await? {
-            Value::Nil => {}
-            // Our own claim, sent again after its reply was lost: still ours.
-            Value::BulkString(held) if held.starts_with(codec::owner_prefix(owner).as_bytes()) => {}
-            Value::BulkString(held) => {
+        let lease_millis = millis(lease);
+        let replica_acks = self.replica_acks();
+        // A second pass only after our own record vanished or changed hands between two commands (its lease ran
+        // out just then): what the key holds now decides.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (held, lease_restarted) = match self.claim_or_read(&key, &record, &lease_millis).await? {
+                ClaimAnswer::Claimed => break,
+                ClaimAnswer::Held { record, lease_restarted } => (record, lease_restarted),
+            };
+            if !codec::is_owned_by(&held, owner) {
                 return codec::decode(&held).map(Claimed::Existing).map_err(|why| StoreError::Corrupt(why.into()));
             }
-            other => return Err(StoreError::Corrupt(format!("unexpected claim answer {other:?}").into())),
+            // Our own claim, sent again after its reply was lost: still ours, and its lease starts again. `SET NX`
+            // left it as it was, so the renewal does that (and re-claims the key should it have just expired);
+            // with replicas, the replicated renewal below does it.
+            if lease_restarted || replica_acks.is_some() {
+                break;
+            }
+            let prefix = codec::owner_prefix(owner);
+            let args: [&[u8]; 3] = [prefix.as_bytes(), &lease_millis, record.as_bytes()];
+            match self.owned_write(&RENEW, &[&key], &args).await? {
+                Write::Applied => break,
+                Write::Fenced if attempts < 3 => {}
+                Write::Fenced => {
+                    return Err(StoreError::Unavailable("redis: the key changed hands during every claim".into()));
+                }
+            }
         }
         // Only a claim the caller holds waits for replicas: a replay wrote nothing, and never waits.
-        if let Some(acks) = self.replica_acks() {
-            self.replicate_claim(acks, &key, owner, &record, lease).await?;
+        // Boxed, as the replicated completion below: waiting for replicas takes large futures (a connection
+        // checkout), which every claim and completion would otherwise carry, and copy, whether it waits or not.
+        if let Some(acks) = replica_acks {
+            Box::pin(self.replicate_claim(acks, &key, owner, &record, lease)).await?;
         }
         Ok(Claimed::Owned)
     }
@@ -516,7 +626,7 @@ impl Store for RedisStore {
         let Some(acks) = self.replica_acks() else {
             return self.owned_write(&COMPLETE, &[&key, &channel], &args).await;
         };
-        let (answer, acked) = self.eval_replicated(acks, &COMPLETE, &[&key, &channel], &args).await?;
+        let (answer, acked) = Box::pin(self.eval_replicated(acks, &COMPLETE, &[&key, &channel], &args)).await?;
         let write = written(answer)?;
         if write == Write::Applied && acked < acks.replicas {
             // The handler ran and its response stands; only a failover before the replicas catch up could lose it.

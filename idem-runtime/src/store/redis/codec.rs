@@ -14,11 +14,12 @@
 //! older readers can ignore without bumping it; a reader refuses any version it does not know rather than guess.
 
 use crate::{Entry, Fingerprint, OwnerToken, Record, Stored, StoredResponse};
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// The record format this build writes, and the only one it reads.
 const FORMAT: u32 = 1;
@@ -27,44 +28,78 @@ fn format_before_versions() -> u32 {
     1
 }
 
-#[derive(Serialize, Deserialize)]
+/// A record as written: the fields borrow from the record, so encoding copies the body once, into the JSON.
+#[derive(Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
-enum Json {
+enum Written<'a> {
     // Field order matters: `owner` comes right after the tag, see `owner_prefix`.
     InFlight {
-        owner: String,
-        fingerprint: String,
-        #[serde(default = "format_before_versions")]
+        owner: &'a str,
+        fingerprint: &'a str,
         v: u32,
     },
     Completed {
-        fingerprint: String,
+        fingerprint: &'a str,
         status: u16,
         replayable: bool,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        headers: Vec<Header>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        body: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<WrittenHeader<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        body: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         body_base64: Option<String>,
-        #[serde(default = "format_before_versions")]
         v: u32,
     },
 }
 
-#[derive(Serialize, Deserialize)]
-struct Header {
+#[derive(Serialize)]
+struct WrittenHeader<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum State {
+    InFlight,
+    Completed,
+}
+
+/// A record as read: the fields of either state in one flat struct, read in one pass (an internally tagged enum
+/// would first buffer every field of the record, the body included, and copy it once more). Fields this build does
+/// not know are ignored, as ones a newer build may add without bumping the version.
+#[derive(Deserialize)]
+struct Read<'a> {
+    state: State,
+    /// Required on an in-flight record; only its presence is checked (the scripts compare it, not this decoder).
+    #[serde(borrow, default)]
+    owner: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    fingerprint: Cow<'a, str>,
+    status: Option<u16>,
+    replayable: Option<bool>,
+    #[serde(default)]
+    headers: Vec<ReadHeader>,
+    body: Option<String>,
+    body_base64: Option<String>,
+    #[serde(default = "format_before_versions")]
+    v: u32,
+}
+
+#[derive(Deserialize)]
+struct ReadHeader {
     name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     value: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     value_base64: Option<String>,
 }
 
 /// Text when it is UTF-8, else base64: `(text, base64)`, one of them set.
-fn encode(bytes: &[u8]) -> (Option<String>, Option<String>) {
+fn encode(bytes: &[u8]) -> (Option<&str>, Option<String>) {
     match std::str::from_utf8(bytes) {
-        Ok(text) => (Some(text.to_owned()), None),
+        Ok(text) => (Some(text), None),
         Err(_) => (None, Some(BASE64.encode(bytes))),
     }
 }
@@ -78,6 +113,14 @@ fn decode_bytes(text: Option<String>, base64: Option<String>) -> Result<Bytes, S
     }
 }
 
+/// JSON text of `record`, in a buffer sized up front for `payload` bytes of body and headers (escaping may add
+/// some), so a large body is not copied again each time the buffer would have grown.
+fn to_json(record: &Written<'_>, payload: usize) -> String {
+    let mut json = Vec::with_capacity(payload + payload / 8 + 256);
+    serde_json::to_writer(&mut json, record).expect("records serialise");
+    String::from_utf8(json).expect("serde_json writes UTF-8")
+}
+
 /// At most 64 characters of untrusted text, quoted, for an error message that ends up in a log line.
 fn excerpt(text: &str) -> String {
     match text.char_indices().nth(64) {
@@ -86,16 +129,50 @@ fn excerpt(text: &str) -> String {
     }
 }
 
+/// A fingerprint's hex digits, on the stack: one is written on every claim and every completion.
+struct Hex([u8; 64]);
+
+impl Hex {
+    fn of(fingerprint: &Fingerprint) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0; 64];
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(fingerprint.as_bytes()) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
+        }
+        Self(hex)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
 /// The in-flight record a claimant writes. It starts with [`owner_prefix`].
 pub(super) fn in_flight(owner: &OwnerToken, fingerprint: &Fingerprint) -> String {
-    let json = Json::InFlight { owner: owner.as_str().to_owned(), fingerprint: fingerprint.to_hex(), v: FORMAT };
-    serde_json::to_string(&json).expect("records serialise")
+    let fingerprint = Hex::of(fingerprint);
+    to_json(&Written::InFlight { owner: owner.as_str(), fingerprint: fingerprint.as_str(), v: FORMAT }, 0)
 }
+
+/// What every in-flight record starts with, up to its owner token.
+const IN_FLIGHT_OWNER: &str = r#"{"state":"in_flight","owner":""#;
 
 /// What an in-flight record owned by `owner` starts with: the owner check of the scripts compares this prefix, so
 /// they need neither a JSON parser nor the fingerprint (serde writes the tag, then the fields, in order).
 pub(super) fn owner_prefix(owner: &OwnerToken) -> String {
-    format!("{{\"state\":\"in_flight\",\"owner\":\"{}\"", owner.as_str())
+    let mut prefix = String::with_capacity(IN_FLIGHT_OWNER.len() + owner.as_str().len() + 1);
+    prefix.push_str(IN_FLIGHT_OWNER);
+    prefix.push_str(owner.as_str());
+    prefix.push('"');
+    prefix
+}
+
+/// Whether `held` is an in-flight record of `owner`'s, i.e. starts with [`owner_prefix`] (without making it: this
+/// runs on every claim that finds a record).
+pub(super) fn is_owned_by(held: &[u8], owner: &OwnerToken) -> bool {
+    held.strip_prefix(IN_FLIGHT_OWNER.as_bytes())
+        .and_then(|rest| rest.strip_prefix(owner.as_str().as_bytes()))
+        .is_some_and(|rest| rest.first() == Some(&b'"'))
 }
 
 /// Whether a held record is an in-flight claim, without decoding it.
@@ -104,19 +181,23 @@ pub(super) fn is_in_flight(raw: &[u8]) -> bool {
 }
 
 pub(crate) fn completed(record: &Record) -> String {
-    let fingerprint = record.fingerprint.to_hex();
-    let json = match &record.stored {
+    let fingerprint = Hex::of(&record.fingerprint);
+    let fingerprint = fingerprint.as_str();
+    match &record.stored {
         Stored::Response(response) => {
             let headers = response
                 .headers
                 .iter()
                 .map(|(name, value)| {
                     let (value, value_base64) = encode(value);
-                    Header { name: name.clone(), value, value_base64 }
+                    WrittenHeader { name, value, value_base64 }
                 })
                 .collect();
             let (body, body_base64) = encode(&response.body);
-            Json::Completed {
+            // Base64 takes 4 bytes for 3; a header's name and value come with some JSON around them.
+            let payload = response.body.len() * if body.is_some() { 1 } else { 2 }
+                + response.headers.iter().map(|(name, value)| name.len() + value.len() * 2 + 32).sum::<usize>();
+            let json = Written::Completed {
                 fingerprint,
                 status: response.status,
                 replayable: true,
@@ -124,30 +205,41 @@ pub(crate) fn completed(record: &Record) -> String {
                 body,
                 body_base64,
                 v: FORMAT,
-            }
+            };
+            to_json(&json, payload)
         }
-        Stored::NotReplayable { status } => Json::Completed {
-            fingerprint,
-            status: *status,
-            replayable: false,
-            headers: Vec::new(),
-            body: None,
-            body_base64: None,
-            v: FORMAT,
-        },
-    };
-    serde_json::to_string(&json).expect("records serialise")
+        Stored::NotReplayable { status } => {
+            let json = Written::Completed {
+                fingerprint,
+                status: *status,
+                replayable: false,
+                headers: Vec::new(),
+                body: None,
+                body_base64: None,
+                v: FORMAT,
+            };
+            to_json(&json, 0)
+        }
+    }
 }
 
 /// Reads a record back, or says why it is not one this build could have written.
 pub(crate) fn decode(raw: &[u8]) -> Result<Entry, String> {
-    let json: Json = serde_json::from_slice(raw).map_err(|e| format!("not a record: {e}"))?;
-    match json {
-        Json::InFlight { fingerprint, v, .. } => {
-            check_format(v)?;
-            Ok(Entry::InFlight { fingerprint: fingerprint_of(&fingerprint)? })
+    let read: Read<'_> = serde_json::from_slice(raw).map_err(|e| format!("not a record: {e}"))?;
+    let missing = |field: &str| format!("not a record: missing field `{field}`");
+    match read.state {
+        State::InFlight => {
+            if read.owner.is_none() {
+                return Err(missing("owner"));
+            }
+            check_format(read.v)?;
+            Ok(Entry::InFlight { fingerprint: fingerprint_of(&read.fingerprint)? })
         }
-        Json::Completed { fingerprint, status, replayable, headers, body, body_base64, v } => {
+        State::Completed => {
+            let Read { fingerprint, status, replayable, headers, body, body_base64, v, .. } = read;
+            let (Some(status), Some(replayable)) = (status, replayable) else {
+                return Err(missing(if status.is_none() { "status" } else { "replayable" }));
+            };
             check_format(v)?;
             let fingerprint = fingerprint_of(&fingerprint)?;
             // `http` represents 100–999, so that is every status a handler can answer and the encoder can write.
@@ -181,8 +273,14 @@ fn fingerprint_of(hex: &str) -> Result<Fingerprint, String> {
     Fingerprint::from_hex(hex).ok_or_else(|| format!("fingerprint {} is not 64 hex digits", excerpt(hex)))
 }
 
+/// What `HeaderValue::from_bytes` accepts (visible ASCII, spaces, tabs, obs-text), checked without copying the
+/// value into one: every replay decodes its headers.
+fn is_header_value(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&byte| byte == b'\t' || (byte >= 0x20 && byte != 0x7f))
+}
+
 /// A header as `http` would accept it on a response: a replay never drops or mangles a header silently.
-fn decode_header(stored: Header) -> Result<(String, Bytes), String> {
+fn decode_header(stored: ReadHeader) -> Result<(String, Bytes), String> {
     let Ok(name) = HeaderName::from_bytes(stored.name.as_bytes()) else {
         return Err(format!("header name {} is not a valid header name", excerpt(&stored.name)));
     };
@@ -191,7 +289,7 @@ fn decode_header(stored: Header) -> Result<(String, Bytes), String> {
         return Err(format!("a stored {name} header"));
     }
     let value = decode_bytes(stored.value, stored.value_base64)?;
-    if HeaderValue::from_bytes(&value).is_err() {
+    if !is_header_value(&value) {
         let shown = String::from_utf8_lossy(&value);
         return Err(format!("header {} has an invalid value {}", excerpt(&stored.name), excerpt(&shown)));
     }
@@ -349,6 +447,29 @@ mod tests {
             panic!("a replayable record");
         };
         assert_eq!(response.headers, [("x-raw".to_owned(), Bytes::from_static(b"\x80\xff"))]);
+    }
+
+    #[test]
+    fn header_values_are_checked_as_http_checks_them() {
+        for byte in 0..=255u8 {
+            for value in [vec![byte], vec![b'a', byte, b'b']] {
+                let http = axum::http::HeaderValue::from_bytes(&value).is_ok();
+                assert_eq!(is_header_value(&value), http, "{value:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_owner_is_recognised_by_its_prefix_without_making_it() {
+        let owner = OwnerToken::generate();
+        let claim = in_flight(&owner, &fp());
+        assert!(is_owned_by(claim.as_bytes(), &owner));
+        assert!(!is_owned_by(claim.as_bytes(), &OwnerToken::generate()));
+        // A token that is a prefix of the holder's is not the holder's.
+        let shorter = OwnerToken::from_string(owner.as_str()[..10].to_owned());
+        assert!(!is_owned_by(claim.as_bytes(), &shorter));
+        let record = Record { fingerprint: fp(), stored: Stored::NotReplayable { status: 200 } };
+        assert!(!is_owned_by(completed(&record).as_bytes(), &owner));
     }
 
     #[test]

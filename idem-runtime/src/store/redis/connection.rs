@@ -85,7 +85,8 @@ impl Backend {
             Backend::Node(link) => link.query(pipe).await,
             Backend::Manager(manager, _) => pipe.query_async(&mut manager.clone()).await,
             Backend::Pool(pool) => {
-                let mut connection = pool.get().await.map_err(pool_error)?;
+                // Boxed: deadpool's checkout is a ~7 KB future, which every query (on any backend) would carry.
+                let mut connection = Box::pin(pool.get()).await.map_err(pool_error)?;
                 pipe.query_async(&mut connection).await
             }
             Backend::Cluster(cluster) => pipe.query_async(&mut cluster.clone()).await,
@@ -120,10 +121,13 @@ pub(super) fn pool_error(error: deadpool_redis::PoolError) -> RedisError {
     }
 }
 
-/// Why a query failed: the one server answer the store handles itself, or a store failure.
+/// Why a query failed: the server answers the store handles itself, or a store failure.
 pub(super) enum Failure {
     /// `EVALSHA` named a script this node has not cached yet (a restart, a new Cluster node): send `EVAL` instead.
     NoScript,
+    /// The server refused the command itself (an `ERR` reply, e.g. `ERR syntax error`): a server older than the
+    /// command's form, which ran nothing.
+    Refused(RedisError),
     Store(StoreError),
 }
 
@@ -131,6 +135,7 @@ impl From<Failure> for StoreError {
     fn from(failure: Failure) -> Self {
         match failure {
             Failure::NoScript => StoreError::Unavailable("redis: NOSCRIPT after EVAL".into()),
+            Failure::Refused(error) => unavailable(error),
             Failure::Store(error) => error,
         }
     }
@@ -253,6 +258,9 @@ pub(super) fn classify(error: RedisError) -> Failure {
     if codes.is_some_and(|codes| codes.iter().any(|(_, error)| error.code() == "WRONGTYPE")) {
         return Failure::Store(StoreError::Corrupt(Cause::with_source(format!("redis: {error}"), error)));
     }
+    if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
+        return Failure::Refused(error);
+    }
     Failure::Store(unavailable(error))
 }
 
@@ -297,7 +305,8 @@ impl NodeLink {
             return Ok((*number, connection.clone()));
         }
         *current = None;
-        let connection = self.client.get_multiplexed_async_connection_with_config(&self.config).await?;
+        // Boxed: opening a connection is a large future, and every query would otherwise carry its room.
+        let connection = Box::pin(self.client.get_multiplexed_async_connection_with_config(&self.config)).await?;
         let number = self.opened.fetch_add(1, Ordering::AcqRel) + 1;
         *current = Some((number, connection.clone()));
         Ok((number, connection))
@@ -351,8 +360,13 @@ impl SentinelLink {
         if let Some(connection) = &*current {
             return Ok(connection.clone());
         }
-        let client = self.sentinel.lock().await.async_get_client().await?;
-        let connection = client.get_multiplexed_async_connection_with_config(&self.config).await?;
+        // Boxed, as for a node: asking Sentinel and connecting are large futures that queries rarely need.
+        let connect = async {
+            let client = self.sentinel.lock().await.async_get_client().await?;
+            let connection = client.get_multiplexed_async_connection_with_config(&self.config).await?;
+            RedisResult::Ok((client, connection))
+        };
+        let (client, connection) = Box::pin(connect).await?;
         tracing::info!(primary = ?client.get_connection_info().addr(), "connected to the primary named by Sentinel");
         *current = Some((client.clone(), connection.clone()));
         Ok((client, connection))

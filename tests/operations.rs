@@ -1,13 +1,18 @@
 //! The operator's surface: finding, inspecting and forgetting records, checking the store, and metrics that say
 //! where each event happened and how long each store call took.
 
+mod postgres_server;
+mod redis_server;
+
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{Method, Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use idem::metrics::{Event, Metrics, Site, StoreOperation};
-use idem::store::{Entry, Forgotten, Stored};
+use idem::store::{
+    Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, Stored, StoredResponse, Write,
+};
 use idem::{Idempotency, MemoryStore, idempotent};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -149,4 +154,77 @@ async fn metrics_name_the_door_and_route_of_every_event_and_time_every_store_cal
     assert_eq!(count(StoreOperation::Complete), 4);
     assert_eq!(count(StoreOperation::Ping), 1);
     assert!(calls.iter().all(|(_, answered)| *answered));
+}
+
+/// The optional verbs on a built-in store: `inspect` reads what `claim` and `complete` wrote, `forget` never removes
+/// an in-flight claim and frees a completed key (waking its waiters), `ping` answers.
+async fn inspect_forget_and_ping_on(store: impl Store) {
+    let store = Arc::new(store);
+    let idempotency = Idempotency::new(store.clone());
+    let key = idempotency.once_store_key("operations", &format!("k-{}", OwnerToken::generate().as_str()));
+    let fingerprint = Fingerprint::builder().field(b"request").finish();
+    let owner = OwnerToken::generate();
+    assert_eq!(store.inspect(&key).await.unwrap(), None);
+    assert_eq!(store.forget(&key).await.unwrap(), Forgotten::Absent);
+    assert_eq!(
+        store.claim(&key, &fingerprint, &owner, Duration::from_secs(30)).await.unwrap(),
+        idem::store::Claimed::Owned
+    );
+    assert_eq!(store.inspect(&key).await.unwrap(), Some(Entry::InFlight { fingerprint }));
+    assert_eq!(store.forget(&key).await.unwrap(), Forgotten::InFlight);
+    let record = Record {
+        fingerprint,
+        stored: Stored::Response(StoredResponse { status: 201, headers: vec![], body: "done".into() }),
+    };
+    assert_eq!(store.complete(&key, &owner, &record, Duration::from_secs(60)).await.unwrap(), Write::Applied);
+    assert_eq!(store.inspect(&key).await.unwrap(), Some(Entry::Completed(record)));
+    assert_eq!(store.forget(&key).await.unwrap(), Forgotten::Removed);
+    assert_eq!(store.inspect(&key).await.unwrap(), None);
+    let again = store.claim(&key, &fingerprint, &OwnerToken::generate(), Duration::from_secs(30)).await.unwrap();
+    assert_eq!(again, idem::store::Claimed::Owned, "a forgotten key is free");
+    store.ping().await.unwrap();
+    assert!(idempotency.check_store(Duration::from_secs(1)).await.is_ok());
+}
+
+#[tokio::test]
+async fn inspect_forget_and_ping_on_memory() {
+    inspect_forget_and_ping_on(MemoryStore::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_forget_and_ping_on_redis() {
+    inspect_forget_and_ping_on(redis_server::shared_node_store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_forget_and_ping_on_postgres() {
+    inspect_forget_and_ping_on(postgres_server::shared_store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_check_fails_while_redis_is_down_and_recovers() {
+    let mut server = redis_server::RedisServer::start();
+    let idempotency = Idempotency::new(idem::RedisStore::open(server.url()).await.unwrap());
+    idempotency.check_store(Duration::from_secs(1)).await.unwrap();
+    server.kill();
+    let down = idempotency.check_store(Duration::from_secs(2)).await;
+    assert!(matches!(down, Err(StoreError::Unavailable(_))), "{down:?}");
+    server.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while idempotency.check_store(Duration::from_secs(1)).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the store check never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_an_unreadable_redis_entry_frees_its_key() {
+    let server = redis_server::RedisServer::start();
+    let idempotency = Idempotency::new(idem::RedisStore::open(server.url()).await.unwrap());
+    let key = idempotency.once_store_key("jobs", "corrupt");
+    server.cli(&["HSET", &format!("idem:{{{}}}", key.as_str()), "not", "a record"]);
+    assert!(matches!(idempotency.inspect(&key).await, Err(StoreError::Corrupt(_))));
+    assert_eq!(idempotency.forget(&key).await.unwrap(), Forgotten::Removed);
+    let ran = idempotency.once("jobs", "corrupt").run(&(), || async { Ok::<_, ()>(7) }).await.unwrap();
+    assert_eq!(ran, 7, "the key runs once its unreadable entry is gone");
 }

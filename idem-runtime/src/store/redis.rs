@@ -9,8 +9,8 @@ mod replicas;
 mod tests;
 mod tls;
 
-use super::{Claimed, Store, StoreError, StoreKey, Write};
-use crate::{Fingerprint, OwnerToken, Record};
+use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
+use crate::{Entry, Fingerprint, OwnerToken, Record};
 use connection::{Backend, Commands, Failure, NodeLink, SentinelLink, Timeouts, unavailable};
 use health::Health;
 use notify::{ClientSource, Link, Notifier, Waiters};
@@ -54,6 +54,7 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redi
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/complete.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/release.lua")));
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/renew.lua")));
+static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis/forget.lua")));
 
 /// A [`Store`] on Redis.
 ///
@@ -690,6 +691,31 @@ impl Store for RedisStore {
             _ => return Ok(()),
         };
         registration.notified(until).await;
+        Ok(())
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<Option<Entry>, StoreError> {
+        let mut pipe = Pipeline::with_capacity(1);
+        pipe.cmd("GET").arg(self.record_key(key));
+        let (held,): (Option<Vec<u8>>,) = self.commands.query(&pipe).await?;
+        held.map(|held| codec::decode(&held).map_err(|why| StoreError::Corrupt(why.into()))).transpose()
+    }
+
+    async fn forget(&self, key: &StoreKey) -> Result<Forgotten, StoreError> {
+        let (channel, key) = (self.channel(key), self.record_key(key));
+        let args: [&[u8]; 2] = [codec::IN_FLIGHT.as_bytes(), self.publish.as_bytes()];
+        match self.eval(&FORGET, &[&key, &channel], &args).await? {
+            Value::Int(0) => Ok(Forgotten::Absent),
+            Value::Int(1) => Ok(Forgotten::Removed),
+            Value::Int(2) => Ok(Forgotten::InFlight),
+            other => Err(StoreError::Corrupt(format!("unexpected forget answer {other:?}").into())),
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut pipe = Pipeline::with_capacity(1);
+        pipe.cmd("PING");
+        let _: (Value,) = self.commands.query(&pipe).await?;
         Ok(())
     }
 }

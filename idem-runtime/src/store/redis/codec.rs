@@ -156,6 +156,8 @@ pub(super) fn in_flight(owner: &OwnerToken, fingerprint: &Fingerprint) -> String
 
 /// What every in-flight record starts with, up to its owner token.
 const IN_FLIGHT_OWNER: &str = r#"{"state":"in_flight","owner":""#;
+/// What every in-flight record starts with.
+pub(super) const IN_FLIGHT: &str = r#"{"state":"in_flight""#;
 
 /// What an in-flight record owned by `owner` starts with: the owner check of the scripts compares this prefix, so
 /// they need neither a JSON parser nor the fingerprint (serde writes the tag, then the fields, in order).
@@ -177,7 +179,7 @@ pub(super) fn is_owned_by(held: &[u8], owner: &OwnerToken) -> bool {
 
 /// Whether a held record is an in-flight claim, without decoding it.
 pub(super) fn is_in_flight(raw: &[u8]) -> bool {
-    raw.starts_with(br#"{"state":"in_flight""#)
+    raw.starts_with(IN_FLIGHT.as_bytes())
 }
 
 pub(crate) fn completed(record: &Record) -> String {

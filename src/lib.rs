@@ -278,10 +278,10 @@ pub mod store {
         Cause, Claimed, Entry, Fingerprint, FingerprintBuilder, Forgotten, MemoryStore, MemoryStoreBuilder, OwnerToken,
         Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write,
     };
+    #[cfg(feature = "redis")]
+    pub use idem_runtime::{InvalidPrefix, RedisStore, RedisStoreBuilder};
     #[cfg(feature = "postgres")]
     pub use idem_runtime::{PostgresStore, PostgresStoreBuilder};
-    #[cfg(feature = "redis")]
-    pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 }
 
 /// Building another front door on the engine: the bare claim / wait / replay protocol.

@@ -37,10 +37,10 @@ pub use once::{Completed, Once, OnceError};
 pub use policy::Policy;
 pub use record::{Entry, OwnerToken, Record, Stored, StoredResponse};
 pub use store::{Cause, Claimed, Forgotten, MemoryStore, MemoryStoreBuilder, Store, StoreError, StoreKey, Write};
+#[cfg(feature = "redis")]
+pub use store::{InvalidPrefix, RedisStore, RedisStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use store::{PostgresStore, PostgresStoreBuilder};
-#[cfg(feature = "redis")]
-pub use store::{RedisStore, RedisStoreBuilder};
 
 /// The attribute [`Store`] is declared with, for implementing it: `#[idem::async_trait] impl Store for MyStore`,
 /// with no `async-trait` dependency of your own to keep at a matching version.

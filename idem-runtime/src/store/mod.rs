@@ -11,7 +11,7 @@ pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
-pub use redis::{RedisStore, RedisStoreBuilder};
+pub use redis::{InvalidPrefix, RedisStore, RedisStoreBuilder};
 
 use crate::{Entry, Fingerprint, OwnerToken, Record};
 use std::fmt;

@@ -359,14 +359,15 @@ impl RedisStore {
 
     /// Namespaces every key (default `idem:`).
     ///
-    /// # Panics
-    /// If `prefix` holds `{` or `}`: the record's hash tag must be the first braces in its key, or a Cluster would
-    /// put a record and its channel in different slots.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+    /// A prefix holding `{` or `}` is refused ([`InvalidPrefix`]): the record's hash tag must be the first braces in
+    /// its key, or a Cluster would put a record and its channel in different slots.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Result<Self, InvalidPrefix> {
         let prefix = prefix.into();
-        assert!(!prefix.contains(['{', '}']), "RedisStore::with_prefix: a prefix cannot hold `{{` or `}}`");
+        if prefix.contains(['{', '}']) {
+            return Err(InvalidPrefix(prefix));
+        }
         self.prefix = prefix;
-        self
+        Ok(self)
     }
 
     /// Makes each new claim and each completion wait until `replicas` replicas acknowledged it (Redis `WAIT`), at
@@ -719,6 +720,11 @@ impl Store for RedisStore {
         Ok(())
     }
 }
+
+/// A key prefix [`RedisStore::with_prefix`] refused: it holds `{` or `}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a Redis key prefix cannot hold `{{` or `}}` (the record's hash tag must come first): {0:?}")]
+pub struct InvalidPrefix(pub String);
 
 /// Tuning of the pub/sub link that wakes waiting duplicates.
 impl RedisStore {

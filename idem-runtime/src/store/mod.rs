@@ -6,6 +6,8 @@ mod postgres;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 pub(crate) mod timed;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod wakeup;
 
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]

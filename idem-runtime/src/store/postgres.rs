@@ -483,7 +483,7 @@ impl Store for PostgresStore {
         let deadline = now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
         let mut registration = self.listener.register(key.as_str());
         // Re-read only once listening: a completion from then on is announced to us.
-        if !registration.listening(deadline).await {
+        if !registration.ready(deadline).await {
             return Ok(());
         }
         let read = sqlx::query(&self.statements.lease_left).bind(key.as_str()).fetch_optional(&self.pool);

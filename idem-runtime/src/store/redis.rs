@@ -669,7 +669,7 @@ impl Store for RedisStore {
         let deadline = now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
         let mut registration = self.notifier.register(&self.channel(key));
         // Re-read only once subscribed: a completion from then on is announced to us.
-        if !registration.subscribed(deadline).await {
+        if !registration.ready(deadline).await {
             return Ok(());
         }
         let key = self.record_key(key);

@@ -15,20 +15,14 @@
 //! closes (`pg_terminate_backend`, a restart) is dropped and replaced with a bounded backoff, and every waiter is
 //! woken to re-check its key, since a completion announced while it was down was missed.
 
+use super::super::wakeup::{self, Announcements, next_retry};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::Notify;
-use tokio::sync::futures::OwnedNotified;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep, timeout, timeout_at};
-
-/// The first pause before connecting again after a failed attempt, doubled per failure up to [`LAST_RETRY`].
-const FIRST_RETRY: Duration = Duration::from_millis(50);
-/// The longest pause between attempts; a connection that stayed up this long is replaced at once when it drops.
-const LAST_RETRY: Duration = Duration::from_secs(2);
+use tokio::time::{Instant, sleep, timeout};
 
 /// What the listening connection's `application_name` ends with.
 pub(super) const LISTENER_NAME: &str = "(idem listener)";
@@ -57,7 +51,7 @@ struct RegistryState {
 
 /// The keys with waiters, shared by the waiters and the task.
 #[derive(Default)]
-struct Registry {
+pub(super) struct Registry {
     state: Mutex<RegistryState>,
 }
 
@@ -73,7 +67,7 @@ impl Registry {
         entry.notify.clone()
     }
 
-    fn leave(&self, key: &str) {
+    fn remove(&self, key: &str) {
         let mut state = self.lock();
         if let Some(entry) = state.keys.get_mut(key) {
             entry.count -= 1;
@@ -104,6 +98,20 @@ impl Registry {
     }
 }
 
+/// With one connection listening to every key, a key is announced once that connection listens.
+impl Announcements for Registry {
+    fn is_announced(&self, _: &str) -> bool {
+        self.is_listening()
+    }
+
+    fn leave(&self, key: &str) {
+        self.remove(key);
+    }
+}
+
+/// A registered waiter; dropping it leaves the registry.
+pub(super) type Registration = wakeup::Registration<Registry>;
+
 /// The store's side of notifications: the registry, and the task it starts on first use (and again if the runtime
 /// that ran it shut down).
 pub(super) struct Listener {
@@ -130,7 +138,7 @@ impl Listener {
     pub(super) fn register(&self, key: &str) -> Registration {
         self.ensure_task();
         let notify = self.registry.join(key);
-        Registration { registry: self.registry.clone(), key: key.to_owned(), notify, armed: None }
+        Registration::new(self.registry.clone(), key, notify)
     }
 
     /// Whether the listening connection is up and its `LISTEN` confirmed.
@@ -156,54 +164,6 @@ impl Drop for Listener {
             task.abort();
         }
     }
-}
-
-/// A registered waiter; dropping it leaves the registry.
-pub(super) struct Registration {
-    registry: Arc<Registry>,
-    key: String,
-    notify: Arc<Notify>,
-    /// Armed before the connection was seen listening, so nothing announced after that is missed.
-    armed: Option<Pin<Box<OwnedNotified>>>,
-}
-
-impl Registration {
-    /// Waits until the connection listens: `false` if that did not happen by `deadline`.
-    pub(super) async fn listening(&mut self, deadline: Instant) -> bool {
-        loop {
-            let mut notified = Box::pin(self.notify.clone().notified_owned());
-            notified.as_mut().enable();
-            if self.registry.is_listening() {
-                self.armed = Some(notified);
-                return true;
-            }
-            if timeout_at(deadline, notified).await.is_err() {
-                return false;
-            }
-        }
-    }
-
-    /// After [`Registration::listening`]: waits until the key is announced, the connection drops (the waiter must
-    /// re-check), or `until`.
-    pub(super) async fn notified(&mut self, until: Instant) {
-        if let Some(notified) = self.armed.take() {
-            let _ = timeout_at(until, notified).await;
-        }
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.registry.leave(&self.key);
-    }
-}
-
-/// The next pause before reconnecting, given the last one and how long the connection that just ended lived.
-fn next_retry(last: Option<Duration>, lived: Duration) -> Option<Duration> {
-    if lived >= LAST_RETRY {
-        return None;
-    }
-    Some(last.map_or(FIRST_RETRY, |last| (last * 2).min(LAST_RETRY)))
 }
 
 /// Connects, listens, serves the connection until it fails, and starts again, for as long as the store lives.
@@ -273,9 +233,9 @@ mod tests {
     async fn a_waiter_gives_up_at_its_deadline_while_nothing_listens() {
         let registry = Arc::new(Registry::default());
         let notify = registry.join("k");
-        let mut registration = Registration { registry: registry.clone(), key: "k".into(), notify, armed: None };
+        let mut registration = Registration::new(registry.clone(), "k", notify);
         let started = Instant::now();
-        assert!(!registration.listening(started + Duration::from_secs(3)).await);
+        assert!(!registration.ready(started + Duration::from_secs(3)).await);
         assert_eq!(started.elapsed(), Duration::from_secs(3));
         drop(registration);
         assert!(registry.lock().keys.is_empty(), "nothing left behind");
@@ -286,7 +246,7 @@ mod tests {
         for (wake, woken) in [("k", true), ("other", false), ("lost", true)] {
             let registry = Arc::new(Registry::default());
             let notify = registry.join("k");
-            let mut registration = Registration { registry: registry.clone(), key: "k".into(), notify, armed: None };
+            let mut registration = Registration::new(registry.clone(), "k", notify);
             let confirm = tokio::spawn({
                 let registry = registry.clone();
                 async move {
@@ -295,7 +255,7 @@ mod tests {
                 }
             });
             let started = Instant::now();
-            assert!(registration.listening(started + Duration::from_secs(60)).await);
+            assert!(registration.ready(started + Duration::from_secs(60)).await);
             assert_eq!(started.elapsed(), Duration::from_secs(1));
             confirm.await.unwrap();
             // Announced before the waiter even starts waiting: still not missed.
@@ -307,13 +267,5 @@ mod tests {
             let expected = if woken { Duration::from_secs(1) } else { Duration::from_secs(60) };
             assert_eq!(started.elapsed(), expected, "{wake}");
         }
-    }
-
-    #[test]
-    fn reconnections_back_off_unless_the_connection_lived_long() {
-        assert_eq!(next_retry(None, Duration::ZERO), Some(FIRST_RETRY));
-        assert_eq!(next_retry(Some(FIRST_RETRY), Duration::ZERO), Some(FIRST_RETRY * 2));
-        assert_eq!(next_retry(Some(LAST_RETRY), Duration::ZERO), Some(LAST_RETRY));
-        assert_eq!(next_retry(Some(LAST_RETRY), LAST_RETRY), None);
     }
 }

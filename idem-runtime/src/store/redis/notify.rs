@@ -13,28 +13,23 @@
 //! bounded backoff), every channel with waiters is subscribed again, and every waiter is woken to re-check its key,
 //! since a completion announced while the link was down was missed.
 
+use super::super::wakeup::{self, Announcements, next_retry};
 use super::connection::SentinelLink;
 use futures_util::StreamExt;
 use redis::aio::PubSub;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, PushInfo, PushKind, RedisResult, Value};
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::Notify;
-use tokio::sync::futures::OwnedNotified;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 /// Default for [`LinkSettings::timeout`].
 pub(super) const DEFAULT_PUBSUB_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default for [`LinkSettings::heartbeat`].
 pub(super) const DEFAULT_PUBSUB_HEARTBEAT: Duration = Duration::from_secs(1);
-/// The first pause before connecting again after a failed attempt, doubled per failure up to [`LAST_RETRY`].
-const FIRST_RETRY: Duration = Duration::from_millis(50);
-/// The longest pause between attempts; a link that stayed up this long reconnects at once when it drops.
-const LAST_RETRY: Duration = Duration::from_secs(2);
 
 /// How the link task guards its connection.
 #[derive(Debug, Clone, Copy)]
@@ -104,7 +99,7 @@ impl Waiters {
 
     fn register(waiters: &Arc<Self>, channel: &str) -> Registration {
         let notify = waiters.join(channel);
-        Registration { waiters: waiters.clone(), channel: channel.to_owned(), notify, armed: None }
+        Registration::new(waiters.clone(), channel, notify)
     }
 
     fn join(&self, channel: &str) -> Arc<Notify> {
@@ -117,7 +112,7 @@ impl Waiters {
         entry.notify.clone()
     }
 
-    fn leave(&self, channel: &str) {
+    fn remove(&self, channel: &str) {
         let mut channels = self.lock();
         let Some(entry) = channels.get_mut(channel) else { return };
         entry.waiters -= 1;
@@ -306,52 +301,18 @@ impl Drop for Notifier {
     }
 }
 
-/// A registered waiter; dropping it leaves the channel (the link task unsubscribes once nobody waits on it).
-pub(super) struct Registration {
-    waiters: Arc<Waiters>,
-    channel: String,
-    notify: Arc<Notify>,
-    /// Armed before the subscription was seen confirmed, so nothing announced after it is missed.
-    armed: Option<Pin<Box<OwnedNotified>>>,
-}
+/// A registered waiter; dropping it leaves the registry.
+pub(super) type Registration = wakeup::Registration<Waiters>;
 
-impl Registration {
-    /// Waits until the channel is confirmed subscribed: `false` if that did not happen by `deadline`.
-    pub(super) async fn subscribed(&mut self, deadline: Instant) -> bool {
-        loop {
-            let mut notified = Box::pin(self.notify.clone().notified_owned());
-            notified.as_mut().enable();
-            if self.waiters.is_subscribed(&self.channel) {
-                self.armed = Some(notified);
-                return true;
-            }
-            if timeout_at(deadline, notified).await.is_err() {
-                return false;
-            }
-        }
+/// A channel is announced once Redis confirmed its subscription.
+impl Announcements for Waiters {
+    fn is_announced(&self, channel: &str) -> bool {
+        self.is_subscribed(channel)
     }
 
-    /// After [`Registration::subscribed`]: waits until a completion is announced on the channel, the link drops
-    /// (the waiter must re-check), or `until`.
-    pub(super) async fn notified(&mut self, until: Instant) {
-        if let Some(notified) = self.armed.take() {
-            let _ = timeout_at(until, notified).await;
-        }
+    fn leave(&self, channel: &str) {
+        self.remove(channel);
     }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.waiters.leave(&self.channel);
-    }
-}
-
-/// The next pause before reconnecting, given the last one and how long the link that just ended lived.
-fn next_retry(last: Option<Duration>, lived: Duration) -> Option<Duration> {
-    if lived >= LAST_RETRY {
-        return None;
-    }
-    Some(last.map_or(FIRST_RETRY, |last| (last * 2).min(LAST_RETRY)))
 }
 
 async fn connect(source: &ClientSource) -> RedisResult<PubSub> {
@@ -556,7 +517,7 @@ mod tests {
         let waiters = Arc::new(Waiters::default());
         let mut registration = Waiters::register(&waiters, "a");
         let started = Instant::now();
-        assert!(!registration.subscribed(started + Duration::from_secs(3)).await);
+        assert!(!registration.ready(started + Duration::from_secs(3)).await);
         assert_eq!(started.elapsed(), Duration::from_secs(3));
     }
 
@@ -573,7 +534,7 @@ mod tests {
                 }
             });
             let started = Instant::now();
-            assert!(registration.subscribed(started + Duration::from_secs(60)).await);
+            assert!(registration.ready(started + Duration::from_secs(60)).await);
             assert_eq!(started.elapsed(), Duration::from_secs(1));
             confirm.await.unwrap();
             // Announced before the waiter even starts waiting: still not missed.

@@ -264,3 +264,23 @@ async fn drain_waits_for_a_handler_whose_client_left_and_its_record_is_kept() {
     // Nothing running: drain returns at once.
     assert_eq!(idempotency.drain(Duration::ZERO).await, Ok(()));
 }
+
+#[tokio::test]
+async fn under_fail_open_a_handler_still_sees_its_key_but_no_fence() {
+    let seen = Seen::default();
+    let idempotency =
+        Idempotency::builder(idem::test_kit::Outage).on_store_failure(idem::StoreFailure::FailOpen).build();
+    let fenced = |fence: Option<Fence>, key: Option<IdempotencyKey>| async move {
+        Json(json!({ "key": key.map(|key| key.to_string()), "fenced": fence.is_some() }))
+    };
+    let app = Router::new()
+        .route("/echo", post(echo_key))
+        .route("/fence", post(fenced))
+        .with_state(seen.clone())
+        .layer(idempotency.layer());
+    let (status, _, body) = send(&app, post_json("/echo", Some("order-9"), json!({}))).await;
+    assert_eq!(status, StatusCode::CREATED, "the store is down, the engine fails open");
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), json!({ "key": "order-9" }));
+    let (_, _, body) = send(&app, post_json("/fence", Some("order-10"), json!({}))).await;
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), json!({ "key": "order-10", "fenced": false }));
+}

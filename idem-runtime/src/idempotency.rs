@@ -79,7 +79,8 @@ impl Shared {
     /// `Authorization` header; apps authenticating by cookie, mTLS or a gateway header must set their own.
     pub(crate) fn warn_unscoped_once(&self) {
         use std::sync::atomic::Ordering;
-        if !self.unscoped_reported.swap(true, Ordering::Relaxed) {
+        // A read first: after the report, every such request only reads the flag (no write to a shared line).
+        if !self.unscoped_reported.load(Ordering::Relaxed) && !self.unscoped_reported.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "idempotency: a request with a key had no principal (the default principal is the Authorization \
                  header, and it was absent), so it shares one record scope with every other such request. If \

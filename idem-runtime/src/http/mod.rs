@@ -200,7 +200,6 @@ impl Idempotency {
         let store_key = self.http_store_key(&parts.method, path, &principal, key.as_str());
         span.record("key", store_key.as_str());
         let mut request = Request::from_parts(parts, Body::from(body));
-        request.extensions_mut().insert(IdempotencyKey::new(key.as_str()));
         let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
         let metrics = shared.metrics_at(door.name(), route);
         let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, policy).await;
@@ -210,6 +209,8 @@ impl Idempotency {
         let mut response = match begun.result {
             Ok(Outcome::Execute(claim)) => {
                 span.record("outcome", "new");
+                // Only for requests that run: a replay or a refusal never reaches the handler.
+                request.extensions_mut().insert(IdempotencyKey::new(key.as_str()));
                 let handoff = match door {
                     Door::Layer => Some(echo.clone()),
                     Door::Handler => None,
@@ -257,7 +258,8 @@ impl Idempotency {
                 StoreFailure::FailOpen => {
                     span.record("outcome", "store-error-fail-open");
                     tracing::error!(%error, "idempotency store failed: running the request unprotected (fail open)");
-                    // The key stays: a handler forwarding it downstream keeps that protection, at least.
+                    // A handler forwarding the key downstream keeps that protection, at least.
+                    request.extensions_mut().insert(IdempotencyKey::new(key.as_str()));
                     return run_unprotected(shared, request, run).await;
                 }
             },

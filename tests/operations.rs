@@ -228,3 +228,18 @@ async fn forgetting_an_unreadable_redis_entry_frees_its_key() {
     let ran = idempotency.once("jobs", "corrupt").run(&(), || async { Ok::<_, ()>(7) }).await.unwrap();
     assert_eq!(ran, 7, "the key runs once its unreadable entry is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_check_gives_up_at_its_own_timeout_on_a_frozen_redis() {
+    let server = redis_server::RedisServer::start();
+    let idempotency = Idempotency::new(idem::RedisStore::open(server.url()).await.unwrap());
+    idempotency.check_store(Duration::from_secs(1)).await.unwrap();
+    server.freeze();
+    let started = std::time::Instant::now();
+    let frozen = idempotency.check_store(Duration::from_millis(150)).await;
+    let took = started.elapsed();
+    server.thaw();
+    assert!(matches!(frozen, Err(StoreError::Unavailable(_))), "{frozen:?}");
+    // Well before the store's own 1 s response timeout: the probe's bound is the caller's.
+    assert!(took < Duration::from_millis(700), "{took:?}");
+}

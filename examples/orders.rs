@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idem::{Idempotency, MemoryStore, PostgresStore, RedisStore, idempotent};
+use idem::{Idempotency, MemoryStore, PostgresStore, RedisStore, Tx, idempotent};
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
@@ -36,7 +36,8 @@ enum Executions {
     Memory(Arc<MemoryCounts>),
     Redis(redis::aio::ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
-    /// One row per execution in table `orders` (its id is the order id), with the request's key.
+    /// One row per execution in table `orders` (its id is the order id), with the request's key: inserted in the
+    /// handler's transaction ([`Tx`]), so only executions whose answer was recorded count.
     Postgres(sqlx::PgPool),
 }
 
@@ -57,17 +58,20 @@ const EXECUTIONS_KEY: &str = "{orders}:executions";
 const EXECUTIONS_BY_KEY: &str = "{orders}:executions:by-key";
 
 impl Executions {
-    /// Counts one execution (and one for `key`, when the request carried one) and returns the new total.
-    async fn increment(&self, key: Option<&str>) -> Result<u64, CountError> {
+    /// Counts one execution (and one for `key`, when the request carried one) and returns the new total (on
+    /// PostgreSQL, the new order's id), inside `tx` when the handler runs in one.
+    async fn increment(&self, key: Option<&str>, tx: Option<&mut Tx>) -> Result<u64, CountError> {
+        const INSERT: &str = "INSERT INTO orders (idempotency_key) VALUES ($1) RETURNING id";
+        if let Some(tx) = tx {
+            let id: i64 = sqlx::query_scalar(INSERT).bind(key).fetch_one(&mut **tx).await?;
+            return Ok(u64::try_from(id)?);
+        }
         match self {
             Executions::Memory(counts) => Ok(counts.increment(key)),
             Executions::Redis(connection) => Ok(Self::increment_on(connection.clone(), key).await?),
             Executions::Cluster(connection) => Ok(Self::increment_on(connection.clone(), key).await?),
             Executions::Postgres(pool) => {
-                let id: i64 = sqlx::query_scalar("INSERT INTO orders (idempotency_key) VALUES ($1) RETURNING id")
-                    .bind(key)
-                    .fetch_one(pool)
-                    .await?;
+                let id: i64 = sqlx::query_scalar(INSERT).bind(key).fetch_one(pool).await?;
                 Ok(u64::try_from(id)?)
             }
         }
@@ -162,9 +166,9 @@ impl FromRef<AppState> for Idempotency {
 
 impl AppState {
     /// Counts one execution of a handler body and returns the new count, which is also the created id.
-    async fn execute(&self, headers: &HeaderMap) -> Result<u64, Response> {
+    async fn execute(&self, headers: &HeaderMap, tx: Option<&mut Tx>) -> Result<u64, Response> {
         let key = headers.get("idempotency-key").and_then(|value| value.to_str().ok());
-        self.executions.increment(key).await.map_err(|error| {
+        self.executions.increment(key, tx).await.map_err(|error| {
             tracing::error!(%error, "could not count the execution");
             (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": "counter unavailable" }))).into_response()
         })
@@ -188,9 +192,15 @@ struct NewPayment {
     delay_ms: u64,
 }
 
+/// On PostgreSQL the handler takes the transaction ([`Tx`]) its order row and its idempotency record commit in.
 #[idempotent(ttl = 60, wait_timeout = 3.0, validate_signature)]
-async fn create_order(State(state): State<AppState>, headers: HeaderMap, Json(order): Json<NewOrder>) -> Response {
-    place_order(&state, &headers, order).await
+async fn create_order(
+    State(state): State<AppState>,
+    tx: Option<Tx>,
+    headers: HeaderMap,
+    Json(order): Json<NewOrder>,
+) -> Response {
+    place_order(&state, tx, &headers, order).await
 }
 
 /// `POST /orders` with a 2 s lease (renewed every ~0.7 s while the handler runs), so fault tests can freeze or kill
@@ -198,10 +208,11 @@ async fn create_order(State(state): State<AppState>, headers: HeaderMap, Json(or
 #[idempotent(ttl = 60, wait_timeout = 3.0, validate_signature, lease = 2)]
 async fn create_order_short_lease(
     State(state): State<AppState>,
+    tx: Option<Tx>,
     headers: HeaderMap,
     Json(order): Json<NewOrder>,
 ) -> Response {
-    place_order(&state, &headers, order).await
+    place_order(&state, tx, &headers, order).await
 }
 
 /// The same work without idempotency: the baseline for benchmarks.
@@ -210,11 +221,13 @@ async fn create_order_unprotected(
     headers: HeaderMap,
     Json(order): Json<NewOrder>,
 ) -> Response {
-    place_order(&state, &headers, order).await
+    place_order(&state, None, &headers, order).await
 }
 
-async fn place_order(state: &AppState, headers: &HeaderMap, order: NewOrder) -> Response {
-    let order_id = match state.execute(headers).await {
+/// Places the order (its row, or its count), then takes `delay_ms`: a process killed during the delay has done its
+/// side effect but not answered, the window fault tests aim at.
+async fn place_order(state: &AppState, mut tx: Option<Tx>, headers: &HeaderMap, order: NewOrder) -> Response {
+    let order_id = match state.execute(headers, tx.as_mut()).await {
         Ok(id) => id,
         Err(response) => return response,
     };
@@ -234,7 +247,7 @@ async fn create_payment(
     headers: HeaderMap,
     Json(payment): Json<NewPayment>,
 ) -> Response {
-    let payment_id = match state.execute(&headers).await {
+    let payment_id = match state.execute(&headers, None).await {
         Ok(id) => id,
         Err(response) => return response,
     };

@@ -265,7 +265,7 @@ pub use idem_runtime::{
     MemoryStore, MemoryStoreBuilder, Once, OnceError, Policy, PrincipalFn, Problem, StoreFailure, Undrained,
 };
 #[cfg(feature = "postgres")]
-pub use idem_runtime::{PostgresStore, PostgresStoreBuilder};
+pub use idem_runtime::{PostgresStore, PostgresStoreBuilder, Tx, TxRejection};
 #[cfg(feature = "redis")]
 pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 

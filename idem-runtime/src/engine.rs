@@ -265,6 +265,32 @@ impl Claim {
         write
     }
 
+    /// Records the result through `write` instead of the store's own completion: a completion inside the work's own
+    /// database transaction, committed with the work's writes. `write` gets the key, the owner token and the
+    /// record, and answers as [`Store::complete`] does.
+    ///
+    /// Unlike [`Claim::complete`], a failed write is not retried: the work's effects went with the transaction that
+    /// failed (or, if only the commit's reply was lost, committed with the record). Either way the claim is
+    /// released (retried in the background while the store is out of reach; a release never touches a completed
+    /// record), so a retry replays what committed or runs the work again on a clean database.
+    #[cfg(feature = "postgres")]
+    pub(crate) async fn complete_with<F, Fut>(mut self, stored: Stored, write: F) -> Result<Write, StoreError>
+    where
+        F: FnOnce(StoreKey, OwnerToken, Record) -> Fut,
+        Fut: Future<Output = Result<Write, StoreError>>,
+    {
+        self.stop_keeping().await;
+        let owner = self.owner.take().expect("a live claim has an owner");
+        let record = Record { fingerprint: self.fingerprint, stored };
+        let result = write(self.key.clone(), owner.clone(), record).await;
+        report_write(&*self.metrics, &self.key, "complete", &result);
+        if result.is_err() {
+            self.owner = Some(owner);
+            let _ = self.release().await;
+        }
+        result
+    }
+
     /// Gives the key up so a retry runs the work again, and wakes waiting duplicates.
     ///
     /// When the store cannot be reached, the release is also retried in the background until it lands or the lease

@@ -61,6 +61,10 @@ pub(crate) struct Shared {
     /// How the engine words its own answers.
     pub(crate) answers: crate::http::Answers,
     pub(crate) key_format: crate::http::key::KeyFormat,
+    /// The store as a [`PostgresStore`](crate::PostgresStore), when it is one: handlers can then take
+    /// [`Tx`](crate::Tx) and commit their writes with their records.
+    #[cfg(feature = "postgres")]
+    pub(crate) transactions: Option<Arc<crate::PostgresStore>>,
     /// Whether a request without a principal was already reported (once per engine).
     unscoped_reported: std::sync::atomic::AtomicBool,
 }
@@ -117,9 +121,12 @@ impl Idempotency {
 
     /// Configures an engine over `store`.
     pub fn builder(store: impl Store) -> IdempotencyBuilder {
+        let store = Arc::new(store);
         IdempotencyBuilder {
             shared: Shared {
-                store: Arc::new(store),
+                #[cfg(feature = "postgres")]
+                transactions: (&store as &dyn std::any::Any).downcast_ref::<Arc<crate::PostgresStore>>().cloned(),
+                store,
                 key_header: HeaderName::from_static("idempotency-key"),
                 fingerprint_headers: vec![HeaderName::from_static("content-type")],
                 principal: Arc::new(authorization_principal),

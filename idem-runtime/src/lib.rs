@@ -23,6 +23,8 @@ mod record;
 mod store;
 #[cfg(feature = "test-kit")]
 pub mod test_kit;
+#[cfg(feature = "postgres")]
+mod transaction;
 
 pub use drain::Undrained;
 pub use engine::{Claim, Fence, Outcome, begin};
@@ -41,6 +43,8 @@ pub use store::{Cause, Claimed, Forgotten, MemoryStore, MemoryStoreBuilder, Stor
 pub use store::{InvalidPrefix, RedisStore, RedisStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use store::{PostgresStore, PostgresStoreBuilder};
+#[cfg(feature = "postgres")]
+pub use transaction::{Tx, TxRejection};
 
 /// The attribute [`Store`] is declared with, for implementing it: `#[idem::async_trait] impl Store for MyStore`,
 /// with no `async-trait` dependency of your own to keep at a matching version.

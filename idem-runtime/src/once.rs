@@ -130,6 +130,15 @@ impl Once<'_> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        let (store_key, fingerprint, span) = self.prepare(input)?;
+        self.run_claimed(store_key, fingerprint, work).instrument(span).await
+    }
+
+    /// The call's store key, its fingerprint (the input's canonical JSON) and its span.
+    fn prepare<I, E>(&self, input: &I) -> Result<(StoreKey, Fingerprint, tracing::Span), OnceError<E>>
+    where
+        I: Serialize + ?Sized,
+    {
         let input = canonical_json(input).map_err(OnceError::Encode)?;
         let fingerprint = Fingerprint::builder().field(b"once").field(self.scope.as_bytes()).field(&input).finish();
         let store_key = self.idempotency.once_store_key(self.scope, self.key);
@@ -141,7 +150,63 @@ impl Once<'_> {
             outcome = Empty,
             wait_ms = Empty,
         );
-        self.run_claimed(store_key, fingerprint, work).instrument(span).await
+        Ok((store_key, fingerprint, span))
+    }
+
+    /// Claims the key, or answers without running anything (a replay, a conflict, a store failure).
+    async fn decide<T, E>(&self, store_key: StoreKey, fingerprint: Fingerprint) -> Decision<T, E>
+    where
+        T: DeserializeOwned,
+    {
+        let shared = &*self.idempotency.shared;
+        let span = tracing::Span::current();
+        let metrics = shared.metrics_at("once", self.scope);
+        let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, &self.policy).await;
+        if let Some(waited) = begun.waited {
+            span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
+        }
+        let answer = match begun.result {
+            Ok(Outcome::Execute(claim)) => {
+                span.record("outcome", "new");
+                return Decision::Run(claim);
+            }
+            Ok(Outcome::Replay(record)) => {
+                span.record("outcome", "hit");
+                match record.stored {
+                    Stored::Response(stored) => {
+                        serde_json::from_slice(&stored.body).map(Completed::Replayed).map_err(OnceError::Decode)
+                    }
+                    Stored::NotReplayable { .. } => Err(OnceError::NotReplayable),
+                }
+            }
+            Ok(Outcome::InFlight) => {
+                span.record("outcome", "conflict");
+                Err(OnceError::InFlight)
+            }
+            Ok(Outcome::Mismatch) => {
+                span.record("outcome", "mismatch");
+                Err(OnceError::Mismatch)
+            }
+            // Not an outage: running the work would ignore what the store holds, so even fail-open refuses.
+            Err(error @ StoreError::Corrupt(_)) => {
+                span.record("outcome", "corrupt-record");
+                tracing::error!(%error, "idempotency record unreadable: the work did not run");
+                Err(OnceError::Store(error))
+            }
+            Err(error) => match shared.on_store_failure {
+                StoreFailure::FailClosed => {
+                    span.record("outcome", "store-error");
+                    tracing::error!(%error, "idempotency store failed: the work did not run (fail closed)");
+                    Err(OnceError::Store(error))
+                }
+                StoreFailure::FailOpen => {
+                    span.record("outcome", "store-error-fail-open");
+                    tracing::error!(%error, "idempotency store failed: running the work unprotected (fail open)");
+                    return Decision::RunUnprotected;
+                }
+            },
+        };
+        Decision::Answer(answer)
     }
 
     async fn run_claimed<T, E, F, Fut>(
@@ -155,54 +220,11 @@ impl Once<'_> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let shared = &*self.idempotency.shared;
-        let span = tracing::Span::current();
-        let metrics = shared.metrics_at("once", self.scope);
-        let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, &self.policy).await;
-        if let Some(waited) = begun.waited {
-            span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
-        }
-        let claim = match begun.result {
-            Ok(Outcome::Execute(claim)) => claim,
-            Ok(Outcome::Replay(record)) => {
-                span.record("outcome", "hit");
-                return match record.stored {
-                    Stored::Response(stored) => {
-                        serde_json::from_slice(&stored.body).map(Completed::Replayed).map_err(OnceError::Decode)
-                    }
-                    Stored::NotReplayable { .. } => Err(OnceError::NotReplayable),
-                };
-            }
-            Ok(Outcome::InFlight) => {
-                span.record("outcome", "conflict");
-                return Err(OnceError::InFlight);
-            }
-            Ok(Outcome::Mismatch) => {
-                span.record("outcome", "mismatch");
-                return Err(OnceError::Mismatch);
-            }
-            // Not an outage: running the work would ignore what the store holds, so even fail-open refuses.
-            Err(error @ StoreError::Corrupt(_)) => {
-                span.record("outcome", "corrupt-record");
-                tracing::error!(%error, "idempotency record unreadable: the work did not run");
-                return Err(OnceError::Store(error));
-            }
-            Err(error) => {
-                return match shared.on_store_failure {
-                    StoreFailure::FailClosed => {
-                        span.record("outcome", "store-error");
-                        tracing::error!(%error, "idempotency store failed: the work did not run (fail closed)");
-                        Err(OnceError::Store(error))
-                    }
-                    StoreFailure::FailOpen => {
-                        span.record("outcome", "store-error-fail-open");
-                        tracing::error!(%error, "idempotency store failed: running the work unprotected (fail open)");
-                        work().await.map(Completed::Fresh).map_err(OnceError::Work)
-                    }
-                };
-            }
+        let claim = match self.decide(store_key, fingerprint).await {
+            Decision::Run(claim) => claim,
+            Decision::Answer(answer) => return answer,
+            Decision::RunUnprotected => return work().await.map(Completed::Fresh).map_err(OnceError::Work),
         };
-        span.record("outcome", "new");
         let value = match claim.keep_alive(work()).await {
             Ok(value) => value,
             Err(error) => {
@@ -210,8 +232,15 @@ impl Once<'_> {
                 return Err(OnceError::Work(error));
             }
         };
-        let stored = match serde_json::to_vec(&value) {
-            Ok(body) if body.len() <= shared.max_record_bytes => Stored::Response(StoredResponse {
+        let stored = self.stored(&value);
+        let _ = claim.complete(stored, self.policy.ttl_duration()).await;
+        Ok(Completed::Fresh(value))
+    }
+
+    /// The record of a result: its JSON, or not replayable when too large or not serializable.
+    fn stored<T: Serialize>(&self, value: &T) -> Stored {
+        match serde_json::to_vec(value) {
+            Ok(body) if body.len() <= self.idempotency.shared.max_record_bytes => Stored::Response(StoredResponse {
                 status: 200,
                 headers: vec![("content-type".to_owned(), Bytes::from_static(b"application/json"))],
                 body: body.into(),
@@ -224,9 +253,119 @@ impl Once<'_> {
                 tracing::error!(%error, "the result could not be serialized: kept as not replayable");
                 Stored::NotReplayable { status: 200 }
             }
+        }
+    }
+}
+
+/// What [`Once::decide`] found.
+enum Decision<T, E> {
+    /// The key is this call's: run the work.
+    Run(crate::engine::Claim),
+    /// Answered without running the work.
+    Answer(Result<Completed<T>, OnceError<E>>),
+    /// The store failed under fail-open: run the work without a claim.
+    RunUnprotected,
+}
+
+#[cfg(feature = "postgres")]
+impl Once<'_> {
+    /// [`Once::run_or_replay`] with the work inside a database transaction on the engine's
+    /// [`PostgresStore`](crate::PostgresStore): `work` gets the open [`Tx`](crate::Tx), and its `Ok` result is
+    /// recorded in that transaction, which then commits, so the work's writes and its record land together or not at
+    /// all (see [`Tx`](crate::Tx)).
+    ///
+    /// An `Err` from the work rolls its transaction back and releases the key. If the claim was lost while the work
+    /// ran (past its lease, a retry took the key over) or the commit failed, the writes are not kept and the call
+    /// answers [`OnceError::NotCommitted`]. On another store this answers [`OnceError::Store`] without running the
+    /// work.
+    ///
+    /// ```no_run
+    /// # async fn run(idempotency: idem_runtime::Idempotency) -> Result<(), Box<dyn std::error::Error>> {
+    /// let event_id = "evt_42";
+    /// let credited = idempotency
+    ///     .once("ledger", event_id)
+    ///     .run_in_transaction(&event_id, |mut tx| async move {
+    ///         sqlx::query("UPDATE accounts SET balance = balance + 100 WHERE id = 7").execute(&mut *tx).await?;
+    ///         Ok::<_, sqlx::Error>(100)
+    ///     })
+    ///     .await?;
+    /// assert_eq!(*credited.value(), 100);
+    /// # Ok(()) }
+    /// ```
+    pub async fn run_in_transaction<I, T, E, F, Fut>(self, input: &I, work: F) -> Result<Completed<T>, OnceError<E>>
+    where
+        I: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(crate::Tx) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let Some(store) = self.idempotency.shared.transactions.clone() else {
+            let why = "run_in_transaction needs an Idempotency built on a PostgresStore";
+            return Err(OnceError::Store(StoreError::Unavailable(why.into())));
         };
-        let _ = claim.complete(stored, self.policy.ttl_duration()).await;
-        Ok(Completed::Fresh(value))
+        let (store_key, fingerprint, span) = self.prepare(input)?;
+        self.run_transactional(store_key, fingerprint, store, work).instrument(span).await
+    }
+
+    async fn run_transactional<T, E, F, Fut>(
+        self,
+        store_key: StoreKey,
+        fingerprint: Fingerprint,
+        store: std::sync::Arc<crate::PostgresStore>,
+        work: F,
+    ) -> Result<Completed<T>, OnceError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(crate::Tx) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        use crate::TxRejection;
+        let claim = match self.decide(store_key, fingerprint).await {
+            Decision::Run(claim) => Some(claim),
+            Decision::Answer(answer) => return answer,
+            Decision::RunUnprotected => None,
+        };
+        let slot = crate::transaction::TxSlot::new(store);
+        let tx = match slot.clone().lend().await {
+            Ok(tx) => tx,
+            Err(rejection) => {
+                if let Some(claim) = claim {
+                    let _ = claim.release().await;
+                }
+                let error = match rejection {
+                    TxRejection::Unavailable(error) => error,
+                    other => StoreError::Unavailable(format!("{other:?}").into()),
+                };
+                return Err(OnceError::Store(error));
+            }
+        };
+        let Some(claim) = claim else {
+            let result = work(tx).await;
+            let committed = slot.finish_unclaimed(result.is_ok()).await;
+            return match (result, committed) {
+                (Ok(value), Ok(())) => Ok(Completed::Fresh(value)),
+                (Ok(_), Err(_)) => Err(OnceError::NotCommitted),
+                (Err(error), _) => Err(OnceError::Work(error)),
+            };
+        };
+        let value = match claim.keep_alive(work(tx)).await {
+            Ok(value) => value,
+            Err(error) => {
+                slot.roll_back().await;
+                let _ = claim.release().await;
+                return Err(OnceError::Work(error));
+            }
+        };
+        let stored = self.stored(&value);
+        match slot.complete(claim, stored, self.policy.ttl_duration()).await {
+            Ok(Ok(())) => Ok(Completed::Fresh(value)),
+            Ok(Err(_)) => Err(OnceError::NotCommitted),
+            // The work dropped its transaction unopened: impossible once lent, but the store completes it anyway.
+            Err((claim, stored)) => {
+                let _ = claim.complete(stored, self.policy.ttl_duration()).await;
+                Ok(Completed::Fresh(value))
+            }
+        }
     }
 }
 
@@ -352,6 +491,13 @@ pub enum OnceError<E> {
     /// The stored result could not be read back as the type asked for (did the result type change?).
     #[error("the stored result does not decode as the requested type (did it change since it was stored?): {0}")]
     Decode(#[source] serde_json::Error),
+    /// The work ran in a transaction (`Once::run_in_transaction`, feature `postgres`) that was not committed: its claim was lost while
+    /// it ran (past its lease, another caller took the key over) or the commit failed. None of its writes were kept
+    /// (unless only the commit's reply was lost: then they were, with the record, and a retry returns it).
+    #[error(
+        "the work's transaction was not committed (its claim was lost, or the commit failed); retry with the same key"
+    )]
+    NotCommitted,
     /// The work itself failed. Nothing was stored: the next call runs it again.
     #[error("the work failed and nothing was stored; a retry runs it again")]
     Work(#[source] E),

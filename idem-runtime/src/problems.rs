@@ -43,3 +43,9 @@
 //! **500.** The store holds something under this key that the server cannot read (damaged, of another type, or
 //! written by a newer version). Nothing ran and nothing was replayed; use a new key or ask the operator to remove
 //! the entry.
+//!
+//! # transaction-failed
+//! **503**, with `Retry-After`. The handler ran inside a database transaction (a `Tx` on a PostgreSQL store) that
+//! could not be committed, so none of its effects were kept, unless the database committed and only its reply was
+//! lost, in which case its effects and its answer were kept together. Retry with the same key: the retry gets the
+//! committed answer, or runs the request again on a clean database.

@@ -4,6 +4,7 @@ mod extract;
 pub mod key;
 mod problem;
 mod replay;
+mod tx;
 
 pub use extract::{IdempotencyKey, NotProtected};
 pub(crate) use problem::Answers;
@@ -370,6 +371,7 @@ where
     let answers = shared.answers.clone();
     let running = shared.running.enter();
     request.extensions_mut().insert(claim.fence());
+    let transaction = tx::HandlerTransaction::offer(shared, &mut request);
     let task = async move {
         let _running = running;
         let (claim, ran) = match handoff {
@@ -392,20 +394,31 @@ where
         let response = match ran {
             Ok(Execution::Ran(response)) => response,
             Ok(Execution::Rejected(rejection)) => {
+                transaction.roll_back().await;
                 let _ = claim.release().await;
                 return Finished::Rejected(rejection);
             }
             Err(_) => {
                 tracing::error!(key = %claim.key(), "the idempotent handler panicked; its key is released");
+                // Whatever it wrote before panicking is half done: never committed, even where 5xx are stored.
+                transaction.roll_back().await;
                 answers.render(Problem::HandlerPanicked)
             }
         };
         if response.status().is_server_error() && !store_server_errors {
+            transaction.roll_back().await;
             let _ = claim.release().await;
             return Finished::Ran(response);
         }
         let (response, stored) = replay::capture(response, limit).await;
-        let _ = claim.complete(stored, ttl).await;
+        match transaction.complete(claim, stored, ttl).await {
+            Ok(Ok(())) => {}
+            // Its writes were rolled back: the answer must not claim they happened.
+            Ok(Err(problem)) => return Finished::Rejected(answers.render(problem)),
+            Err((claim, stored)) => {
+                let _ = claim.complete(stored, ttl).await;
+            }
+        }
         Finished::Ran(response)
     };
     tokio::spawn(task.instrument(tracing::Span::current())).await.unwrap_or_else(|error| {
@@ -417,16 +430,24 @@ where
 /// Runs a request that no claim protects (no key and none required, or a store failure under fail-open) the way a
 /// protected one runs: on its own task, so a client that disconnects does not cancel it halfway through its side
 /// effects, and with a panic answered as a 500 problem rather than a dropped connection.
-async fn run_unprotected<F, Fut>(shared: &Shared, request: Request, run: F) -> Response
+async fn run_unprotected<F, Fut>(shared: &Shared, mut request: Request, run: F) -> Response
 where
     F: FnOnce(Request) -> Fut + Send + 'static,
     Fut: Future<Output = Execution> + Send + 'static,
 {
     let running = shared.running.enter();
-    let task = AssertUnwindSafe(run(request)).catch_unwind().map(move |ran| {
+    let transaction = tx::HandlerTransaction::offer(shared, &mut request);
+    let answers = shared.answers.clone();
+    let task = async move {
+        let ran = AssertUnwindSafe(run(request)).catch_unwind().await;
+        let keep = matches!(&ran, Ok(Execution::Ran(response)) if !response.status().is_server_error());
+        let finished = transaction.finish_unclaimed(keep).await;
         drop(running);
-        ran
-    });
+        match finished {
+            Ok(()) => ran,
+            Err(problem) => Ok(Execution::Ran(answers.render(problem))),
+        }
+    };
     match tokio::spawn(task.instrument(tracing::Span::current())).await {
         Ok(Ok(execution)) => execution.into_response(),
         Ok(Err(_)) | Err(_) => {

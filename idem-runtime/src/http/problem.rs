@@ -49,6 +49,10 @@ pub enum Problem {
     /// (damaged, of another type, or written by a newer version). Nothing ran and nothing is replayed; the key stays
     /// unusable until the entry expires or an operator removes it.
     CorruptRecord,
+    /// `transaction-failed` (503, with `Retry-After`): the handler ran in a database transaction (`Tx`) that could
+    /// not be committed, so its effects were not kept (or, if only the commit's reply was lost, they were
+    /// kept together with the answer). The key is released: a retry replays what committed or runs again.
+    TransactionFailed,
 }
 
 /// How the engine words the answers it makes itself; set on the [`IdempotencyBuilder`](crate::IdempotencyBuilder).
@@ -99,7 +103,7 @@ impl Answers {
             Problem::InProgress => {
                 headers.insert(header::RETRY_AFTER, self.retry_after_in_progress.clone());
             }
-            Problem::StoreUnavailable => {
+            Problem::StoreUnavailable | Problem::TransactionFailed => {
                 headers.insert(header::RETRY_AFTER, self.retry_after_store.clone());
             }
             _ => {}
@@ -129,6 +133,7 @@ impl Problem {
             Problem::HandlerPanicked => "handler-panicked",
             Problem::NotConfigured => "not-configured",
             Problem::CorruptRecord => "corrupt-record",
+            Problem::TransactionFailed => "transaction-failed",
         }
     }
 
@@ -140,7 +145,7 @@ impl Problem {
             }
             Problem::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::InProgress | Problem::NotReplayable { .. } => StatusCode::CONFLICT,
-            Problem::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::StoreUnavailable | Problem::TransactionFailed => StatusCode::SERVICE_UNAVAILABLE,
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::HandlerPanicked | Problem::NotConfigured | Problem::CorruptRecord => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -161,6 +166,7 @@ impl Problem {
             Problem::HandlerPanicked => "Handler failed",
             Problem::NotConfigured => "Idempotency not configured",
             Problem::CorruptRecord => "Idempotency record unreadable",
+            Problem::TransactionFailed => "Transaction not committed",
         }
     }
 
@@ -191,6 +197,10 @@ impl Problem {
                 .to_owned(),
             Problem::CorruptRecord => "The idempotency store holds an unreadable entry for this key; the request was \
                  not processed and nothing was replayed. Use a new key, or ask the operator to remove the entry."
+                .to_owned(),
+            Problem::TransactionFailed => "The request's database transaction could not be committed, so none of its \
+                 effects were kept (unless the database committed it and only its reply was lost). Retry with the same \
+                 key: the retry returns the committed answer, or runs the request again."
                 .to_owned(),
         }
     }

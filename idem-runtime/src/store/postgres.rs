@@ -360,6 +360,44 @@ impl PostgresStore {
     }
 }
 
+/// What the transactional doors ([`Tx`](crate::Tx)) ask of the store: a transaction on its pool, and the
+/// owner-checked completion inside it.
+impl PostgresStore {
+    /// Opens a transaction on the store's pool, within the call timeout.
+    pub(crate) async fn begin_transaction(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        self.bounded(self.pool.begin()).await
+    }
+
+    /// Completes `key` for `owner` inside `transaction`, within the call timeout: the record becomes visible (and
+    /// waiting duplicates are notified) when the transaction commits, together with the handler's own writes.
+    pub(crate) async fn complete_in(
+        &self,
+        transaction: &mut sqlx::PgConnection,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, StoreError> {
+        self.bounded(self.complete_on(transaction, key, owner, record, ttl)).await
+    }
+
+    /// Commits `transaction` within the call timeout.
+    pub(crate) async fn commit(
+        &self,
+        transaction: sqlx::Transaction<'static, sqlx::Postgres>,
+    ) -> Result<(), StoreError> {
+        self.bounded(transaction.commit()).await
+    }
+
+    /// Rolls `transaction` back within the call timeout. A rollback that fails or times out is left to the
+    /// database: the transaction ends with its connection at the latest.
+    pub(crate) async fn roll_back(&self, transaction: sqlx::Transaction<'static, sqlx::Postgres>) {
+        if let Err(error) = self.bounded(transaction.rollback()).await {
+            tracing::warn!(%error, "rolling a handler's transaction back failed; it ends with its connection");
+        }
+    }
+}
+
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         if let Some(task) = self.sweeper.get_mut().unwrap_or_else(PoisonError::into_inner).take() {

@@ -1,0 +1,66 @@
+//! The doors' side of [`Tx`](crate::Tx): offer a transaction slot to the handler, then commit it with the record
+//! or roll it back. Without the `postgres` feature (or on another store) every step is a no-op.
+
+use super::Problem;
+use crate::Stored;
+use crate::engine::Claim;
+use crate::idempotency::Shared;
+use axum::extract::Request;
+use std::time::Duration;
+
+/// The transaction slot of one request, when the engine's store is a [`PostgresStore`](crate::PostgresStore).
+#[derive(Default)]
+pub(super) struct HandlerTransaction {
+    #[cfg(feature = "postgres")]
+    slot: Option<std::sync::Arc<crate::transaction::TxSlot>>,
+}
+
+impl HandlerTransaction {
+    /// Puts a slot in `request`'s extensions, where [`Tx`](crate::Tx) finds it.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    pub(super) fn offer(shared: &Shared, request: &mut Request) -> Self {
+        #[cfg(feature = "postgres")]
+        if let Some(store) = &shared.transactions {
+            let slot = crate::transaction::TxSlot::new(store.clone());
+            request.extensions_mut().insert(slot.clone());
+            return Self { slot: Some(slot) };
+        }
+        Self::default()
+    }
+
+    /// Rolls back what the handler wrote, if it opened a transaction: before its key is released.
+    pub(super) async fn roll_back(&self) {
+        #[cfg(feature = "postgres")]
+        if let Some(slot) = &self.slot {
+            slot.roll_back().await;
+        }
+    }
+
+    /// Completes `claim` inside the handler's transaction and commits (see [`TxSlot::complete`]); gives the claim
+    /// back when the handler opened none.
+    ///
+    /// [`TxSlot::complete`]: crate::transaction::TxSlot::complete
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    pub(super) async fn complete(
+        &self,
+        claim: Claim,
+        stored: Stored,
+        ttl: Duration,
+    ) -> Result<Result<(), Problem>, (Claim, Stored)> {
+        #[cfg(feature = "postgres")]
+        if let Some(slot) = &self.slot {
+            return slot.complete(claim, stored, ttl).await;
+        }
+        Err((claim, stored))
+    }
+
+    /// Finishes a request run without a claim: commits when `keep`, else rolls back.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    pub(super) async fn finish_unclaimed(&self, keep: bool) -> Result<(), Problem> {
+        #[cfg(feature = "postgres")]
+        if let Some(slot) = &self.slot {
+            return slot.finish_unclaimed(keep).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,291 @@
+//! Transactional exactly-once (`Tx` on a `PostgresStore`), in process against a real PostgreSQL started by the
+//! tests: the handler's rows and its record commit together; a 5xx, a panic or a rejection rolls them back; an owner
+//! whose claim was taken over is rolled back; `once` runs in a transaction too.
+
+mod postgres_server;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRef, State};
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use idem::{Idempotency, OnceError, Policy, PostgresStore, Tx, idempotent};
+use postgres_server::{shared_server, store_on};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tower::ServiceExt;
+
+#[derive(Clone)]
+struct App {
+    idempotency: Idempotency,
+    /// Handler bodies that ran (committed or not).
+    runs: Arc<AtomicU64>,
+    /// Lets a handler wait until the test says go (`hold` tests).
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl FromRef<App> for Idempotency {
+    fn from_ref(app: &App) -> Self {
+        app.idempotency.clone()
+    }
+}
+
+/// The `orders` table of one test (its name is the store's table plus `_orders`).
+struct Orders {
+    pool: PgPool,
+}
+
+impl Orders {
+    async fn count(&self, key: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM tx_orders WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+async fn insert(tx: &mut Tx, key: &str) -> i64 {
+    sqlx::query_scalar("INSERT INTO tx_orders (idempotency_key) VALUES ($1) RETURNING id")
+        .bind(key)
+        .fetch_one(&mut **tx)
+        .await
+        .expect("insert an order")
+}
+
+/// Inserts an order in the transaction; the body decides the answer: `ok`, `fail` (500 after the insert), `panic`
+/// (a panic after the insert), `hold` (waits for the gate after the insert, then 201).
+#[idempotent(ttl = 60, wait_timeout = 0)]
+async fn create(State(app): State<App>, mut tx: Tx, key: idem::IdempotencyKey, body: String) -> (StatusCode, String) {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    let id = insert(&mut tx, key.as_str()).await;
+    match body.as_str() {
+        "fail" => (StatusCode::INTERNAL_SERVER_ERROR, format!("failed after order {id}")),
+        "panic" => panic!("the handler panicked after inserting order {id}"),
+        "hold" => {
+            let _permit = app.gate.acquire().await.unwrap();
+            (StatusCode::CREATED, format!("order {id}"))
+        }
+        _ => (StatusCode::CREATED, format!("order {id}")),
+    }
+}
+
+/// The same handler, storing 5xx answers too: a panic must still roll back.
+#[idempotent(ttl = 60, wait_timeout = 0, store_server_errors)]
+async fn create_storing_errors(State(app): State<App>, tx: Tx, key: idem::IdempotencyKey, body: String) -> String {
+    create_inner(app, tx, key, body).await
+}
+
+async fn create_inner(app: App, mut tx: Tx, key: idem::IdempotencyKey, body: String) -> String {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    let id = insert(&mut tx, key.as_str()).await;
+    assert_ne!(body, "panic", "the handler panicked after inserting order {id}");
+    format!("order {id}")
+}
+
+/// Takes `Tx` before a JSON body, so a malformed body is rejected with the transaction already open.
+#[idempotent(ttl = 60, wait_timeout = 0)]
+async fn create_json(
+    State(app): State<App>,
+    mut tx: Tx,
+    key: idem::IdempotencyKey,
+    axum::Json(item): axum::Json<String>,
+) -> String {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    format!("order {} for {item}", insert(&mut tx, key.as_str()).await)
+}
+
+/// One app on a fresh table of the shared server, its orders table created, with a store pool of `connections`.
+async fn app(connections: u32) -> (Router, App, Orders, String) {
+    let server = shared_server();
+    let store = store_on(server, PostgresStore::builder().max_connections(connections)).await;
+    let pool = store.pool().clone();
+    sqlx::raw_sql(
+        "SELECT pg_advisory_xact_lock(hashtext('tx_orders'));
+         CREATE TABLE IF NOT EXISTS tx_orders (id bigserial PRIMARY KEY, idempotency_key text NOT NULL);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let table = store.table().to_owned();
+    let state = App {
+        idempotency: Idempotency::new(store),
+        runs: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let router = Router::new()
+        .route("/orders", post(create))
+        .route("/orders-storing-errors", post(create_storing_errors))
+        .route("/json-orders", post(create_json))
+        .with_state(state.clone());
+    (router, state, Orders { pool }, table)
+}
+
+async fn send(app: &Router, path: &str, key: &str, body: &str) -> (StatusCode, String, Option<String>) {
+    let request = Request::post(path)
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let replayed = response.headers().get("x-idempotency-status").map(|value| value.to_str().unwrap().to_owned());
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, String::from_utf8(body.to_vec()).unwrap(), replayed)
+}
+
+fn unique(label: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{label}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+#[tokio::test]
+async fn the_handlers_rows_and_its_record_commit_together_and_retries_replay_them() {
+    let (router, app, orders, _) = app(4).await;
+    let key = unique("ok");
+    let (status, body, state) = send(&router, "/orders", &key, "ok").await;
+    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{body}");
+    for _ in 0..3 {
+        let again = send(&router, "/orders", &key, "ok").await;
+        assert_eq!(again, (StatusCode::CREATED, body.clone(), Some("hit".to_owned())));
+    }
+    assert_eq!(app.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(orders.count(&key).await, 1);
+}
+
+#[tokio::test]
+async fn a_5xx_rolls_the_handlers_rows_back_and_frees_the_key_for_a_retry() {
+    let (router, app, orders, _) = app(4).await;
+    let key = unique("fail");
+    let (status, body, _) = send(&router, "/orders", &key, "fail").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(orders.count(&key).await, 0, "the failed request's insert was rolled back");
+    let (status, body, state) = send(&router, "/orders", &key, "ok").await;
+    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{body}");
+    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(orders.count(&key).await, 1);
+}
+
+#[tokio::test]
+async fn a_panic_rolls_back_even_on_a_route_that_stores_5xx() {
+    let (router, app, orders, _) = app(4).await;
+    for path in ["/orders", "/orders-storing-errors"] {
+        let key = unique("panic");
+        let (status, body, _) = send(&router, path, &key, "panic").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{path}: {body}");
+        assert!(body.contains("handler-panicked"), "{path}: {body}");
+        assert_eq!(orders.count(&key).await, 0, "{path}: the panicking handler's insert was rolled back");
+    }
+    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_rejection_after_the_transaction_opened_rolls_it_back_and_returns_its_connection() {
+    // Two connections: a rejected request whose transaction stayed open would hold one for good.
+    let (router, app, orders, _) = app(2).await;
+    for attempt in 0..6 {
+        let (status, body, _) = send(&router, "/json-orders", &unique("bad"), "{not json").await;
+        assert!(status.is_client_error(), "attempt {attempt}: {status} {body}");
+    }
+    let key = unique("good");
+    let (status, body, _) = send(&router, "/json-orders", &key, "\"book\"").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(app.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(orders.count(&key).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_whose_claim_was_taken_over_is_rolled_back_and_only_the_takeover_commits() {
+    let (router, app, orders, table) = app(4).await;
+    let key = unique("stale");
+    // The first execution inserts its order, then waits (its lease is 30 s: no renewal comes before 10 s).
+    let first = tokio::spawn({
+        let router = router.clone();
+        let key = key.clone();
+        async move { send(&router, "/orders", &key, "hold").await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.runs.load(Ordering::SeqCst) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the first execution did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Its lease runs out as if its process had been frozen past it: the clock of the claim moved past the lease.
+    let expired = sqlx::query(&format!(
+        "UPDATE {table} SET expires_at = statement_timestamp() - interval '1 second' WHERE owner IS NOT NULL"
+    ))
+    .execute(&orders.pool)
+    .await
+    .unwrap();
+    assert_eq!(expired.rows_affected(), 1);
+    // A retry takes the key over and commits its own order.
+    let (status, body, state) = send(&router, "/orders", &key, "hold-released").await;
+    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{body}");
+    // The first execution resumes: its completion is fenced, its order rolled back, its client told to retry.
+    app.gate.add_permits(1);
+    let (status, stale_body, _) = first.await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{stale_body}");
+    assert!(stale_body.contains("in-progress"), "{stale_body}");
+    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(orders.count(&key).await, 1, "only the takeover's order committed");
+    let replay = send(&router, "/orders", &key, "hold-released").await;
+    assert_eq!(replay, (StatusCode::CREATED, body, Some("hit".to_owned())));
+}
+
+#[tokio::test]
+async fn once_in_a_transaction_commits_the_work_with_its_result_and_rolls_back_a_failure() {
+    let (_, _, orders, _) = app(4).await;
+    let server = shared_server();
+    let store = store_on(server, PostgresStore::builder()).await;
+    let idempotency = Idempotency::new(store);
+    let runs = AtomicU64::new(0);
+    let key = unique("once");
+    let attempt = |fail: bool| {
+        let (key, work_key) = (key.clone(), key.clone());
+        let runs = &runs;
+        let idempotency = &idempotency;
+        async move {
+            idempotency
+                .once("ledger", &key)
+                .policy(Policy::new().wait_timeout(Duration::ZERO))
+                .run_in_transaction(&"credit 100", |mut tx| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let id = insert(&mut tx, &work_key).await;
+                    if fail { Err(format!("declined after order {id}")) } else { Ok(id) }
+                })
+                .await
+        }
+    };
+    let failed = attempt(true).await;
+    assert!(matches!(failed, Err(OnceError::Work(_))), "{failed:?}");
+    assert_eq!(orders.count(&key).await, 0, "the failed work's insert was rolled back");
+    let fresh = attempt(false).await.unwrap();
+    assert!(!fresh.is_replay());
+    let replayed = attempt(false).await.unwrap();
+    assert!(replayed.is_replay());
+    assert_eq!(replayed.value(), fresh.value());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(orders.count(&key).await, 1);
+}
+
+#[tokio::test]
+async fn tx_is_refused_without_a_postgres_store_and_optional_tx_is_none() {
+    #[idempotent]
+    async fn needs_tx(_tx: Tx) -> &'static str {
+        "ran"
+    }
+    #[idempotent]
+    async fn maybe_tx(tx: Option<Tx>) -> &'static str {
+        if tx.is_some() { "with a transaction" } else { "without" }
+    }
+    let router = Router::new()
+        .route("/needs", post(needs_tx))
+        .route("/maybe", post(maybe_tx))
+        .layer(axum::Extension(Idempotency::in_memory()));
+    let (status, body, _) = send(&router, "/needs", &unique("memory"), "x").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(body.contains("not-configured"), "{body}");
+    let (status, body, _) = send(&router, "/maybe", &unique("memory"), "x").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "without"));
+}

@@ -234,7 +234,8 @@
 //!   `tls_root_certificates` trusts a private CA instead, `tls_client_certificate` presents a client certificate.
 //! - `tls-webpki-roots`: `tls`, trusting Mozilla's root certificates compiled into the binary instead (for
 //!   images without a CA bundle).
-//! - `postgres`: `PostgresStore`, records in PostgreSQL (sqlx), from a URL or the app's own pool.
+//! - `postgres`: `PostgresStore`, records in PostgreSQL (sqlx), from a URL or the app's own pool, and `Tx`: handlers
+//!   whose database writes commit in one transaction with their records.
 //! - `metrics`: `MetricsFacade`, reporting to the [`metrics`](https://docs.rs/metrics) crate's recorder.
 //! - `test-kit`: `test_kit`, the conformance suite for your own [`store::Store`], for your tests (enable
 //!   it on the dev-dependency).

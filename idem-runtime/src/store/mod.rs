@@ -1,5 +1,7 @@
 //! The one small trait every backend implements, and the backends.
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod health;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;

@@ -4,6 +4,7 @@ mod listen;
 mod row;
 mod sql;
 
+use super::health::Health;
 use super::{Cause, Claimed, Forgotten, Store, StoreError, StoreKey, Write};
 use crate::{Entry, Fingerprint, OwnerToken, Record};
 use listen::{ListenSettings, Listener};
@@ -67,6 +68,9 @@ pub struct PostgresStore {
     sweep: SweepSettings,
     sweeper: Mutex<Option<JoinHandle<()>>>,
     listener: Listener,
+    /// Whether the database answers: while it does not, calls fail at once and a probe looks for it.
+    health: Arc<Health>,
+    probe_interval: Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -99,6 +103,7 @@ struct SweepSettings {
 /// | [`sweep_interval`](Self::sweep_interval) | 60 s | time between two sweeps of expired rows |
 /// | [`sweep_batch`](Self::sweep_batch) | 1 000 | rows one sweep statement deletes (10 statements a round at most) |
 /// | [`listen_heartbeat`](Self::listen_heartbeat) | 1 s | silence after which the listening connection is checked |
+/// | [`probe_interval`](Self::probe_interval) | 250 ms | time between two probes of a database found unreachable |
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), idem_runtime::StoreError> {
@@ -122,6 +127,7 @@ pub struct PostgresStoreBuilder {
     max_connections: u32,
     sweep: SweepSettings,
     listen_heartbeat: Duration,
+    probe_interval: Duration,
 }
 
 impl Default for PostgresStoreBuilder {
@@ -133,6 +139,7 @@ impl Default for PostgresStoreBuilder {
             max_connections: 10,
             sweep: SweepSettings { interval: Duration::from_secs(60), batch: 1000, batches_per_round: 10 },
             listen_heartbeat: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(250),
         }
     }
 }
@@ -192,6 +199,15 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// How often a database found unreachable is probed (default 250 ms). A call that finds no connection to the
+    /// database (refused, reset, or none to be had from an empty pool) marks it down: from then on calls fail at
+    /// once with [`StoreError::Unavailable`] instead of each waiting for the connect timeout, until a probe
+    /// (`SELECT 1`) gets an answer. A slow statement or a full pool does not count: those are not outages.
+    pub fn probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
     /// The SQL [`PostgresStore::migrate`] runs for this builder's table.
     pub fn schema_sql(&self) -> String {
         sql::schema(&self.table)
@@ -233,6 +249,8 @@ impl PostgresStoreBuilder {
             sweep: self.sweep,
             sweeper: Mutex::new(None),
             listener,
+            health: Arc::new(Health::new("postgres")),
+            probe_interval: self.probe_interval,
         }
     }
 }
@@ -300,14 +318,65 @@ impl PostgresStore {
         self.listener.is_listening()
     }
 
-    /// Runs `query` within the call timeout.
+    /// Runs `query` within the call timeout; fails at once while the database is known to be unreachable.
     async fn bounded<T>(&self, query: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
+        self.health.check()?;
         match tokio::time::timeout(self.call_timeout, query).await {
-            Ok(result) => result.map_err(unavailable),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                if self.is_outage(&error) {
+                    self.health.mark_down(&error);
+                    self.start_probe();
+                }
+                Err(unavailable(error))
+            }
             Err(_) => {
                 Err(StoreError::Unavailable(format!("postgres: no answer within {:?}", self.call_timeout).into()))
             }
         }
+    }
+
+    /// Whether `error` says the database cannot be reached, rather than that it answered (an error of the
+    /// statement) or is busy: a broken or refused connection, or a pool that timed out with no connection at all
+    /// (the database went away and the pool could open none). A full pool timing out, or a statement that runs
+    /// past the timeout (waiting for a lock), is load, not an outage.
+    fn is_outage(&self, error: &sqlx::Error) -> bool {
+        match error {
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::PoolTimedOut => self.pool.size() == 0,
+            _ => false,
+        }
+    }
+
+    /// Probes the database every probe interval until it answers, once per outage.
+    fn start_probe(&self) {
+        if !self.health.claim_probe() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.health.probe_ended();
+            return;
+        };
+        let (pool, health, interval) = (self.pool.clone(), Arc::downgrade(&self.health), self.probe_interval);
+        let timeout = self.call_timeout;
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                // The store is gone: nobody needs the answer.
+                let Some(health) = health.upgrade() else { return };
+                match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&pool)).await {
+                    Ok(Ok(_)) => {
+                        // In this order: a call failing between the two would otherwise mark the database down
+                        // with no probe left to find it again.
+                        health.probe_ended();
+                        health.mark_up();
+                        return;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, "postgres probe failed"),
+                    Err(_) => tracing::debug!("postgres probe: no answer within {timeout:?}"),
+                }
+            }
+        });
     }
 
     /// Starts the background sweep if it is not running (on first use, inside the caller's runtime).

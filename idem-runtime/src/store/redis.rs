@@ -2,17 +2,17 @@
 
 pub(crate) mod codec;
 mod connection;
-mod health;
 mod notify;
+mod probe;
 mod replicas;
 #[cfg(test)]
 mod tests;
 mod tls;
 
+use super::health::Health;
 use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
 use crate::{Entry, Fingerprint, OwnerToken, Record};
 use connection::{Backend, Commands, Failure, NodeLink, SentinelLink, Timeouts, unavailable};
-use health::Health;
 use notify::{ClientSource, Link, Notifier, Waiters};
 use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClientBuilder;
@@ -287,9 +287,9 @@ impl RedisStoreBuilder {
     }
 
     fn commands(&self, backend: Backend) -> Arc<Commands> {
-        let commands = Arc::new(Commands { backend, health: Health::default(), timeouts: self.timeouts });
+        let commands = Arc::new(Commands { backend, health: Health::new("redis"), timeouts: self.timeouts });
         // Now if a runtime is running, else on the first call.
-        commands.health.start_probe(&commands);
+        probe::start(&commands);
         commands
     }
 }

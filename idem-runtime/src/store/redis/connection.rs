@@ -2,7 +2,7 @@
 //! the rules every call follows: a deadline, fail fast while the store is known to be down, one retry on a fresh
 //! connection after a broken one.
 
-use super::health::Health;
+use crate::store::health::Health;
 use crate::{Cause, StoreError};
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
@@ -158,7 +158,7 @@ impl Commands {
     /// Sends `pipe` in one round trip, within [`Timeouts::call_budget`]; fails at once while the store is known to
     /// be down.
     pub(super) async fn query<T: FromRedisValue>(self: &Arc<Self>, pipe: &Pipeline) -> Result<T, Failure> {
-        self.health.start_probe(self);
+        super::probe::start(self);
         self.health.check()?;
         self.guarded(self.timeouts.call_budget(), self.query_retrying(pipe)).await
     }

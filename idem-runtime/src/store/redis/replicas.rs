@@ -77,7 +77,7 @@ impl ReplicaAcks {
         commands: &Arc<Commands>,
         pipe: &Pipeline,
     ) -> Result<T, Failure> {
-        commands.health.start_probe(commands);
+        super::probe::start(commands);
         commands.health.check()?;
         let budget = commands.timeouts.call_budget() + self.timeout;
         commands

@@ -289,3 +289,27 @@ async fn tx_is_refused_without_a_postgres_store_and_optional_tx_is_none() {
     let (status, body, _) = send(&router, "/maybe", &unique("memory"), "x").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "without"));
 }
+
+#[tokio::test]
+async fn under_the_layer_a_handler_taking_tx_commits_what_is_stored_and_rolls_back_what_is_not() {
+    async fn order(mut tx: Tx, key: idem::IdempotencyKey, body: String) -> (StatusCode, String) {
+        let id = insert(&mut tx, key.as_str()).await;
+        // 422 is among the statuses the layer never stores (it could be an extractor's): it must not commit.
+        let status = if body == "invalid" { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::CREATED };
+        (status, format!("order {id}"))
+    }
+    let (_, _, orders, _) = app(4).await;
+    let store = store_on(shared_server(), PostgresStore::builder()).await;
+    let idempotency = Idempotency::new(store);
+    let router = Router::new().route("/orders", post(order)).layer(idempotency.layer());
+
+    let key = unique("layer");
+    let (status, body, _) = send(&router, "/orders", &key, "invalid").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(orders.count(&key).await, 0, "an answer the layer does not store is rolled back");
+    let (status, body, state) = send(&router, "/orders", &key, "valid").await;
+    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{body}");
+    let replay = send(&router, "/orders", &key, "valid").await;
+    assert_eq!(replay, (StatusCode::CREATED, body, Some("hit".to_owned())));
+    assert_eq!(orders.count(&key).await, 1);
+}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Load benchmark of the reference service (`examples/orders.rs`): what idempotency costs per request, side by side
-# with the same handler unprotected, on MemoryStore and on Redis, in one run.
+# with the same handler unprotected, on MemoryStore, Redis and PostgreSQL, in one run.
 #
-#   bash bench/load.sh            # about 2½ minutes; needs cargo; installs wrk and redis-server if missing
+#   bash bench/load.sh            # about 4 minutes; needs cargo; installs wrk, redis-server and postgresql if missing
+#   STORES="memory redis" bash bench/load.sh   # a subset of the stores
 #
 # Routes, each measured ROUNDS (3) times with `wrk -t1` for DURATION (2) seconds, taking turns, after WARMUP (1)
 # seconds each, at 4 and 32 connections:
@@ -10,7 +11,9 @@
 #   first   POST /orders with a new Idempotency-Key per request: claim, handler, complete
 #   replay  POST /orders replaying one key: one claim-or-read, no handler
 # Every request carries an Idempotency-Key (a new one per request, except on `replay`), so the handler does the same
-# work on `plain` and `first` (it counts each execution, and each key's, in the store backend's counter). Each store
+# work on `plain` and `first` (it counts each execution, and each key's, in the store backend's counter; on
+# PostgreSQL it inserts an `orders` row: autocommitted on `plain`, in the handler's transaction (`Tx`) with its
+# record on `first`). PostgreSQL runs with fsync off (commits are written to the WAL, not flushed to this VM's disk). Each store
 # and connection count gets a freshly started service (and an emptied Redis).
 # MemoryStore holds at most 100 000 keys (its default bound, kept for 60 s by this route), so its `first` runs stop
 # after MEMORY_FIRST_KEYS (85 000) requests in all (warm-up: 5 000) even if their time has not run out.
@@ -29,6 +32,7 @@ DURATION=${DURATION:-2}
 WARMUP=${WARMUP:-1}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-"4 32"}
+STORES=${STORES:-"memory redis postgres"}
 MEMORY_KEYS=${MEMORY_KEYS:-105000}
 MEMORY_BOUND=100000 # MemoryStore's default max_entries, which the reference service uses
 MEMORY_FIRST_KEYS=${MEMORY_FIRST_KEYS:-85000}
@@ -45,6 +49,12 @@ install() {
 need wrk || install wrk
 { need redis-server && need redis-cli && need redis-benchmark; } || install redis-server redis-tools
 need cargo || { echo "cargo is needed to build the service: https://rustup.rs" >&2; exit 1; }
+# Debian keeps PostgreSQL's server binaries off PATH, in /usr/lib/postgresql/<version>/bin.
+pg_bin() { find /usr/lib/postgresql -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -1; }
+if [[ " $STORES " == *" postgres "* ]]; then
+  [[ -x "$(pg_bin)/initdb" ]] || install postgresql
+  PG_BIN=$(pg_bin)
+fi
 
 cpus=$(nproc)
 if need taskset && ((cpus >= 2)); then
@@ -63,9 +73,15 @@ SERVICE=target/release/examples/orders
 
 work=$(mktemp -d)
 pids=()
+pg_dir=
+as_postgres=()
 cleanup() {
   local pid
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  if [[ -n $pg_dir ]]; then
+    "${as_postgres[@]}" "$PG_BIN/pg_ctl" -D "$pg_dir/data" stop -m immediate >/dev/null 2>&1 || true
+    rm -rf "$pg_dir"
+  fi
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -108,12 +124,31 @@ wait_for_port "$redis_port"
 rcli() { redis-cli -p "$redis_port" "$@"; }
 redis_version=$(rcli INFO server | tr -d '\r' | awk -F: '/^redis_version:/ {print $2}')
 
+# PostgreSQL refuses to run as root: as root, its cluster belongs to the `postgres` user.
+pg_port=
+pg_version=
+if [[ " $STORES " == *" postgres "* ]]; then
+  pg_dir=$(mktemp -d /tmp/idem-bench-postgres.XXXXXX)
+  if ((EUID == 0)); then
+    chown postgres: "$pg_dir"
+    as_postgres=(runuser -u postgres --)
+  fi
+  "${as_postgres[@]}" "$PG_BIN/initdb" -D "$pg_dir/data" -U postgres -A trust -E UTF8 --no-sync >/dev/null
+  pg_port=$(free_port)
+  "${as_postgres[@]}" "$PG_BIN/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/log" -w start -o \
+    "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100" >/dev/null
+  pg_version=$("$PG_BIN/postgres" --version | awk '{print $3}')
+  # Every backend on the REDIS_CPUS: the store's cpus, like redis-server's.
+  for pid in $(pgrep -u postgres -x postgres); do taskset -pc "$REDIS_CPUS" "$pid" >/dev/null 2>&1 || true; done
+fi
+
 service_pid=
 service_port=
 start_service() { # memory | redis
   service_port=$(free_port)
   local env=(BIND="127.0.0.1:$service_port" RUST_LOG=warn)
   [[ $1 == redis ]] && env+=(REDIS_URL="redis://127.0.0.1:$redis_port")
+  [[ $1 == postgres ]] && env+=(DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres")
   # env and taskset exec: the pid is the service's.
   env "${env[@]}" "${SERVER_PIN[@]}" "$SERVICE" >>"$work/service.log" 2>&1 &
   service_pid=$!
@@ -192,6 +227,26 @@ redis_cpu_seconds() {
   rcli INFO cpu | tr -d '\r' | awk -F: '/^used_cpu_(user|sys):/ {total += $2} END {printf "%.6f", total}'
 }
 
+# CPU seconds PostgreSQL's processes have used (user + system, with their exited children): the service's pooled
+# backends live as long as the service, so a difference over a run is the run's cost.
+postgres_cpu_seconds() {
+  local pid total=0
+  for pid in $(pgrep -u postgres -x postgres); do
+    total=$(awk -v t="$total" -v tick="$(getconf CLK_TCK)" '{printf "%.6f", t + ($14 + $15 + $16 + $17) / tick}' \
+      "/proc/$pid/stat" 2>/dev/null || echo "$total")
+  done
+  echo "$total"
+}
+
+# The store's own CPU seconds: redis-server's or PostgreSQL's.
+store_cpu_seconds() { # store
+  case $1 in
+    redis) redis_cpu_seconds ;;
+    postgres) postgres_cpu_seconds ;;
+    *) echo 0 ;;
+  esac
+}
+
 # µs per call of `redis-benchmark` running one command 200 000 times on `connections` connections.
 usec_per_call() { # connections command…
   local connections=$1
@@ -217,24 +272,20 @@ measure() { # store connections route-name replayed-key stop-after
   local store=$1 connections=$2 name=$3 replayed=$4 stop_after=$5 route=/orders fixed=
   [[ $name == plain ]] && route=/plain/orders
   [[ $name == replay ]] && fixed=$replayed
-  local cpu_before=0
-  if [[ $store == redis ]]; then
-    rcli CONFIG RESETSTAT >/dev/null
-    cpu_before=$(redis_cpu_seconds)
-  fi
+  local cpu_before
+  [[ $store == redis ]] && rcli CONFIG RESETSTAT >/dev/null
+  cpu_before=$(store_cpu_seconds "$store")
   local measured cpu=0 service_before
   service_before=$(service_cpu_seconds)
   measured=$(load "$route" "$connections" "$DURATION" "$store-$name-$connections-$RANDOM$RANDOM" "$fixed" "$stop_after")
   local service_cpu
   service_cpu=$(awk -v before="$service_before" -v after="$(service_cpu_seconds)" 'BEGIN {printf "%.6f", after - before}')
-  if [[ $store == redis ]]; then
-    cpu=$(awk -v before="$cpu_before" -v after="$(redis_cpu_seconds)" 'BEGIN {printf "%.6f", after - before}')
-    commandstats | sed "s/^/$store $connections $name /" >>"$work/cmdstats"
-  fi
+  cpu=$(awk -v before="$cpu_before" -v after="$(store_cpu_seconds "$store")" 'BEGIN {printf "%.6f", after - before}')
+  [[ $store == redis ]] && commandstats | sed "s/^/$store $connections $name /" >>"$work/cmdstats"
   echo "$store $connections $name $measured $cpu $service_cpu" >>"$results"
 }
 
-for store in memory redis; do
+for store in $STORES; do
   for connections in $CONNECTIONS; do
     echo "runs: $store, $connections connections, $ROUNDS rounds" >&2
     [[ $store == redis ]] && rcli FLUSHALL >/dev/null
@@ -283,11 +334,11 @@ stop_service
 
 echo
 echo "idem load benchmark, $(date -u +%Y-%m-%d): $cpus cpus ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)),"
-echo "redis $redis_version, wrk -t1, $ROUNDS runs of ${DURATION} s per route after ${WARMUP} s of warm-up;"
-echo "service on cpu $SERVER_CPUS, wrk on cpu $LOAD_CPUS, redis-server on cpu $REDIS_CPUS"
+echo "redis $redis_version${pg_version:+, postgresql $pg_version (fsync off)}, wrk -t1, $ROUNDS runs of ${DURATION} s per route"
+echo "after ${WARMUP} s of warm-up; service on cpu $SERVER_CPUS, wrk on cpu $LOAD_CPUS, redis-server${pg_version:+ and postgres} on cpu $REDIS_CPUS"
 echo
-printf '%-7s %5s  %-7s %8s %7s %7s %8s %9s %9s %7s\n' store conns route "req/s" "p50 ms" "p99 ms" "× plain" \
-  "svc µs" "redis µs" errors
+printf '%-8s %5s  %-7s %8s %7s %7s %8s %9s %9s %7s\n' store conns route "req/s" "p50 ms" "p99 ms" "× plain" \
+  "svc µs" "store µs" errors
 awk '
   function median(list,    n, values, i, j, swap) {
     n = split(list, values, " ")
@@ -301,14 +352,15 @@ awk '
     errors[key] += $8 + $9; requests[key] += $4; cpu[key] += $10; service[key] += $11 }
   END { for (i = 1; i <= keys; i++) { key = order[i]; split(key, f, " ")
     plain = median(rates[f[1] " " f[2] " plain"])
-    printf "%-7s %5s  %-7s %8.0f %7.2f %7.2f %8.2f %9.1f %9s %7d\n", f[1], f[2], f[3], median(rates[key]),
+    printf "%-8s %5s  %-7s %8.0f %7.2f %7.2f %8.2f %9.1f %9s %7d\n", f[1], f[2], f[3], median(rates[key]),
       median(p50[key]) / 1000, median(p99[key]) / 1000, median(rates[key]) / plain, service[key] * 1e6 / requests[key],
-      f[1] == "redis" ? sprintf("%.1f", cpu[key] * 1e6 / requests[key]) : "-", errors[key] } }' "$results"
+      f[1] != "memory" ? sprintf("%.1f", cpu[key] * 1e6 / requests[key]) : "-", errors[key] } }' "$results"
 echo
 echo "Medians of $ROUNDS runs per route (the routes take turns). × plain: requests/s over the plain route's, same store"
-echo "and connections. svc µs: the service's CPU time (user + system) per request, all runs of the route; redis µs:"
-echo "redis-server's (INFO cpu), network I/O and the handler's counter included. errors: non-2xx answers and socket"
-echo "errors. CPU per request is steadier than requests/s on a machine shared with other work."
+echo "and connections. svc µs: the service's CPU time (user + system) per request, all runs of the route; store µs:"
+echo "redis-server's (INFO cpu) or PostgreSQL's processes', network I/O and the handler's own counting included."
+echo "errors: non-2xx answers and socket errors. CPU per request is steadier than requests/s on a machine shared with"
+echo "other work."
 echo
 echo "Redis commands per request (INFO commandstats; evalsha's time includes the commands its script runs, exec's"
 echo "those of its transaction, and Redis lists those commands as well):"

@@ -237,8 +237,8 @@
 //! - `postgres`: `PostgresStore`, records in PostgreSQL (sqlx), from a URL or the app's own pool, and `Tx`: handlers
 //!   whose database writes commit in one transaction with their records.
 //! - `metrics`: `MetricsFacade`, reporting to the [`metrics`](https://docs.rs/metrics) crate's recorder.
-//! - `test-kit`: `test_kit`, the conformance suite for your own [`store::Store`], for your tests (enable
-//!   it on the dev-dependency).
+//! - `test-kit`: `test_kit`, the conformance suite for your own [`store::Store`], and test doubles (`Outage`, a
+//!   fault-injecting `Faulty` wrapper), for your tests (enable it on the dev-dependency).
 //!
 //! # Your own store
 //!

@@ -95,8 +95,7 @@ struct Case {
 impl Case {
     async fn start(server: &RedisServer, name: &str) -> Self {
         let prefix = format!("corrupt-{name}:");
-        let store =
-            RedisStore::open(server.url()).await.expect("connect").with_prefix(prefix.clone()).expect("a valid prefix");
+        let store = RedisStore::builder().prefix(prefix.clone()).open(server.url()).await.expect("connect");
         let runs = Arc::new(AtomicUsize::new(0));
         let app = App { idempotency: Idempotency::new(store), runs: runs.clone() };
         let router = Router::new().route("/charges", post(charge)).with_state(app);

@@ -1,6 +1,6 @@
 //! Regression tests for the ways a review found to run a handler twice, to block a key with nobody running it, or to
 //! stall a handler: each case failed on the code before its fix. They run on `MemoryStore` (under paused time where
-//! leases are involved, so a 100 s handler takes no real time) and, through a store wrapper, on a store that loses
+//! leases are involved, so a 100 s handler takes no real time) and, through `test_kit::Faulty`, on a store that loses
 //! replies or hangs, which no real backend can be asked to do on cue.
 
 use axum::body::{Body, Bytes};
@@ -9,7 +9,8 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
+use idem::store::Store;
+use idem::test_kit::{Fault, Faulty, Operation};
 use idem::{Idempotency, MemoryStore, Policy, StoreFailure, idempotent};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -143,74 +144,6 @@ async fn a_layer_hands_over_a_shorter_lease_and_it_is_renewed() {
 
 // --- 5. a claim whose reply is lost ---------------------------------------------------------------------------
 
-/// A store whose `claim` reaches the store behind it but whose reply is lost `lost` times (answered with an error, as
-/// a response timeout would be), or which sends every claim twice (as a client resending after a broken
-/// connection would).
-struct Flaky<S> {
-    store: S,
-    lost_replies: AtomicUsize,
-    resend: bool,
-    hang_renewals: bool,
-    corrupt: bool,
-}
-
-impl<S> Flaky<S> {
-    fn new(store: S) -> Self {
-        Self { store, lost_replies: AtomicUsize::new(0), resend: false, hang_renewals: false, corrupt: false }
-    }
-}
-
-#[async_trait::async_trait]
-impl<S: Store> Store for Flaky<S> {
-    async fn claim(
-        &self,
-        key: &StoreKey,
-        fingerprint: &Fingerprint,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<Claimed, StoreError> {
-        if self.corrupt {
-            return Err(StoreError::Corrupt("not a record (a test double)".into()));
-        }
-        let claimed = self.store.claim(key, fingerprint, owner, lease).await;
-        if self.lost_replies.load(Ordering::SeqCst) > 0 {
-            self.lost_replies.fetch_sub(1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("response timed out (a test double)".into()));
-        }
-        if self.resend {
-            return self.store.claim(key, fingerprint, owner, lease).await;
-        }
-        claimed
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        owner: &OwnerToken,
-        record: &Record,
-        ttl: Duration,
-    ) -> Result<Write, StoreError> {
-        self.store.complete(key, owner, record, ttl).await
-    }
-    async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
-        self.store.release(key, owner).await
-    }
-    async fn renew(
-        &self,
-        key: &StoreKey,
-        owner: &OwnerToken,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Write, StoreError> {
-        if self.hang_renewals {
-            std::future::pending::<()>().await;
-        }
-        self.store.renew(key, owner, fingerprint, lease).await
-    }
-    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        self.store.wait(key, timeout).await
-    }
-}
-
 #[idempotent(ttl = 600)]
 async fn order(State(runs): State<Runs>) -> impl IntoResponse {
     (StatusCode::CREATED, Json(json!({ "run": runs.count() })))
@@ -223,8 +156,8 @@ fn orders(store: impl Store, runs: &Runs) -> Router {
 #[tokio::test(start_paused = true)]
 async fn a_claim_whose_reply_was_lost_is_released_so_the_retry_runs_at_once() {
     let runs = Runs::default();
-    let flaky = Flaky::new(MemoryStore::new());
-    flaky.lost_replies.store(1, Ordering::SeqCst);
+    let flaky = Faulty::new(MemoryStore::new());
+    flaky.inject_times(Operation::Claim, Fault::LostReply, 1);
     let app = orders(flaky, &runs);
     let first = send(&app, post_json("/orders", Some("k"), "{}")).await;
     assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -240,8 +173,8 @@ async fn a_claim_whose_reply_was_lost_is_released_so_the_retry_runs_at_once() {
 #[tokio::test]
 async fn a_resent_claim_is_recognised_as_the_callers_own() {
     let runs = Runs::default();
-    let mut flaky = Flaky::new(MemoryStore::new());
-    flaky.resend = true;
+    let flaky = Faulty::new(MemoryStore::new());
+    flaky.inject(Operation::Claim, Fault::Resent);
     let app = orders(flaky, &runs);
     let first = send(&app, post_json("/orders", Some("k"), "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED, "the resent claim did not conflict with itself: {:?}", first.body);
@@ -263,8 +196,8 @@ async fn ten_seconds(State(runs): State<Runs>) -> impl IntoResponse {
 #[tokio::test(start_paused = true)]
 async fn a_hanging_renewal_does_not_hold_the_handler_up() {
     let runs = Runs::default();
-    let mut flaky = Flaky::new(MemoryStore::new());
-    flaky.hang_renewals = true;
+    let flaky = Faulty::new(MemoryStore::new());
+    flaky.inject(Operation::Renew, Fault::Hang);
     let app = Router::new()
         .route("/slow", post(ten_seconds))
         .with_state(runs.clone())
@@ -426,8 +359,8 @@ async fn a_request_without_a_key_runs_to_its_end_when_the_client_disconnects() {
 #[tokio::test]
 async fn a_corrupt_record_is_a_problem_even_under_fail_open() {
     let runs = Runs::default();
-    let mut flaky = Flaky::new(MemoryStore::new());
-    flaky.corrupt = true;
+    let flaky = Faulty::new(MemoryStore::new());
+    flaky.inject(Operation::Claim, Fault::Corrupt);
     let idempotency = Idempotency::builder(flaky).on_store_failure(StoreFailure::FailOpen).build();
     let app = Router::new().route("/orders", post(order)).with_state(runs.clone()).layer(axum::Extension(idempotency));
     let reply = send(&app, post_json("/orders", Some("k"), "{}")).await;

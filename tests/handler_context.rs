@@ -8,10 +8,10 @@ use axum::http::{Request, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
-use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
+use idem::test_kit::{Fault, Faulty, Operation};
 use idem::{Fence, Idempotency, IdempotencyKey, MemoryStore, Undrained, idempotent};
 use serde_json::{Value, json};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -101,53 +101,6 @@ async fn a_handler_reads_the_key_it_runs_for_in_either_header_form() {
 
 // --- the fence -------------------------------------------------------------------------------------------------
 
-/// MemoryStore whose renewals fail while `renewals_down` is set: a store briefly out of reach for one connection.
-#[derive(Clone)]
-struct RenewalsDown {
-    inner: Arc<MemoryStore>,
-    renewals_down: Arc<AtomicBool>,
-}
-
-#[async_trait::async_trait]
-impl Store for RenewalsDown {
-    async fn claim(
-        &self,
-        key: &StoreKey,
-        fingerprint: &Fingerprint,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<Claimed, StoreError> {
-        self.inner.claim(key, fingerprint, owner, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        owner: &OwnerToken,
-        record: &Record,
-        ttl: Duration,
-    ) -> Result<Write, StoreError> {
-        self.inner.complete(key, owner, record, ttl).await
-    }
-    async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
-        self.inner.release(key, owner).await
-    }
-    async fn renew(
-        &self,
-        key: &StoreKey,
-        owner: &OwnerToken,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Write, StoreError> {
-        if self.renewals_down.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("renewals are down (test)".into()));
-        }
-        self.inner.renew(key, owner, fingerprint, lease).await
-    }
-    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        self.inner.wait(key, timeout).await
-    }
-}
-
 /// With an `x-hold` header (not part of the fingerprint), waits for the test's signal before checking its fence;
 /// else checks it at once.
 #[idempotent(lease = 3)]
@@ -165,7 +118,7 @@ async fn fenced(State(seen): State<Seen>, fence: Fence, headers: axum::http::Hea
 
 #[tokio::test(start_paused = true)]
 async fn the_fence_tells_a_handler_whose_lease_lapsed_that_a_retry_took_its_key_over() {
-    let store = RenewalsDown { inner: Arc::new(MemoryStore::new()), renewals_down: Arc::default() };
+    let store = Faulty::new(MemoryStore::new());
     let seen = Seen::default();
     let app = Router::new()
         .route("/orders", post(fenced))
@@ -182,13 +135,13 @@ async fn the_fence_tells_a_handler_whose_lease_lapsed_that_a_retry_took_its_key_
     let (status, _, _) = send(&app, post_json("/orders", Some("k"), json!({}))).await;
     assert_eq!(status, StatusCode::CONFLICT, "renewals keep the original's key");
     // Renewals fail for longer than the lease: the claim lapses and a retry takes the key over.
-    store.renewals_down.store(true, Ordering::SeqCst);
+    store.inject(Operation::Renew, Fault::Unavailable);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (status, outcome, takeover) = send(&app, post_json("/orders", Some("k"), json!({}))).await;
     assert_eq!((status, outcome.as_deref()), (StatusCode::CREATED, Some("new")));
     // Its own fence check could not reach the store: unknown, not "held".
     assert_eq!(serde_json::from_slice::<Value>(&takeover).unwrap(), json!({ "run": 2, "held": null }));
-    store.renewals_down.store(false, Ordering::SeqCst);
+    store.heal(Operation::Renew);
     // The original resumes: its fence says the key is not its own any more, and its completion is fenced.
     seen.proceed.notify_one();
     let (status, _, body) = original.await.unwrap();

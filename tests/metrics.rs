@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
 use idem::metrics::{Counters, Snapshot, WAIT_BUCKETS};
-use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
-use idem::test_kit::Outage;
+use idem::store::{Store, Write};
+use idem::test_kit::{Fault, Faulty, Operation, Outage};
 use idem::{Idempotency, OnceError, Policy, idempotent};
 use probe::Probe;
 use serde_json::json;
@@ -115,53 +115,6 @@ fn held(mut request: Request<Body>) -> Request<Body> {
 /// `(new, hit, conflict, mismatch, store_errors, fenced)`.
 fn counts(snapshot: Snapshot) -> (u64, u64, u64, u64, u64, u64) {
     (snapshot.new, snapshot.hit, snapshot.conflict, snapshot.mismatch, snapshot.store_errors, snapshot.fenced)
-}
-
-/// A store whose lease renewals never reach the store behind it: each is counted and answered `answer`. Answering
-/// `Applied` loses every renewal (as a partitioned client would), so a long claim lapses and a stale owner's later
-/// write is fenced; answering `Fenced` is what the store says once another caller took the key over.
-struct RenewalsAnswered<S> {
-    store: S,
-    answer: Write,
-    asked: Arc<AtomicUsize>,
-}
-
-impl<S> RenewalsAnswered<S> {
-    fn new(store: S, answer: Write) -> Self {
-        Self { store, answer, asked: Arc::default() }
-    }
-}
-
-#[async_trait::async_trait]
-impl<S: Store> Store for RenewalsAnswered<S> {
-    async fn claim(
-        &self,
-        key: &StoreKey,
-        fingerprint: &Fingerprint,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<Claimed, StoreError> {
-        self.store.claim(key, fingerprint, owner, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        owner: &OwnerToken,
-        record: &Record,
-        ttl: Duration,
-    ) -> Result<Write, StoreError> {
-        self.store.complete(key, owner, record, ttl).await
-    }
-    async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
-        self.store.release(key, owner).await
-    }
-    async fn renew(&self, _: &StoreKey, _: &OwnerToken, _: &Fingerprint, _: Duration) -> Result<Write, StoreError> {
-        self.asked.fetch_add(1, Ordering::SeqCst);
-        Ok(self.answer)
-    }
-    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        self.store.wait(key, timeout).await
-    }
 }
 
 // --- the counters, row by row ---------------------------------------------------------------------------------
@@ -295,8 +248,10 @@ pub async fn the_plain_api_counts_like_http(store: impl Store) {
 
 pub async fn a_stale_owners_write_is_fenced_and_counted(store: impl Store) {
     let counters = Arc::new(Counters::new());
-    let idempotency =
-        Idempotency::builder(RenewalsAnswered::new(store, Write::Applied)).metrics(counters.clone()).build();
+    // Every renewal is lost while the owner believes it (a partitioned client): a long claim lapses.
+    let store = Faulty::new(store);
+    store.inject(Operation::Renew, Fault::Answer(Write::Applied));
+    let idempotency = Idempotency::builder(store).metrics(counters.clone()).build();
     let key = fresh_key("fenced");
     let short_lease = Policy::new().lease(Duration::from_millis(200));
     let stale = tokio::spawn({
@@ -322,9 +277,10 @@ pub async fn a_stale_owners_write_is_fenced_and_counted(store: impl Store) {
 
 pub async fn a_lost_lease_is_counted_fenced_and_no_longer_renewed(store: impl Store) {
     let counters = Arc::new(Counters::new());
-    let store = RenewalsAnswered::new(store, Write::Fenced);
-    let renewals = store.asked.clone();
-    let idempotency = Idempotency::builder(store).metrics(counters.clone()).build();
+    // Renewals answer what a store says once another caller took the key over.
+    let store = Faulty::new(store);
+    store.inject(Operation::Renew, Fault::Answer(Write::Fenced));
+    let idempotency = Idempotency::builder(store.clone()).metrics(counters.clone()).build();
     let key = fresh_key("lost-lease");
     let slow = || async {
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -333,7 +289,7 @@ pub async fn a_lost_lease_is_counted_fenced_and_no_longer_renewed(store: impl St
     let short_lease = Policy::new().lease(Duration::from_millis(150));
     let outcome = idempotency.once("jobs", &key).policy(short_lease).run("input", slow).await;
     assert_eq!(outcome.unwrap(), "done");
-    assert_eq!(renewals.load(Ordering::SeqCst), 1, "a fenced renewal is not retried every period");
+    assert_eq!(store.calls(Operation::Renew), 1, "a fenced renewal is not retried every period");
     // The renewal was fenced; the lease then lapsed with nobody else claiming the key, so the completion still
     // recorded the result (nobody else ran the work) and a retry gets it without running again.
     assert_eq!(counts(counters.snapshot()), (1, 0, 0, 0, 0, 1));

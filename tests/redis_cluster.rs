@@ -14,11 +14,7 @@ fn cluster() -> &'static RedisCluster {
 async fn store() -> idem::RedisStore {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let prefix = format!("idem-test-{}:", NEXT.fetch_add(1, Ordering::Relaxed));
-    idem::RedisStore::cluster(cluster().urls())
-        .await
-        .expect("connect to the test cluster")
-        .with_prefix(prefix)
-        .expect("a valid prefix")
+    idem::RedisStore::builder().prefix(prefix).cluster(cluster().urls()).await.expect("connect to the test cluster")
 }
 
 idem::test_kit::conformance_tests!(redis_cluster, store);

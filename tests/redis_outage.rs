@@ -148,7 +148,7 @@ async fn a_store_on_your_connection_manager_fails_fast_and_recovers() {
     let mut server = RedisServer::start();
     let client = redis::Client::open(server.url()).unwrap();
     let manager = client.get_connection_manager().await.unwrap();
-    let store = RedisStore::from_connection_manager(manager, client);
+    let store = RedisStore::builder().connection_manager(manager, client).await.unwrap();
     assert_eq!(claim(&store, "before").await.0.unwrap(), Claimed::Owned);
 
     server.kill();

@@ -51,9 +51,11 @@ async fn the_store_follows_the_primary_through_a_failover() {
     });
 
     // WAIT for the replica on every write, so what completed before the crash survives the failover.
-    let store = RedisStore::sentinel(vec![sentinel.url()], "idem-primary")
-        .unwrap()
-        .wait_for_replicas(1, Duration::from_millis(200));
+    let store = RedisStore::builder()
+        .wait_for_replicas(1, Duration::from_millis(200))
+        .sentinel([sentinel.url()], "idem-primary")
+        .await
+        .expect("connect through the sentinel");
     let runs = Arc::new(AtomicU64::new(0));
     let app = Router::new()
         .route("/transfers", post(transfer))

@@ -8,7 +8,9 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use idem::store::{Claimed, Entry, Fingerprint, OwnerToken, Record, Store, StoreKey, Stored, Write};
+use idem::store::{
+    Claimed, Entry, Fingerprint, InvalidPrefix, OwnerToken, Record, Store, StoreError, StoreKey, Stored, Write,
+};
 use idem::{Idempotency, RedisStore};
 use redis_server::{RedisCluster, RedisServer, all_command_calls};
 use std::sync::Arc;
@@ -216,9 +218,9 @@ async fn pool_and_connection_manager_constructors_share_one_store() {
     let client = redis::Client::open(server.url()).unwrap();
     let pool =
         deadpool_redis::Config::from_url(server.url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-    let from_pool = RedisStore::from_pool(pool, client.clone());
+    let from_pool = RedisStore::builder().pool(pool, client.clone()).await.unwrap();
     let manager = client.get_connection_manager().await.unwrap();
-    let from_manager = RedisStore::from_connection_manager(manager, client);
+    let from_manager = RedisStore::builder().connection_manager(manager, client).await.unwrap();
     fencing_and_notification(from_pool, from_manager).await;
 }
 
@@ -312,7 +314,7 @@ async fn without_a_replica_claims_fail_closed_and_replays_never_wait() {
     let plain = RedisStore::open(server.url()).await.unwrap();
     // A WAIT timeout well above a replay's round trip, so "replays never wait" is a wide margin on a busy machine.
     let wait = Duration::from_secs(1);
-    let store = Arc::new(RedisStore::open(server.url()).await.unwrap().wait_for_replicas(1, wait));
+    let store = Arc::new(RedisStore::builder().wait_for_replicas(1, wait).open(server.url()).await.unwrap());
     let done = StoreKey::derive(&[b"replicas", b"done"]);
     let owner = owned(&plain, &done, &fp("a"), Duration::from_secs(30)).await;
     assert_eq!(plain.complete(&done, &owner, &record("done"), Duration::from_secs(60)).await.unwrap(), Write::Applied);
@@ -362,7 +364,8 @@ async fn without_a_replica_claims_fail_closed_and_replays_never_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_replica_first_requests_succeed_and_records_are_on_the_replica_when_complete_returns() {
     let (primary, replica) = primary_and_replica();
-    let store = Arc::new(RedisStore::open(primary.url()).await.unwrap().wait_for_replicas(1, Duration::from_secs(1)));
+    let store =
+        Arc::new(RedisStore::builder().wait_for_replicas(1, Duration::from_secs(1)).open(primary.url()).await.unwrap());
     let mut replica_connection =
         redis::Client::open(replica.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let writes = (0..10).map(|i| {
@@ -387,7 +390,8 @@ async fn with_a_replica_first_requests_succeed_and_records_are_on_the_replica_wh
     assert_eq!(store.unreplicated_completions(), 0);
 
     // Through the engine: ten concurrent first requests all run once and succeed.
-    let (app, runs) = app(RedisStore::open(primary.url()).await.unwrap().wait_for_replicas(1, Duration::from_secs(1)));
+    let (app, runs) =
+        app(RedisStore::builder().wait_for_replicas(1, Duration::from_secs(1)).open(primary.url()).await.unwrap());
     let answers = futures_util::future::join_all((0..10).map(|i| {
         let app = app.clone();
         async move { send(&app, &format!("http-{i}"), "x").await }
@@ -403,7 +407,8 @@ async fn with_a_replica_first_requests_succeed_and_records_are_on_the_replica_wh
 async fn an_unreplicated_completion_is_applied_and_counted() {
     let server = RedisServer::start();
     let plain = RedisStore::open(server.url()).await.unwrap();
-    let store = RedisStore::open(server.url()).await.unwrap().wait_for_replicas(1, Duration::from_millis(100));
+    let store =
+        RedisStore::builder().wait_for_replicas(1, Duration::from_millis(100)).open(server.url()).await.unwrap();
     let key = StoreKey::derive(&[b"unreplicated"]);
     // Claimed without waiting for replicas, then completed by the store that does.
     let owner = owned(&plain, &key, &fp("a"), Duration::from_secs(30)).await;
@@ -421,7 +426,7 @@ async fn an_unreplicated_completion_is_applied_and_counted() {
 async fn wait_for_replicas_cost_is_measured() {
     let (primary, _replica) = primary_and_replica();
     let plain = RedisStore::open(primary.url()).await.unwrap();
-    let waiting = RedisStore::open(primary.url()).await.unwrap().wait_for_replicas(1, Duration::from_secs(1));
+    let waiting = RedisStore::builder().wait_for_replicas(1, Duration::from_secs(1)).open(primary.url()).await.unwrap();
     let mut report = Vec::new();
     for (name, store) in [("without WAIT", &plain), ("wait_for_replicas(1)", &waiting), ("without WAIT, again", &plain)]
     {
@@ -478,4 +483,64 @@ async fn a_claim_sent_again_by_its_owner_is_owned_and_its_lease_starts_again() {
     assert_eq!(store.claim(&key, &fp("a"), &owner, Duration::from_secs(600)).await.unwrap(), Claimed::Owned);
     let pttl: i64 = server.cli(&["PTTL", &record_key(&key)]).trim().parse().unwrap();
     assert!(pttl > 500_000, "the resent claim's lease (600 s) replaced the first one (2 s): {pttl} ms");
+}
+
+/// Every connecting constructor is `async` and connects before it returns, so a store that cannot reach Redis is
+/// refused at start-up (`Unavailable`) rather than at the first request; a configuration that can never work is
+/// refused (`InvalidConfig`) before any connection is tried. Before, `sentinel`, `sentinel_client`, `pool` and
+/// `connection_manager` returned a store whatever Redis did, and a bad prefix was refused by a setter on the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_constructor_connects_now_and_refuses_a_bad_configuration_first() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let client = redis::Client::open(url.clone()).unwrap();
+    let manager = client.get_connection_manager().await.unwrap();
+    let pool = || deadpool_redis::Config::from_url(url.clone()).create_pool(Some(deadpool_redis::Runtime::Tokio1));
+    let sentinel_client = || {
+        let service = String::from("orders");
+        redis::sentinel::SentinelClient::build(
+            vec![url.clone()],
+            service,
+            None,
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .unwrap()
+    };
+    let answering = RedisStore::builder().connection_manager(manager.clone(), client.clone()).await;
+    assert!(answering.is_ok(), "{answering:?}");
+    server.kill();
+
+    let builder = || RedisStore::builder().connect_timeout(Duration::from_millis(300));
+    let unreachable = [
+        ("open", builder().open(url.clone()).await.map(drop)),
+        ("client", builder().client(client.clone()).await.map(drop)),
+        ("connection_manager", builder().connection_manager(manager.clone(), client.clone()).await.map(drop)),
+        ("pool", builder().pool(pool().unwrap(), client.clone()).await.map(drop)),
+        ("cluster", builder().cluster([url.clone()]).await.map(drop)),
+        ("sentinel", builder().sentinel([url.clone()], "orders").await.map(drop)),
+        ("sentinel_client", builder().sentinel_client(sentinel_client()).await.map(drop)),
+    ];
+    for (constructor, result) in unreachable {
+        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{constructor}: {result:?}");
+    }
+
+    // Refused before connecting: `InvalidConfig`, not `Unavailable`, though nothing listens.
+    let bad = || builder().prefix("tenant-{a}:");
+    let misconfigured = [
+        ("open", bad().open(url.clone()).await.map(drop)),
+        ("client", bad().client(client.clone()).await.map(drop)),
+        ("connection_manager", bad().connection_manager(manager.clone(), client.clone()).await.map(drop)),
+        ("pool", bad().pool(pool().unwrap(), client.clone()).await.map(drop)),
+        ("cluster", bad().cluster([url.clone()]).await.map(drop)),
+        ("sentinel", bad().sentinel([url.clone()], "orders").await.map(drop)),
+        ("sentinel_client", bad().sentinel_client(sentinel_client()).await.map(drop)),
+        ("a URL that does not parse", builder().open("redis://127.0.0.1:notaport").await.map(drop)),
+    ];
+    for (constructor, result) in misconfigured {
+        let Err(StoreError::InvalidConfig(cause)) = &result else { panic!("{constructor}: {result:?}") };
+        if constructor != "a URL that does not parse" {
+            let prefix = std::error::Error::source(cause).and_then(|source| source.downcast_ref::<InvalidPrefix>());
+            assert_eq!(prefix, Some(&InvalidPrefix(String::from("tenant-{a}:"))), "{constructor}");
+        }
+    }
 }

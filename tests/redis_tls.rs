@@ -15,6 +15,7 @@ mod without_the_feature {
     #[track_caller]
     fn assert_names_the_feature(result: Result<RedisStore, StoreError>, constructor: &str) {
         let error = result.expect_err("a rediss:// URL cannot work without the `tls` feature");
+        assert!(matches!(error, StoreError::InvalidConfig(_)), "{constructor}: {error:?}");
         let message = error.to_string();
         assert!(message.contains("the `tls` feature of axum-idem"), "{constructor}: {message}");
     }
@@ -25,7 +26,7 @@ mod without_the_feature {
         assert_names_the_feature(RedisStore::open("rediss://127.0.0.1:1").await, "open");
         assert_names_the_feature(RedisStore::builder().open("rediss://127.0.0.1:1/0").await, "builder().open");
         assert_names_the_feature(RedisStore::cluster(["rediss://127.0.0.1:1"]).await, "cluster");
-        assert_names_the_feature(RedisStore::sentinel(vec!["rediss://127.0.0.1:1"], "orders"), "sentinel");
+        assert_names_the_feature(RedisStore::sentinel(["rediss://127.0.0.1:1"], "orders").await, "sentinel");
     }
 }
 
@@ -372,16 +373,16 @@ mod over_tls {
         );
         let _sentinel = RedisServer::sentinel_with("orders", primary.tls_port, &extra);
         let sentinels = || vec![format!("rediss://127.0.0.1:{sentinel_tls_port}")];
-        let store = || {
+        let store = || async {
             RedisStore::builder()
                 .tls_root_certificates(certificates.pem("ca.pem"))
                 .sentinel(sentinels(), "orders")
-                .expect("a Sentinel client")
+                .await
+                .expect("connect through the Sentinel over TLS")
         };
-        claim_wait_complete_replay(store(), store()).await;
-        let key = fresh_key("sentinel-untrusted");
-        let untrusted = RedisStore::sentinel(sentinels(), "orders").expect("a Sentinel client (it connects lazily)");
-        let refused = untrusted.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(5)).await;
+        claim_wait_complete_replay(store().await, store().await).await;
+        // Refused without the test CA: the constructor connects, so it is the one that fails.
+        let refused = RedisStore::sentinel(sentinels(), "orders").await;
         let refused = refused.expect_err("without the test CA, neither the Sentinel nor the primary is trusted");
         assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
     }

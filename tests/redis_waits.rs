@@ -7,7 +7,7 @@ mod redis_server;
 
 use idem::engine::Outcome;
 use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreKey, Stored, Write};
-use idem::{Policy, RedisStore};
+use idem::{Policy, RedisStore, RedisStoreBuilder};
 use proxy::Proxy;
 use redis::Client;
 use redis_server::{RedisServer, command_calls};
@@ -41,9 +41,9 @@ async fn in_flight(store: &RedisStore, key: &StoreKey) -> OwnerToken {
 
 /// A store whose commands go straight to `server` and whose pub/sub connection (the one that wakes waiters) goes
 /// through `proxy`.
-async fn store_with_pubsub_through(server: &RedisServer, proxy: &Proxy) -> RedisStore {
+async fn store_with_pubsub_through(server: &RedisServer, proxy: &Proxy, builder: RedisStoreBuilder) -> RedisStore {
     let manager = Client::open(server.url()).unwrap().get_connection_manager().await.unwrap();
-    RedisStore::from_connection_manager(manager, Client::open(proxy.url()).unwrap())
+    builder.connection_manager(manager, Client::open(proxy.url()).unwrap()).await.expect("connect")
 }
 
 /// Runs `future`, panicking with `what` if it has not finished after `limit` (the old code hung forever here).
@@ -96,7 +96,7 @@ async fn woken_by_a_completion(store: &Arc<RedisStore>, completer: &RedisStore, 
 async fn waits_end_by_their_deadlines_while_the_pubsub_link_is_dead_and_the_link_heals() {
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port);
-    let store = Arc::new(store_with_pubsub_through(&server, &proxy).await);
+    let store = Arc::new(store_with_pubsub_through(&server, &proxy, RedisStore::builder()).await);
     let completer = RedisStore::open(server.url()).await.unwrap();
     // The link is up and works.
     woken_by_a_completion(&store, &completer, &server).await;
@@ -136,10 +136,9 @@ async fn an_idle_dead_link_is_noticed_by_its_heartbeat_and_replaced() {
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port);
     // A quick heartbeat and timeout, so the dead link is noticed within a second (it is never used meanwhile).
-    let store = store_with_pubsub_through(&server, &proxy)
-        .await
-        .with_pubsub_heartbeat(Duration::from_millis(200))
-        .with_pubsub_timeout(Duration::from_millis(500));
+    let builder =
+        RedisStore::builder().pubsub_heartbeat(Duration::from_millis(200)).pubsub_timeout(Duration::from_millis(500));
+    let store = store_with_pubsub_through(&server, &proxy, builder).await;
     let store = Arc::new(store);
     let completer = RedisStore::open(server.url()).await.unwrap();
     woken_by_a_completion(&store, &completer, &server).await;

@@ -15,7 +15,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use idem::store::{Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
+use idem::store::Store;
+use idem::test_kit::Faulty;
 use idem::test_kit::client::{Reply, exchange, raw_request, serve};
 use idem::{Idempotency, idempotent};
 use probe::Probe;
@@ -267,54 +268,6 @@ async fn set_cookie_is_never_replayed_on_either_door(store: impl Store) {
 
 // --- the body limit -------------------------------------------------------------------------------------------
 
-/// A store that counts every call, to show that a request never reached it.
-struct CountingStore<S> {
-    inner: S,
-    calls: Arc<AtomicUsize>,
-}
-
-#[async_trait::async_trait]
-impl<S: Store> Store for CountingStore<S> {
-    async fn claim(
-        &self,
-        key: &StoreKey,
-        fingerprint: &Fingerprint,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<idem::store::Claimed, StoreError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.claim(key, fingerprint, owner, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        owner: &OwnerToken,
-        record: &Record,
-        ttl: Duration,
-    ) -> Result<Write, StoreError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.complete(key, owner, record, ttl).await
-    }
-    async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.release(key, owner).await
-    }
-    async fn renew(
-        &self,
-        key: &StoreKey,
-        owner: &OwnerToken,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Write, StoreError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.renew(key, owner, fingerprint, lease).await
-    }
-    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.wait(key, timeout).await
-    }
-}
-
 /// Sends bodies over the limit to both doors over real sockets, with a `Content-Length` and chunked; calls
 /// `store_activity` (a count of what the store was asked) before and after each 413, which must not differ. Then a
 /// small body with the same key runs.
@@ -365,9 +318,8 @@ async fn oversized_bodies_are_413_before_the_store<T: PartialEq + std::fmt::Debu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_a_body_over_the_limit_is_refused_before_any_store_call() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let store = CountingStore { inner: idem::MemoryStore::new(), calls: calls.clone() };
-    oversized_bodies_are_413_before_the_store(engine(store), || calls.load(Ordering::SeqCst)).await;
+    let store = Faulty::new(idem::MemoryStore::new());
+    oversized_bodies_are_413_before_the_store(engine(store.clone()), || store.total_calls()).await;
 }
 
 /// Calls of each command `server` ran (`INFO commandstats`), leaving out the store's background `PING`s and the

@@ -278,11 +278,7 @@ pub async fn shared_node_store() -> idem::RedisStore {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let server = SERVER.get_or_init(RedisServer::start);
     let prefix = format!("idem-test-{}:", NEXT.fetch_add(1, Ordering::Relaxed));
-    idem::RedisStore::open(server.url())
-        .await
-        .expect("connect to the test redis-server")
-        .with_prefix(prefix)
-        .expect("a valid prefix")
+    idem::RedisStore::builder().prefix(prefix).open(server.url()).await.expect("connect to the test redis-server")
 }
 
 impl RedisServer {

@@ -113,6 +113,10 @@ pub enum StoreError {
     /// The store does not implement this optional operation ([`Store::inspect`], [`Store::forget`]).
     #[error("this idempotency store does not support `{0}`")]
     Unsupported(&'static str),
+    /// A store's constructor refused its configuration (a URL that does not parse, a `rediss://` URL in a build
+    /// without TLS, a key prefix the store cannot use): retrying cannot help, unlike [`StoreError::Unavailable`].
+    #[error("idempotency store misconfigured: {0}")]
+    InvalidConfig(#[source] Cause),
 }
 
 /// What went wrong in a store call: a message for people, and the backend's error that caused it, when there is

@@ -11,9 +11,9 @@ mod tls;
 
 use super::health::Health;
 use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
-use crate::{Entry, Fingerprint, OwnerToken, Record};
-use connection::{Backend, Commands, Failure, NodeLink, SentinelLink, Timeouts, unavailable};
-use notify::{ClientSource, Link, Notifier, Waiters};
+use crate::{Cause, Entry, Fingerprint, OwnerToken, Record};
+use connection::{Backend, Commands, Failure, NodeLink, SentinelLink, Timeouts, invalid_config, unavailable};
+use notify::{ClientSource, Link, LinkSettings, Notifier, Waiters};
 use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClientBuilder;
 use redis::sentinel::SentinelClient;
@@ -59,7 +59,7 @@ static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("red
 /// A [`Store`] on Redis.
 ///
 /// Every state change is one command, so a replay costs one round trip and a first request two (claim, complete;
-/// three with [`RedisStore::wait_for_replicas`]), plus one renewal per third of a lease while a long handler runs.
+/// three with [`RedisStoreBuilder::wait_for_replicas`]), plus one renewal per third of a lease while a long handler runs.
 /// A claim is the native `SET key claim NX GET PX lease` (Redis ≥ 7.0): it takes a free key, or reads what is
 /// there, so a replay costs Redis about what a `GET` costs. Writes that must check the owner first (complete,
 /// release, renew) are Lua scripts, as is the claim on a server older than 7.0: the first claim such a server
@@ -114,17 +114,28 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-/// Builds a [`RedisStore`] with its timeouts; [`RedisStore::open`] and the other constructors use the defaults.
+/// Builds a [`RedisStore`]: its timeouts, key prefix, TLS, replica acknowledgements and pub/sub tuning.
+/// [`RedisStore::open`], [`RedisStore::cluster`] and [`RedisStore::sentinel`] are this builder with its defaults.
 ///
-/// | setting | default | what it bounds |
+/// | setting | default | what it does |
 /// |---|---|---|
-/// | [`connect_timeout`](Self::connect_timeout) | 500 ms | opening a connection: DNS, TCP, handshake |
-/// | [`response_timeout`](Self::response_timeout) | 500 ms | one command's answer (a frozen server, a lost packet) |
+/// | [`connect_timeout`](Self::connect_timeout) | 500 ms | bounds opening a connection: DNS, TCP, handshake |
+/// | [`response_timeout`](Self::response_timeout) | 500 ms | bounds one command's answer (a frozen server, a lost packet) |
 /// | [`probe_interval`](Self::probe_interval) | 250 ms | time between two background checks (`PING`, or a reconnection while down) |
+/// | [`prefix`](Self::prefix) | `idem:` | namespaces every key |
+/// | [`wait_for_replicas`](Self::wait_for_replicas) | off | claims and completions wait for replicas (`WAIT`) |
+/// | [`pubsub_timeout`](Self::pubsub_timeout) | 1 s | bounds the pub/sub link's connection, (un)subscriptions and heartbeats |
+/// | [`pubsub_heartbeat`](Self::pubsub_heartbeat) | 1 s | silence after which the pub/sub link is checked |
 ///
 /// A store call answers within `connect_timeout + response_timeout` (plus the `WAIT` timeout for the writes that
 /// wait for replicas). While Redis is down, calls fail at once; the store serves again within about one probe
 /// interval of Redis answering.
+///
+/// Every connecting method (`open`, `client`, `connection_manager`, `pool`, `cluster`, `cluster_builder`,
+/// `sentinel`, `sentinel_client`) is `async` and returns once Redis answered, or fails with
+/// [`StoreError::Unavailable`] when it does not, and with [`StoreError::InvalidConfig`] for a configuration that
+/// can never work (a URL that does not parse, a `rediss://` URL without the `tls` feature, a bad prefix), before
+/// any connection is tried.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), idem_runtime::StoreError> {
@@ -134,6 +145,7 @@ impl std::fmt::Debug for RedisStore {
 ///     .connect_timeout(Duration::from_millis(300))
 ///     .response_timeout(Duration::from_millis(200))
 ///     .probe_interval(Duration::from_millis(100))
+///     .prefix("payments:")
 ///     .open("redis://127.0.0.1:6379")
 ///     .await?;
 /// # let _ = store; Ok(()) }
@@ -144,11 +156,26 @@ impl std::fmt::Debug for RedisStore {
 /// the store still bounds each call and fails fast while Redis is down, but that connection's own settings decide
 /// how it reconnects: a [`ConnectionManager`] with redis-rs' default backoff may take several seconds to reconnect
 /// after Redis returns.
-#[derive(Debug, Clone, Default)]
-#[must_use = "a builder does nothing until a connecting method (`open`, `cluster`, …) is called"]
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until a connecting method (`open`, `cluster`, …) is called and awaited"]
 pub struct RedisStoreBuilder {
     timeouts: Timeouts,
     tls: TlsSettings,
+    prefix: String,
+    pubsub: LinkSettings,
+    replicas: Option<(u32, Duration)>,
+}
+
+impl Default for RedisStoreBuilder {
+    fn default() -> Self {
+        Self {
+            timeouts: Timeouts::default(),
+            tls: TlsSettings::default(),
+            prefix: "idem:".to_owned(),
+            pubsub: LinkSettings::default(),
+            replicas: None,
+        }
+    }
 }
 
 impl RedisStoreBuilder {
@@ -168,6 +195,72 @@ impl RedisStoreBuilder {
     /// broke while idle is replaced before a request needs it, and a reconnection attempt while it is down.
     pub fn probe_interval(mut self, interval: Duration) -> Self {
         self.timeouts.probe_interval = interval;
+        self
+    }
+
+    /// Namespaces every key (default `idem:`): records live under `{prefix}{<digest>}`.
+    ///
+    /// A prefix holding `{` or `}` makes the connecting method fail with [`StoreError::InvalidConfig`] (its source
+    /// is an [`InvalidPrefix`]): the record's hash tag must be the first braces in its key, or a Cluster would put a
+    /// record and its channel in different slots.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Makes each new claim and each completion wait until `replicas` replicas acknowledged it (Redis `WAIT`), at
+    /// most `timeout`, so a failover to a replica loses neither: without it, a claim or a record the primary
+    /// acknowledged but had not yet replicated is gone after a failover, and a retry runs a second time.
+    ///
+    /// - **A claim that fewer than `replicas` replicas acknowledged fails closed**: the store releases it and
+    ///   answers [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`, the handler does not run),
+    ///   as for any write the store could not make durable. With no replica in reach every first request fails so.
+    /// - **A completion that fewer than `replicas` acknowledged is still [`Write::Applied`]**: the handler has
+    ///   already run and its response goes to the client; it is on the primary, and replays are served from there.
+    ///   The store logs a warning and counts it ([`RedisStore::unreplicated_completions`]; with the `metrics`
+    ///   feature also `idem_redis_unreplicated_completions_total`): if that primary fails over before the replica
+    ///   catches up, a retry may run again.
+    ///
+    /// `WAIT` counts the writes of the connection it is sent on and blocks that connection until it answers, so
+    /// these writes go, each followed by its `WAIT`, on connections of their own checked out exclusively (at most
+    /// 32 at once; a deadpool-redis pool's own connections with [`pool`](Self::pool)); the shared connection, and
+    /// with it replays, renewals and releases, never waits. A claim is made on the shared connection like any
+    /// other; only when it took the key does the store renew it on an exclusive connection followed by `WAIT` (the
+    /// replication stream is ordered: a replica that has the renewal has the claim). This costs a first request
+    /// one more round trip plus the replication latency for the claim, and the replication latency for the
+    /// completion; a replay costs nothing more. Those calls may take `timeout` longer than the store's usual
+    /// deadline. With [`pool`](Self::pool), keep `timeout` under the pool's response timeout (redis-rs: 500 ms by
+    /// default). Ignored on a Cluster.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), idem_runtime::StoreError> {
+    /// use idem_runtime::RedisStore;
+    /// use std::time::Duration;
+    /// let store = RedisStore::builder()
+    ///     .wait_for_replicas(1, Duration::from_millis(200))
+    ///     .sentinel(["redis://10.0.0.9:26379", "redis://10.0.0.10:26379"], "mymaster")
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = Some((replicas, timeout));
+        self
+    }
+
+    /// How long the pub/sub connection that wakes waiting duplicates may take to connect, to confirm a `SUBSCRIBE`
+    /// or `UNSUBSCRIBE`, or to answer a heartbeat `PING`, before it is considered dead and replaced (default 1 s).
+    /// Waits never take longer than their own timeout whatever this is: a slow link only makes a waiter wait for
+    /// its timeout instead of being woken early.
+    pub fn pubsub_timeout(mut self, timeout: Duration) -> Self {
+        self.pubsub.timeout = timeout;
+        self
+    }
+
+    /// How long the pub/sub connection may stay silent before a `PING` checks that it is still alive (default 1 s),
+    /// so a connection that died silently (a lost NAT entry, a dropped firewall session) is replaced before a
+    /// waiter needs it.
+    pub fn pubsub_heartbeat(mut self, interval: Duration) -> Self {
+        self.pubsub.heartbeat = interval;
         self
     }
 
@@ -200,31 +293,38 @@ impl RedisStoreBuilder {
     /// Connects to a single node (or a proxy) by URL, e.g. `redis://127.0.0.1:6379/0`, or `rediss://…` for TLS
     /// (feature `tls`).
     pub async fn open(self, url: impl IntoConnectionInfo) -> Result<RedisStore, StoreError> {
+        self.check_prefix()?;
         let client = self.tls.node_client(tls::connection_info(url)?)?;
         self.client(client).await
     }
 
     /// Uses a client for one multiplexed command connection (replaced when it breaks) and one pub/sub connection.
-    /// Fails if the server does not answer now.
     pub async fn client(self, client: Client) -> Result<RedisStore, StoreError> {
+        self.check_prefix()?;
         tls::install_crypto_provider();
         let link = NodeLink::new(client.clone(), &self.timeouts);
         link.connect().await.map_err(unavailable)?;
-        Ok(RedisStore::node(self.commands(Backend::Node(Box::new(link))), ClientSource::Fixed(client)))
+        Ok(self.node(Backend::Node(Box::new(link)), ClientSource::Fixed(client)))
     }
 
     /// Uses your [`ConnectionManager`] for commands (its own settings decide how it reconnects); `client` (the same
     /// server) opens the pub/sub connection that wakes waiting duplicates and the connections that wait for
     /// replicas.
-    pub fn connection_manager(self, manager: ConnectionManager, client: Client) -> RedisStore {
+    pub async fn connection_manager(
+        self,
+        manager: ConnectionManager,
+        client: Client,
+    ) -> Result<RedisStore, StoreError> {
+        self.check_prefix()?;
         tls::install_crypto_provider();
-        RedisStore::node(self.commands(Backend::Manager(manager, client.clone())), ClientSource::Fixed(client))
+        self.node(Backend::Manager(manager, client.clone()), ClientSource::Fixed(client)).answering().await
     }
 
     /// Uses a deadpool-redis pool for commands; `client` (the same server) opens the pub/sub connection.
-    pub fn pool(self, pool: deadpool_redis::Pool, client: Client) -> RedisStore {
+    pub async fn pool(self, pool: deadpool_redis::Pool, client: Client) -> Result<RedisStore, StoreError> {
+        self.check_prefix()?;
         tls::install_crypto_provider();
-        RedisStore::node(self.commands(Backend::Pool(pool)), ClientSource::Fixed(client))
+        self.node(Backend::Pool(pool), ClientSource::Fixed(client)).answering().await
     }
 
     /// Connects to a Redis Cluster through any of its nodes, with this builder's connect and response timeouts;
@@ -233,6 +333,7 @@ impl RedisStoreBuilder {
         self,
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<RedisStore, StoreError> {
+        self.check_prefix()?;
         let timeouts = self.timeouts;
         let nodes = nodes.into_iter().map(tls::connection_info).collect::<Result<Vec<_>, _>>()?;
         // The response timeout also bounds the Cluster connection's own retries (redirections, reconnections).
@@ -245,6 +346,7 @@ impl RedisStoreBuilder {
     /// `tls` feature its TLS settings). The store switches it to RESP3 and installs its own push handler, which
     /// sharded pub/sub needs.
     pub async fn cluster_builder(self, builder: ClusterClientBuilder) -> Result<RedisStore, StoreError> {
+        self.check_prefix()?;
         tls::install_crypto_provider();
         let waiters = Arc::new(Waiters::default());
         let dispatch = waiters.clone();
@@ -255,151 +357,98 @@ impl RedisStoreBuilder {
                 Ok::<(), std::convert::Infallible>(())
             })
             .build()
-            .map_err(unavailable)?;
+            .map_err(invalid_config)?;
         let connection = client.get_async_connection().await.map_err(unavailable)?;
-        Ok(RedisStore {
-            commands: self.commands(Backend::Cluster(connection.clone())),
-            notifier: Notifier::new(Link::Cluster(connection), waiters),
-            prefix: "idem:".to_owned(),
-            publish: "SPUBLISH",
-            replicas: None,
-            claim_by_script: AtomicBool::new(false),
-            #[cfg(test)]
-            act_as_redis_6: AtomicBool::new(false),
-        })
+        let link = Link::Cluster(connection.clone());
+        Ok(self.store(Backend::Cluster(connection), link, waiters, "SPUBLISH"))
     }
 
     /// Finds the primary of `service` through Sentinel (`sentinels` are the Sentinels' URLs), and finds it again
     /// after a failover. With the `tls` feature, when the Sentinels' URLs are `rediss://` or certificates are set
     /// on this builder, the primary is reached over TLS too, trusting the same roots.
-    pub fn sentinel<T: IntoConnectionInfo>(self, sentinels: Vec<T>, service: &str) -> Result<RedisStore, StoreError> {
+    pub async fn sentinel<T: IntoConnectionInfo>(
+        self,
+        sentinels: impl IntoIterator<Item = T>,
+        service: &str,
+    ) -> Result<RedisStore, StoreError> {
+        self.check_prefix()?;
         let sentinels = sentinels.into_iter().map(tls::connection_info).collect::<Result<Vec<_>, _>>()?;
         let client = self.tls.sentinel_client(sentinels, service)?;
-        Ok(self.sentinel_client(client))
+        self.sentinel_client(client).await
     }
 
     /// Uses a configured [`SentinelClient`] (it must name the primary:
     /// [`SentinelServerType::Master`](redis::sentinel::SentinelServerType::Master)).
-    pub fn sentinel_client(self, client: SentinelClient) -> RedisStore {
+    pub async fn sentinel_client(self, client: SentinelClient) -> Result<RedisStore, StoreError> {
+        self.check_prefix()?;
         tls::install_crypto_provider();
         let link = Arc::new(SentinelLink::new(client, &self.timeouts));
-        RedisStore::node(self.commands(Backend::Sentinel(link.clone())), ClientSource::Sentinel(link))
+        self.node(Backend::Sentinel(link.clone()), ClientSource::Sentinel(link)).answering().await
     }
 
-    fn commands(&self, backend: Backend) -> Arc<Commands> {
+    fn check_prefix(&self) -> Result<(), StoreError> {
+        if self.prefix.contains(['{', '}']) {
+            let refused = InvalidPrefix(self.prefix.clone());
+            return Err(StoreError::InvalidConfig(Cause::with_source(format!("redis: {refused}"), refused)));
+        }
+        Ok(())
+    }
+
+    fn node(self, backend: Backend, source: ClientSource) -> RedisStore {
+        self.store(backend, Link::Node(source), Arc::default(), "PUBLISH")
+    }
+
+    fn store(self, backend: Backend, link: Link, waiters: Arc<Waiters>, publish: &'static str) -> RedisStore {
         let commands = Arc::new(Commands { backend, health: Health::new("redis"), timeouts: self.timeouts });
         // Now if a runtime is running, else on the first call.
         probe::start(&commands);
-        commands
-    }
-}
-
-impl RedisStore {
-    /// A builder, to set timeouts; the constructors below use its defaults.
-    pub fn builder() -> RedisStoreBuilder {
-        RedisStoreBuilder::default()
-    }
-
-    /// Connects to a single node (or a proxy) by URL, e.g. `redis://127.0.0.1:6379/0`.
-    pub async fn open(url: impl IntoConnectionInfo) -> Result<Self, StoreError> {
-        Self::builder().open(url).await
-    }
-
-    /// Uses a client: one multiplexed connection for commands (replaced when it breaks) and one pub/sub connection.
-    pub async fn from_client(client: Client) -> Result<Self, StoreError> {
-        Self::builder().client(client).await
-    }
-
-    /// Uses an existing [`ConnectionManager`] for commands; `client` (the same server) opens the pub/sub connection
-    /// that wakes waiting duplicates. The manager's own settings decide how soon it reconnects after an outage.
-    pub fn from_connection_manager(manager: ConnectionManager, client: Client) -> Self {
-        Self::builder().connection_manager(manager, client)
-    }
-
-    /// Uses a deadpool-redis pool for commands; `client` (the same server) opens the pub/sub connection.
-    pub fn from_pool(pool: deadpool_redis::Pool, client: Client) -> Self {
-        Self::builder().pool(pool, client)
-    }
-
-    /// Connects to a Redis Cluster through any of its nodes.
-    pub async fn cluster<T: IntoConnectionInfo>(nodes: impl IntoIterator<Item = T>) -> Result<Self, StoreError> {
-        Self::builder().cluster(nodes).await
-    }
-
-    /// Connects to a Redis Cluster configured by `builder` (credentials, timeouts, TLS with the `tls` feature). The
-    /// store switches it to RESP3 and installs its own push handler, which sharded pub/sub needs.
-    pub async fn from_cluster_builder(builder: ClusterClientBuilder) -> Result<Self, StoreError> {
-        Self::builder().cluster_builder(builder).await
-    }
-
-    /// Finds the primary of `service` through Sentinel (`sentinels` are the Sentinels' URLs), and finds it again
-    /// after a failover.
-    pub fn sentinel<T: IntoConnectionInfo>(sentinels: Vec<T>, service: &str) -> Result<Self, StoreError> {
-        Self::builder().sentinel(sentinels, service)
-    }
-
-    /// Uses a configured [`SentinelClient`] (it must name the primary:
-    /// [`SentinelServerType::Master`](redis::sentinel::SentinelServerType::Master)).
-    pub fn from_sentinel_client(client: SentinelClient) -> Self {
-        Self::builder().sentinel_client(client)
-    }
-
-    fn node(commands: Arc<Commands>, source: ClientSource) -> Self {
-        Self {
+        RedisStore {
             commands,
-            notifier: Notifier::new(Link::Node(source), Arc::default()),
-            prefix: "idem:".to_owned(),
-            publish: "PUBLISH",
-            replicas: None,
+            notifier: Notifier::new(link, waiters, self.pubsub),
+            prefix: self.prefix,
+            publish,
+            replicas: self.replicas.map(|(replicas, timeout)| ReplicaAcks::new(replicas, timeout)),
             claim_by_script: AtomicBool::new(false),
             #[cfg(test)]
             act_as_redis_6: AtomicBool::new(false),
         }
     }
+}
 
-    /// Namespaces every key (default `idem:`).
-    ///
-    /// A prefix holding `{` or `}` is refused ([`InvalidPrefix`]): the record's hash tag must be the first braces in
-    /// its key, or a Cluster would put a record and its channel in different slots.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Result<Self, InvalidPrefix> {
-        let prefix = prefix.into();
-        if prefix.contains(['{', '}']) {
-            return Err(InvalidPrefix(prefix));
-        }
-        self.prefix = prefix;
+impl RedisStore {
+    /// A builder: timeouts, key prefix, TLS, replicas, and the connections you configured yourself.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// Connects to a single node (or a proxy) by URL, e.g. `redis://127.0.0.1:6379/0`, with the default settings.
+    pub async fn open(url: impl IntoConnectionInfo) -> Result<Self, StoreError> {
+        Self::builder().open(url).await
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes, with the default settings.
+    pub async fn cluster<T: IntoConnectionInfo>(nodes: impl IntoIterator<Item = T>) -> Result<Self, StoreError> {
+        Self::builder().cluster(nodes).await
+    }
+
+    /// Finds the primary of `service` through Sentinel (`sentinels` are the Sentinels' URLs), and finds it again
+    /// after a failover, with the default settings.
+    pub async fn sentinel<T: IntoConnectionInfo>(
+        sentinels: impl IntoIterator<Item = T>,
+        service: &str,
+    ) -> Result<Self, StoreError> {
+        Self::builder().sentinel(sentinels, service).await
+    }
+
+    /// This store once it answered a `PING`: the constructors that take a connection the caller made check it the
+    /// way the others check their own.
+    async fn answering(self) -> Result<Self, StoreError> {
+        self.commands.ping().await?;
         Ok(self)
     }
 
-    /// Makes each new claim and each completion wait until `replicas` replicas acknowledged it (Redis `WAIT`), at
-    /// most `timeout`, so a failover to a replica loses neither: without it, a claim or a record the primary
-    /// acknowledged but had not yet replicated is gone after a failover, and a retry runs a second time.
-    ///
-    /// - **A claim that fewer than `replicas` replicas acknowledged fails closed**: the store releases it and
-    ///   answers [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`, the handler does not run),
-    ///   as for any write the store could not make durable. With no replica in reach every first request fails so.
-    /// - **A completion that fewer than `replicas` acknowledged is still [`Write::Applied`]**: the handler has
-    ///   already run and its response goes to the client; it is on the primary, and replays are served from there.
-    ///   The store logs a warning and counts it ([`RedisStore::unreplicated_completions`]; with the `metrics`
-    ///   feature also `idem_redis_unreplicated_completions_total`): if that primary fails over before the replica
-    ///   catches up, a retry may run again.
-    ///
-    /// `WAIT` counts the writes of the connection it is sent on and blocks that connection until it answers, so
-    /// these writes go, each followed by its `WAIT`, on connections of their own checked out exclusively (at most
-    /// 32 at once; a deadpool-redis pool's own connections with [`RedisStore::from_pool`]); the shared connection,
-    /// and with it replays, renewals and releases, never waits. A claim is made on the shared connection like any
-    /// other; only when it took the key does the store renew it on an exclusive connection followed by `WAIT` (the
-    /// replication stream is ordered: a replica that has the renewal has the claim). This costs a first request
-    /// one more round trip plus the replication latency for the claim, and the replication latency for the
-    /// completion; a replay costs nothing more. Those calls may take `timeout` longer than the store's usual
-    /// deadline. With [`RedisStore::from_pool`], keep `timeout` under the pool's response timeout (redis-rs: 500 ms
-    /// by default). Ignored on a Cluster.
-    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
-        self.replicas = Some(ReplicaAcks::new(replicas, timeout));
-        self
-    }
-
-    /// How many completions fewer replicas acknowledged than [`RedisStore::wait_for_replicas`] asks for (0 when it
-    /// is not set).
+    /// How many completions fewer replicas acknowledged than [`RedisStoreBuilder::wait_for_replicas`] asks for (0
+    /// when it is not set).
     pub fn unreplicated_completions(&self) -> u64 {
         self.replicas.as_ref().map_or(0, ReplicaAcks::unreplicated_completions)
     }
@@ -721,27 +770,8 @@ impl Store for RedisStore {
     }
 }
 
-/// A key prefix [`RedisStore::with_prefix`] refused: it holds `{` or `}`.
+/// A key prefix [`RedisStoreBuilder::prefix`] that the connecting methods refuse: it holds `{` or `}` (the source of
+/// their [`StoreError::InvalidConfig`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("a Redis key prefix cannot hold `{{` or `}}` (the record's hash tag must come first): {0:?}")]
 pub struct InvalidPrefix(pub String);
-
-/// Tuning of the pub/sub link that wakes waiting duplicates.
-impl RedisStore {
-    /// How long the pub/sub connection that wakes waiting duplicates may take to connect, to confirm a `SUBSCRIBE`
-    /// or `UNSUBSCRIBE`, or to answer a heartbeat `PING`, before it is considered dead and replaced (default 1 s).
-    /// Waits never take longer than their own timeout whatever this is: a slow link only makes a waiter wait for
-    /// its timeout instead of being woken early. Set it before the store's first wait.
-    pub fn with_pubsub_timeout(self, timeout: Duration) -> Self {
-        self.notifier.configure(|settings| settings.timeout = timeout);
-        self
-    }
-
-    /// How long the pub/sub connection may stay silent before a `PING` checks that it is still alive (default 1 s),
-    /// so a connection that died silently (a lost NAT entry, a dropped firewall session) is replaced before a
-    /// waiter needs it. Set it before the store's first wait.
-    pub fn with_pubsub_heartbeat(self, interval: Duration) -> Self {
-        self.notifier.configure(|settings| settings.heartbeat = interval);
-        self
-    }
-}

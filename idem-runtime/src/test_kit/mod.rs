@@ -30,9 +30,14 @@
 //!
 //! Each case is also a public function in [`cases`] (through `#[idempotent]` handlers) or [`contract`] (the trait
 //! called directly), taking the store by value, to call from a test of your own.
+//!
+//! For faults no real backend has on cue, two test doubles: [`Outage`], a store that is down, and [`Faulty`], a
+//! wrapper around any store that fails, delays or answers the calls you choose (a lost reply, a renewal that hangs,
+//! renewals down while claims work) and counts every call.
 
 pub mod cases;
 pub mod contract;
+mod faulty;
 mod outage;
 
 /// The test app the cases drive. Used by idem's own tests; not a stable API.
@@ -42,6 +47,7 @@ pub mod app;
 #[doc(hidden)]
 pub mod client;
 
+pub use faulty::{Fault, Faulty, Operation};
 pub use outage::Outage;
 
 /// What `#[idempotent]` expands to use, as the facade crate's own `__private` offers it: the handlers of the test

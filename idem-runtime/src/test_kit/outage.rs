@@ -1,4 +1,5 @@
-//! The one test double: a store that is down. It stands in for an outage, which no real store can be asked to have.
+//! A store that is down: it stands in for an outage, which no real store can be asked to have. For a store that is
+//! down for some operations only, or at some moments, see [`Faulty`](super::Faulty).
 
 use crate::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
 use std::time::Duration;

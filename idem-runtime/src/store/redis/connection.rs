@@ -268,6 +268,11 @@ pub(super) fn unavailable(error: RedisError) -> StoreError {
     StoreError::Unavailable(Cause::with_source(format!("redis: {error}"), error))
 }
 
+/// A setting redis-rs refused before connecting (a URL, a certificate, a Cluster or Sentinel configuration).
+pub(super) fn invalid_config(error: RedisError) -> StoreError {
+    StoreError::InvalidConfig(Cause::with_source(format!("redis: {error}"), error))
+}
+
 /// One multiplexed connection to a node, opened on first use and replaced after it breaks.
 pub(super) struct NodeLink {
     client: Client,

@@ -257,18 +257,13 @@ pub(super) enum ClientSource {
 pub(super) struct Notifier {
     waiters: Arc<Waiters>,
     link: Link,
-    settings: Mutex<LinkSettings>,
+    settings: LinkSettings,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Notifier {
-    pub(super) fn new(link: Link, waiters: Arc<Waiters>) -> Arc<Self> {
-        Arc::new(Self { waiters, link, settings: Mutex::default(), task: Mutex::new(None) })
-    }
-
-    /// Changes the link's settings; a link task already running keeps the ones it started with.
-    pub(super) fn configure(&self, change: impl FnOnce(&mut LinkSettings)) {
-        change(&mut self.settings.lock().unwrap_or_else(PoisonError::into_inner));
+    pub(super) fn new(link: Link, waiters: Arc<Waiters>, settings: LinkSettings) -> Arc<Self> {
+        Arc::new(Self { waiters, link, settings, task: Mutex::new(None) })
     }
 
     /// Registers a waiter on `channel`. Must run inside a Tokio runtime (the link task is spawned on first use).
@@ -282,7 +277,7 @@ impl Notifier {
         if task.as_ref().is_some_and(|task| !task.is_finished()) {
             return;
         }
-        let settings = *self.settings.lock().unwrap_or_else(PoisonError::into_inner);
+        let settings = self.settings;
         let (link, waiters) = (self.link.clone(), self.waiters.clone());
         *task = Some(tokio::spawn(async move {
             match link {

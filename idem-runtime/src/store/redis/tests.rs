@@ -129,7 +129,7 @@ async fn an_error_about_the_data_does_not_switch_claims_to_the_script() {
 #[tokio::test]
 async fn store_calls_carry_small_futures() {
     let server = Server::start();
-    let store = RedisStore::open(server.url()).await.unwrap().wait_for_replicas(1, Duration::from_millis(10));
+    let store = RedisStore::builder().wait_for_replicas(1, Duration::from_millis(10)).open(server.url()).await.unwrap();
     let (key, owner, fp, lease) =
         (StoreKey::derive(&[b"x"]), OwnerToken::generate(), fingerprint("a"), Duration::from_secs(1));
     let done = record(fp);

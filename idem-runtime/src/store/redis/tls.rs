@@ -2,7 +2,7 @@
 //! kind of connection (node, Cluster, Sentinel and the primary it names), the rustls crypto provider, and the error
 //! a `rediss://` URL gets when the `tls` feature is off.
 
-use super::connection::unavailable;
+use super::connection::invalid_config;
 use crate::StoreError;
 use redis::cluster::ClusterClientBuilder;
 use redis::sentinel::{SentinelClient, SentinelServerType};
@@ -20,9 +20,9 @@ pub(super) fn connection_info(url: impl IntoConnectionInfo) -> Result<Connection
         // redis-rs refuses the scheme itself when built without TLS; no other parse error mentions TLS.
         #[cfg(not(feature = "tls"))]
         if error.kind() == redis::ErrorKind::InvalidClientConfig && error.to_string().contains("TLS") {
-            return StoreError::Unavailable(format!("redis: {TLS_FEATURE_OFF}").into());
+            return StoreError::InvalidConfig(format!("redis: {TLS_FEATURE_OFF}").into());
         }
-        unavailable(error)
+        invalid_config(error)
     })
 }
 
@@ -59,9 +59,9 @@ impl TlsSettings {
         install_crypto_provider();
         #[cfg(feature = "tls")]
         if let Some(certificates) = &self.certificates {
-            return Client::build_with_tls(info, certificates.clone()).map_err(unavailable);
+            return Client::build_with_tls(info, certificates.clone()).map_err(invalid_config);
         }
-        Client::open(info).map_err(unavailable)
+        Client::open(info).map_err(invalid_config)
     }
 
     /// A Cluster builder over `nodes`: TLS when the nodes' URLs are `rediss://` or certificates are set.
@@ -91,7 +91,7 @@ impl TlsSettings {
         // A `String`: redis-rs without TLS takes one (with TLS, `impl AsRef<str>`, which makes the copy needless).
         #[cfg_attr(feature = "tls", allow(clippy::unnecessary_to_owned))]
         let service = service.to_owned();
-        SentinelClient::build(sentinels, service, None, SentinelServerType::Master).map_err(unavailable)
+        SentinelClient::build(sentinels, service, None, SentinelServerType::Master).map_err(invalid_config)
     }
 
     #[cfg(feature = "tls")]
@@ -104,7 +104,7 @@ impl TlsSettings {
         let sentinels_use_tls = sentinels.iter().any(is_tls);
         let addresses = sentinels.iter().map(|info| info.addr().clone());
         let mut builder = SentinelClientBuilder::new(addresses, service, SentinelServerType::Master)
-            .map_err(unavailable)?
+            .map_err(invalid_config)?
             .set_client_to_redis_tls_mode(TlsMode::Secure);
         if let Some(username) = credentials.username() {
             builder = builder.set_client_to_sentinel_username(username);
@@ -118,7 +118,7 @@ impl TlsSettings {
                 builder = builder.set_client_to_sentinel_certificates(certificates.clone());
             }
         }
-        builder.build().map_err(unavailable)
+        builder.build().map_err(invalid_config)
     }
 }
 

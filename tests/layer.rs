@@ -507,6 +507,67 @@ pub async fn annotated_route_in_a_nested_router_keeps_one_record_across_first_co
     assert_eq!(probe.runs(), 1);
 }
 
+// --- two apps on one store (two processes) ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn each_app_on_a_shared_store_has_its_own_first_contact_and_the_layers_policy_until_then() {
+    // Two apps on one store stand for two processes: each router has its own layer registries.
+    let store = Arc::new(idem::MemoryStore::new());
+    let first = TestApp::with_store(store.clone());
+    let key = fresh_key("shared");
+    let original = first.send(post_json("/annotated/lenient", Some(&key), &json!({ "item": "book" }))).await;
+    original.assert_new(&key);
+    let lamp = || post_json("/annotated/lenient", Some(&key), &json!({ "item": "lamp" }));
+    // The first app has had its first contact: the annotation's policy (no signature check) replays.
+    let reused = first.send(lamp()).await;
+    assert_eq!((reused.status, &reused.body), (StatusCode::CREATED, &original.body));
+    assert_eq!(reused.all("x-idempotency-status"), [b"hit"]);
+
+    // A fresh app has not: its layer claims the route's requests with the layer's policy, which checks signatures.
+    // Its store cannot tell it the route is annotated *here* (see the layer docs), so this is the documented rule.
+    let second = TestApp::with_store(store.clone());
+    second.send(lamp()).await.assert_problem(422, "key-reused");
+    let contact = fresh_key("contact");
+    second.send(post_json("/annotated/lenient", Some(&contact), &json!({}))).await.assert_new(&contact);
+    let after = second.send(lamp()).await;
+    assert_eq!((after.status, &after.body), (StatusCode::CREATED, &original.body), "after its own first contact");
+    assert_eq!(after.all("x-idempotency-status"), [b"hit"]);
+    assert_eq!((first.probe.runs(), second.probe.runs()), (1, 1), "the original and the second app's contact");
+}
+
+#[tokio::test]
+async fn a_record_an_annotated_handler_wrote_never_lets_a_retry_through_to_a_plain_handler() {
+    // One version of an app annotates the route; the next serves it with a plain handler under the layer (a rolling
+    // deploy, or two apps on one store). A record the annotated handler wrote must not make the layer pass a retry
+    // through: the plain handler would run it again.
+    let store = Arc::new(idem::MemoryStore::new());
+    let annotated = TestApp::with_store(store.clone());
+    let key = fresh_key("redeployed");
+    let body = json!({ "item": "book" });
+    let original = annotated.send(post_json("/annotated/lenient", Some(&key), &body)).await;
+    original.assert_new(&key);
+
+    let probe = Probe::default();
+    let plain_app = Router::new()
+        .route("/annotated/lenient", post(plain))
+        .layer(Idempotency::new(store.clone()).layer())
+        .with_state(probe.clone());
+    let send = |request| {
+        let router = plain_app.clone();
+        async move { Reply::read(router.oneshot(request).await.unwrap()).await }
+    };
+    for _ in 0..2 {
+        let retry = send(post_json("/annotated/lenient", Some(&key), &body)).await;
+        assert_eq!((retry.status, &retry.body), (StatusCode::CREATED, &original.body));
+        assert_eq!(retry.all("x-idempotency-status"), [b"hit"]);
+    }
+    // The layer's own policy, not the record's maker's: it checks signatures.
+    send(post_json("/annotated/lenient", Some(&key), &json!({ "item": "lamp" })))
+        .await
+        .assert_problem(422, "key-reused");
+    assert_eq!((annotated.probe.runs(), probe.runs()), (1, 0), "the plain handler never ran");
+}
+
 // --- the suite ----------------------------------------------------------------------------------------------
 
 /// Every case above as a `#[tokio::test]`, in a module `$name`, each on a store made by `$store` (an async closure):

@@ -73,6 +73,15 @@ use tracing::Instrument;
 ///   once and stored with the annotation's `ttl`, `lease` and `store_server_errors`. A request without a key
 ///   passes the layer (its `required` is false by default) and meets the annotation's `required` even before
 ///   first contact. Processes that share a store each have their own first contact.
+/// - Why first contact stays: the layer must decide whether to claim before it calls the route, and only the
+///   handler can tell it, by running, that the route is annotated *in this process*. Telling it through the store
+///   (records and claims marked by annotated handlers, the layer passing marked keys through untouched) would not
+///   be sound: a mark describes the process and the version of the app that wrote it, and after a rolling deploy
+///   that made the handler plain, or beside another app on the same store, the layer would let a retry of a
+///   completed request through to a plain handler, which runs it again, and would stop protecting the route. Nor
+///   could it help a fresh key, whose body the layer must read (within its limit) to fingerprint it before there is
+///   anything in the store to look at. To have an annotation apply from the very first request, keep the layer off
+///   annotated routes (below).
 /// - The registry needs [`MatchedPath`], which axum sets for routes under `Router::layer` or
 ///   `Router::route_layer`. Wrapping a whole router from outside (`IdempotencyLayer::new(..).layer(router)`)
 ///   leaves only the handoff: every request to an annotated route is then claimed with the layer's settings and

@@ -503,7 +503,7 @@ async fn a_store_made_from_the_applications_pool_shares_the_table_with_one_made_
     let server = shared_server();
     let store = shared_store().await;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&server.url()).await.unwrap();
-    let from_pool = PostgresStore::builder().table(store.table()).pool(pool);
+    let from_pool = PostgresStore::builder().table(store.table()).pool(pool).unwrap();
     let key = fresh_key("from-pool");
     let owner = owned(&from_pool, &key, Duration::from_secs(30)).await;
     assert_eq!(
@@ -621,4 +621,21 @@ async fn claim_and_replay_latency_is_measured() {
         "postgres: claim+complete median {:?} (p90 {:?}), replay median {:?} (p90 {:?})",
         first_requests[150], first_requests[270], replays[150], replays[270]
     );
+}
+
+#[tokio::test]
+async fn a_refused_table_name_or_url_is_invalid_config_before_anything_connects() {
+    // Nothing listens on port 1: a builder that tried to connect would answer Unavailable instead.
+    let nowhere = "postgres://postgres@127.0.0.1:1/postgres";
+    for table in ["bad-name", "x\"; DROP TABLE y; --", "2fast"] {
+        let builder = PostgresStore::builder().table(table);
+        assert!(matches!(builder.schema_sql(), Err(StoreError::InvalidConfig(_))), "{table:?}");
+        let refused = builder.connect(nowhere).await.unwrap_err();
+        assert!(matches!(refused, StoreError::InvalidConfig(_)), "{table:?}: {refused}");
+        assert!(refused.to_string().contains("not a plain identifier"), "{table:?}: {refused}");
+    }
+    let unparsable = PostgresStore::builder().connect("postgres://[::1").await.unwrap_err();
+    assert!(matches!(unparsable, StoreError::InvalidConfig(_)), "{unparsable}");
+    let unreachable = PostgresStore::builder().connect_timeout(Duration::from_millis(200)).connect(nowhere).await;
+    assert!(matches!(unreachable, Err(StoreError::Unavailable(_))), "{unreachable:?}");
 }

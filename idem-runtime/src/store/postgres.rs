@@ -121,7 +121,8 @@ struct SweepSettings {
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `connect` or `pool` is called"]
 pub struct PostgresStoreBuilder {
-    table: TableName,
+    /// The table, or why the name given was refused (reported by `connect` and `pool`).
+    table: Result<TableName, String>,
     statement_timeout: Duration,
     connect_timeout: Duration,
     max_connections: u32,
@@ -133,7 +134,7 @@ pub struct PostgresStoreBuilder {
 impl Default for PostgresStoreBuilder {
     fn default() -> Self {
         Self {
-            table: TableName::default(),
+            table: Ok(TableName::default()),
             statement_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(1),
             max_connections: 10,
@@ -148,12 +149,12 @@ impl PostgresStoreBuilder {
     /// The table holding claims and records (default `idem_records`), optionally schema-qualified
     /// (`schema.table`). Its notification channel is named after it (`<table>_done`).
     ///
-    /// # Panics
-    /// Unless each part is an unquoted SQL identifier of at most 48 bytes: ASCII letters, digits and `_`, not
-    /// starting with a digit. The name is written into SQL (quoted), so it must come from configuration, never from
-    /// a request.
+    /// Each part must be an unquoted SQL identifier of at most 48 bytes: ASCII letters, digits and `_`, not
+    /// starting with a digit; [`connect`](Self::connect) and [`pool`](Self::pool) refuse another name with
+    /// [`StoreError::InvalidConfig`]. The name is written into SQL (quoted), so it must come from configuration,
+    /// never from a request.
     pub fn table(mut self, table: &str) -> Self {
-        self.table = TableName::parse(table).unwrap_or_else(|reason| panic!("PostgresStore table {table:?}: {reason}"));
+        self.table = TableName::parse(table).map_err(|reason| format!("postgres: table {table:?}: {reason}"));
         self
     }
 
@@ -208,15 +209,24 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// The SQL [`PostgresStore::migrate`] runs for this builder's table.
-    pub fn schema_sql(&self) -> String {
-        sql::schema(&self.table)
+    /// The SQL [`PostgresStore::migrate`] runs for this builder's table; `Err` when the table's name was refused.
+    pub fn schema_sql(&self) -> Result<String, StoreError> {
+        self.checked_table().map(sql::schema)
+    }
+
+    fn checked_table(&self) -> Result<&TableName, StoreError> {
+        self.table.as_ref().map_err(|refused| StoreError::InvalidConfig(Cause::new(refused.clone())))
     }
 
     /// Connects to `url` (e.g. `postgres://user:password@host:5432/database`) with a pool of its own. Fails with
-    /// [`StoreError::Unavailable`] if the database does not answer within the connect timeout.
+    /// [`StoreError::Unavailable`] if the database does not answer within the connect timeout, and with
+    /// [`StoreError::InvalidConfig`] at once, before connecting, for a URL that does not parse or a refused table
+    /// name.
     pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
-        let options = PgConnectOptions::from_str(url).map_err(unavailable)?;
+        self.checked_table()?;
+        let options = PgConnectOptions::from_str(url).map_err(|error| {
+            StoreError::InvalidConfig(Cause::with_source(format!("postgres: the URL does not parse: {error}"), error))
+        })?;
         let server_timeout = self.statement_timeout.as_millis().max(1).to_string();
         let options = options.options([("statement_timeout", server_timeout.as_str())]);
         let pool = PgPoolOptions::new()
@@ -233,16 +243,18 @@ impl PostgresStoreBuilder {
             .connect_with(options)
             .await
             .map_err(unavailable)?;
-        Ok(self.pool(pool))
+        self.pool(pool)
     }
 
     /// Uses the application's own pool (its settings decide how it connects; TLS comes with sqlx's TLS features).
-    /// The listening connection is opened with the pool's connect options, outside the pool.
-    pub fn pool(self, pool: PgPool) -> PostgresStore {
-        let statements = Arc::new(Statements::new(self.table));
+    /// The listening connection is opened with the pool's connect options, outside the pool. Fails only with
+    /// [`StoreError::InvalidConfig`], for a refused table name.
+    pub fn pool(self, pool: PgPool) -> Result<PostgresStore, StoreError> {
+        let table = self.checked_table()?.clone();
+        let statements = Arc::new(Statements::new(table));
         let settings = ListenSettings { timeout: self.connect_timeout, heartbeat: self.listen_heartbeat };
         let listener = Listener::new((*pool.connect_options()).clone(), statements.channel.clone(), settings);
-        PostgresStore {
+        Ok(PostgresStore {
             pool,
             statements,
             call_timeout: self.statement_timeout,
@@ -251,7 +263,7 @@ impl PostgresStoreBuilder {
             listener,
             health: Arc::new(Health::new("postgres")),
             probe_interval: self.probe_interval,
-        }
+        })
     }
 }
 
@@ -273,11 +285,11 @@ impl PostgresStore {
     /// use idem_runtime::PostgresStore;
     /// use sqlx::postgres::PgPoolOptions;
     /// let pool = PgPoolOptions::new().max_connections(20).connect("postgres://app@127.0.0.1/app").await?;
-    /// let store = PostgresStore::from_pool(pool.clone());
+    /// let store = PostgresStore::from_pool(pool.clone())?;
     /// store.migrate().await?;
     /// # Ok(()) }
     /// ```
-    pub fn from_pool(pool: PgPool) -> Self {
+    pub fn from_pool(pool: PgPool) -> Result<Self, StoreError> {
         Self::builder().pool(pool)
     }
 

@@ -1,7 +1,7 @@
 //! The plain async API: run a piece of work at most once per key, for callers that are not HTTP handlers (queue
 //! and webhook consumers, jobs).
 
-use crate::engine::{Outcome, begin_observed};
+use crate::engine::{Outcome, begin_observed, beside};
 use crate::store::{StoreError, StoreKey};
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored, StoredResponse};
 use bytes::Bytes;
@@ -158,7 +158,8 @@ impl Once<'_> {
         let shared = &*self.idempotency.shared;
         let span = tracing::Span::current();
         let metrics = shared.metrics_at("once", self.scope);
-        let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, &self.policy).await;
+        let begun =
+            begin_observed(&shared.store, &metrics, Some(&shared.running), store_key, fingerprint, &self.policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         }
@@ -203,30 +204,37 @@ impl Once<'_> {
             }
         };
         span.record("outcome", "new");
-        let value = match claim.keep_alive(work()).await {
-            Ok(value) => value,
-            Err(error) => {
-                let _ = claim.release().await;
-                return Err(OnceError::Work(error));
-            }
-        };
-        let stored = match serde_json::to_vec(&value) {
-            Ok(body) if body.len() <= shared.max_record_bytes => Stored::Response(StoredResponse {
-                status: 200,
-                headers: vec![("content-type".to_owned(), Bytes::from_static(b"application/json"))],
-                body: body.into(),
-            }),
-            Ok(body) => {
-                tracing::warn!(bytes = body.len(), "the result is over max_record_bytes: kept as not replayable");
-                Stored::NotReplayable { status: 200 }
-            }
-            Err(error) => {
-                tracing::error!(%error, "the result could not be serialized: kept as not replayable");
-                Stored::NotReplayable { status: 200 }
-            }
-        };
-        let _ = claim.complete(stored, self.policy.ttl_duration()).await;
-        Ok(Completed::Fresh(value))
+        // The lease is renewed on this task, beside the work, until the claim is completed or released.
+        let keeper = claim.keep_inline();
+        let ttl = self.policy.ttl_duration();
+        let max_record_bytes = shared.max_record_bytes;
+        beside(keeper, async move {
+            let value = match work().await {
+                Ok(value) => value,
+                Err(error) => {
+                    let _ = claim.release().await;
+                    return Err(OnceError::Work(error));
+                }
+            };
+            let stored = match serde_json::to_vec(&value) {
+                Ok(body) if body.len() <= max_record_bytes => Stored::Response(StoredResponse {
+                    status: 200,
+                    headers: vec![("content-type".to_owned(), Bytes::from_static(b"application/json"))],
+                    body: body.into(),
+                }),
+                Ok(body) => {
+                    tracing::warn!(bytes = body.len(), "the result is over max_record_bytes: kept as not replayable");
+                    Stored::NotReplayable { status: 200 }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "the result could not be serialized: kept as not replayable");
+                    Stored::NotReplayable { status: 200 }
+                }
+            };
+            let _ = claim.complete(stored, ttl).await;
+            Ok(Completed::Fresh(value))
+        })
+        .await
     }
 }
 

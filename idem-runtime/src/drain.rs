@@ -1,5 +1,6 @@
-//! Graceful shutdown: the handler tasks the HTTP doors detach from their connections, counted so a shutting-down
-//! process can wait for them instead of dropping them halfway through their side effects.
+//! Graceful shutdown: the handler tasks the HTTP doors detach from their connections, and the store writes left to
+//! the background (a completion or release retried while the store is out of reach), counted so a shutting-down
+//! process can wait for them instead of dropping them halfway through.
 
 use crate::Idempotency;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// The detached handler tasks still running.
+/// The detached handler tasks and background store writes still running.
 #[derive(Debug, Default)]
 pub(crate) struct Running {
     count: AtomicUsize,
@@ -32,13 +33,14 @@ impl Drop for RunningTask {
     }
 }
 
-/// Some handler tasks were still running when [`Idempotency::drain`] gave up waiting.
+/// Some handler tasks (or background store writes) were still running when [`Idempotency::drain`] gave up waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{0} idempotent handler task(s) still running after the grace period")]
+#[error("{0} idempotent handler task(s) or background store write(s) still running after the grace period")]
 pub struct Undrained(pub usize);
 
 impl Idempotency {
-    /// Waits up to `grace` for every handler this engine runs on a task of its own to finish.
+    /// Waits up to `grace` for every handler this engine runs on a task of its own to finish, and for the store
+    /// writes it retries in the background to land.
     ///
     /// Protected handlers run detached from their connection, so a client that disconnects cannot cancel one
     /// between its side effect and its record. The flip side is that `axum::serve(..).with_graceful_shutdown(..)`
@@ -52,6 +54,11 @@ impl Idempotency {
     ///     tracing::warn!(%undrained, "shutting down with handlers still running");
     /// }
     /// ```
+    ///
+    /// A completion (or release) that failed because the store was out of reach is retried in the background: the
+    /// work ran and its answer went out, and without its record a retry after the lease would run it again. `drain`
+    /// waits for those retries too (each gives up by itself once the record's ttl, or the claim's lease, has
+    /// passed), so a store that comes back within the grace period still gets the record.
     ///
     /// (`examples/orders.rs` does this on SIGTERM, and the README shows it compiled.)
     pub async fn drain(&self, grace: Duration) -> Result<(), Undrained> {
@@ -78,7 +85,8 @@ impl Idempotency {
         }
     }
 
-    /// How many handlers this engine is running on tasks of their own right now (see [`Idempotency::drain`]).
+    /// How many handlers this engine is running on tasks of their own right now, and store writes it is retrying
+    /// in the background (see [`Idempotency::drain`]).
     pub fn running_handlers(&self) -> usize {
         self.shared.running.count.load(Ordering::SeqCst)
     }

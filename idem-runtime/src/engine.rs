@@ -1,10 +1,12 @@
 //! Claim, wait, replay: the protocol every front door runs, free of HTTP.
 
+use crate::drain::Running;
 use crate::metrics::{Event, Metrics, NoMetrics};
 use crate::store::{Claimed, Store, StoreError, StoreKey, Write};
 use crate::{Entry, Fingerprint, OwnerToken, Policy, Record, Stored};
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -36,7 +38,7 @@ pub async fn begin(
     policy: &Policy,
 ) -> Result<Outcome, StoreError> {
     static NO_METRICS: std::sync::LazyLock<Arc<dyn Metrics>> = std::sync::LazyLock::new(|| Arc::new(NoMetrics));
-    begin_observed(store, &NO_METRICS, key, fingerprint, policy).await.result
+    begin_observed(store, &NO_METRICS, None, key, fingerprint, policy).await.result
 }
 
 /// What [`begin_observed`] decided, and how long it waited for an in-flight original (`None`: it did not wait).
@@ -45,17 +47,20 @@ pub(crate) struct Begun {
     pub(crate) waited: Option<Duration>,
 }
 
-/// [`begin`], counting its decision (and the wait) in `metrics` and logging conflicts and mismatches.
+/// [`begin`], counting its decision (and the wait) in `metrics` and logging conflicts and mismatches. Writes that the
+/// claim (or a failed claim) leaves to retry in the background are counted in `running`, so that
+/// [`Idempotency::drain`](crate::Idempotency::drain) waits for them too.
 pub(crate) async fn begin_observed(
     store: &Arc<dyn Store>,
     metrics: &Arc<dyn Metrics>,
+    running: Option<&Arc<Running>>,
     key: StoreKey,
     fingerprint: Fingerprint,
     policy: &Policy,
 ) -> Begun {
     let started = Instant::now();
     let mut waited = false;
-    let result = claim_or_wait(store, metrics, key, fingerprint, policy, &mut waited).await;
+    let result = claim_or_wait(store, metrics, running, key, fingerprint, policy, &mut waited).await;
     let waited = waited.then(|| started.elapsed());
     if let Some(waited) = waited {
         metrics.observe_wait(waited);
@@ -83,6 +88,7 @@ pub(crate) async fn begin_observed(
 async fn claim_or_wait(
     store: &Arc<dyn Store>,
     metrics: &Arc<dyn Metrics>,
+    running: Option<&Arc<Running>>,
     key: StoreKey,
     fingerprint: Fingerprint,
     policy: &Policy,
@@ -97,13 +103,21 @@ async fn claim_or_wait(
             Err(error) => {
                 // The claim may have taken effect with only its reply lost: give it up rather than leave the key
                 // in flight, answering 409, for a whole lease with nobody running the request.
-                release_lost_claim(store.clone(), key, owner, policy.lease_duration());
+                let lost = PendingWrite {
+                    store: store.clone(),
+                    key,
+                    owner,
+                    write: Pending::Release,
+                    running: running.cloned(),
+                };
+                lost.release_lost_claim(policy.lease_duration());
                 return Err(error);
             }
         };
         let entry = match claimed {
             Claimed::Owned => {
-                let claim = Claim::new(store, metrics, key, owner, fingerprint, policy.lease_duration());
+                let mut claim = Claim::new(store, metrics, key, owner, fingerprint, policy.lease_duration());
+                claim.running = running.cloned();
                 return Ok(Outcome::Execute(claim));
             }
             Claimed::Existing(entry) => entry,
@@ -138,8 +152,11 @@ pub struct Claim {
     owner: Option<OwnerToken>,
     fingerprint: Fingerprint,
     lease: Duration,
-    /// The task renewing the lease, once [`Claim::keep_alive`] started it.
+    /// The handle of the future renewing the lease, once something started it.
     keeper: std::sync::Mutex<Option<Keeper>>,
+    /// Where the writes left to the background (a failed completion or release retried, the release of a dropped
+    /// claim) are counted, for [`Idempotency::drain`](crate::Idempotency::drain).
+    running: Option<Arc<Running>>,
 }
 
 impl std::fmt::Debug for Claim {
@@ -165,6 +182,7 @@ impl Claim {
             fingerprint,
             lease,
             keeper: std::sync::Mutex::new(None),
+            running: None,
         }
     }
 
@@ -180,33 +198,43 @@ impl Claim {
 
     /// Runs `work` while the lease is renewed every third of its length beside it (a renewal that fails is retried
     /// every twentieth of the lease until one lands), so work that outlives its lease is never run a second time by
-    /// a duplicate. Renewing goes on (on a task of its own, so a slow store never holds the work up) until the claim
-    /// is completed, released or dropped.
+    /// a duplicate. Renewing goes on until the claim is completed, released or dropped: beside `work` (a renewal in
+    /// flight never holds the work up), then, if the claim is still held when `work` ends, on a task of its own.
     ///
     /// Only a store out of reach for the rest of a lease can cost the claim: a duplicate that claims the key once
     /// the lease has run out (and before a renewal re-claims it) runs the work again. The work here still runs to
     /// its end; its completion is then fenced, so the duplicate's record stands.
     pub async fn keep_alive<F: Future>(&self, work: F) -> F::Output {
-        self.start_keeping();
-        work.await
+        beside(self.keep_inline(), work).await
     }
 
-    /// Starts the task that renews the lease, unless it runs already.
+    /// Starts renewing the lease on a task of its own, unless something renews it already.
     pub(crate) fn start_keeping(&self) {
-        let mut keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if keeper.is_none()
-            && let Some(owner) = &self.owner
-        {
-            let renewal = Renewal {
-                store: self.store.clone(),
-                metrics: self.metrics.clone(),
-                key: self.key.clone(),
-                owner: owner.clone(),
-                fingerprint: self.fingerprint,
-                failures: 0,
-            };
-            *keeper = Some(Keeper::spawn(renewal, self.lease));
+        if let Some(keeper) = self.keep_inline() {
+            spawn_keeper(keeper);
         }
+    }
+
+    /// The future that renews the lease, for the caller to drive beside the work (see [`beside`]), unless one
+    /// exists already (its driver goes on driving it). Driving it on the work's own task rather than spawning it
+    /// spares a task, its scheduling and two wake-ups per claim.
+    pub(crate) fn keep_inline(&self) -> Option<KeeperRun> {
+        let mut keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if keeper.is_some() {
+            return None;
+        }
+        let owner = self.owner.as_ref()?;
+        let renewal = Renewal {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            key: self.key.clone(),
+            owner: owner.clone(),
+            fingerprint: self.fingerprint,
+            failures: 0,
+        };
+        let (handle, run) = Keeper::new(renewal, self.lease);
+        *keeper = Some(handle);
+        Some(run)
     }
 
     /// Renews the lease for `lease` from now on, at once: an adopting front door brings its own lease. With a keeper
@@ -227,7 +255,7 @@ impl Claim {
     }
 
     /// The claim's fence: its owner token, and a way to check (renewing at once) that the claim is still held.
-    /// Starts the renewal task if it does not run yet.
+    /// Starts renewing the lease (on a task of its own) if nothing renews it yet.
     pub fn fence(&self) -> Fence {
         self.start_keeping();
         let keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
@@ -259,8 +287,8 @@ impl Claim {
         let write = self.store.complete(&self.key, &owner, &record, ttl).await;
         report_write(&*self.metrics, &self.key, "complete", &write);
         if let Err(StoreError::Unavailable(_)) = &write {
-            let pending = Pending::Complete { record, ttl };
-            PendingWrite { store: self.store.clone(), key: self.key.clone(), owner, write: pending }.spawn(ttl);
+            let write = Pending::Complete { record, ttl };
+            self.pending(owner, write).spawn(ttl);
         }
         write
     }
@@ -302,11 +330,16 @@ impl Claim {
         let write = self.store.release(&self.key, &owner).await;
         report_write(&*self.metrics, &self.key, "release", &write);
         if let Err(StoreError::Unavailable(_)) = &write {
-            let pending =
-                PendingWrite { store: self.store.clone(), key: self.key.clone(), owner, write: Pending::Release };
-            pending.spawn(self.lease);
+            self.pending(owner, Pending::Release).spawn(self.lease);
         }
         write
+    }
+}
+
+impl Claim {
+    /// `write` by `owner` on this claim's key, to be sent in the background.
+    fn pending(&self, owner: OwnerToken, write: Pending) -> PendingWrite {
+        PendingWrite { store: self.store.clone(), key: self.key.clone(), owner, write, running: self.running.clone() }
     }
 }
 
@@ -322,6 +355,8 @@ struct PendingWrite {
     key: StoreKey,
     owner: OwnerToken,
     write: Pending,
+    /// Counts the write while it is retried, for [`Idempotency::drain`](crate::Idempotency::drain).
+    running: Option<Arc<Running>>,
 }
 
 enum Pending {
@@ -361,8 +396,10 @@ impl PendingWrite {
     fn spawn_quietly(self, useful_for: Duration) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let operation = self.operation();
+        let counted = self.running.as_ref().map(Running::enter);
         runtime.spawn(
             async move {
+                let _counted = counted;
                 let give_up = Instant::now() + useful_for;
                 let mut pause = WRITE_RETRY_FIRST;
                 loop {
@@ -447,11 +484,83 @@ fn renewal_retry_period(lease: Duration) -> Duration {
     (lease / 20).max(Duration::from_millis(10))
 }
 
-/// The handle of a claim's renewal task. The task makes one renewal at a time, so renewals land in the order it
-/// makes them.
+/// The future that renews a claim's lease (made by [`Keeper::new`]), driven beside the work by [`beside`] or on a
+/// task of its own by [`spawn_keeper`]. Boxed, so that a driver can hand it over to a task half-way.
+pub(crate) type KeeperRun = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// Runs `body` with `keeper` (if any) driven beside it on the same task: `body` first, then the keeper, on every
+    /// poll, so a command that `body` gives the keeper (a stop, a renewal) is taken in the same poll without waking
+    /// anyone. When `body` ends with the keeper still running (the claim outlives `body`: an annotated handler took
+    /// it over and holds it elsewhere, or [`Claim::keep_alive`]'s caller completes it later), or when this future is
+    /// dropped first (its caller was cancelled; the claim releases itself), the keeper goes on on a task of its own:
+    /// a renewal in flight lands before the claim's completion or release, never after it.
+    ///
+    /// A struct rather than an `async fn`: `body` (a whole handler's future) is kept in place, where an `async fn`
+    /// would hold it twice, as its argument and as the pinned local it is polled from.
+    pub(crate) struct Beside<B> {
+        keeper: HandOverOnDrop,
+        #[pin]
+        body: B,
+    }
+}
+
+/// [`Beside`] `body` with `keeper`.
+pub(crate) fn beside<B: Future>(keeper: Option<KeeperRun>, body: B) -> Beside<B> {
+    Beside { keeper: HandOverOnDrop(keeper), body }
+}
+
+impl<B: Future> Future for Beside<B> {
+    type Output = B::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<B::Output> {
+        let this = self.project();
+        let polled = this.body.poll(cx);
+        if let Some(keeper) = &mut this.keeper.0
+            && keeper.as_mut().poll(cx).is_ready()
+        {
+            this.keeper.0 = None;
+        }
+        polled
+    }
+}
+
+/// A keeper driven by [`Beside`], handed over to a task of its own if it is still running when its driver ends.
+pub(crate) struct HandOverOnDrop(Option<KeeperRun>);
+
+impl Drop for HandOverOnDrop {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.0.take() {
+            spawn_keeper(keeper);
+        }
+    }
+}
+
+/// Drives `keeper` on a task of its own (none outside a runtime: nothing could renew then).
+fn spawn_keeper(keeper: KeeperRun) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(keeper.in_current_span());
+    }
+}
+
+/// A handle of a claim's keeper: the future that renews its lease. The keeper makes one renewal at a time, so
+/// renewals land in the order it makes them; the claim's handle and each fence's send it commands.
 #[derive(Clone)]
 struct Keeper {
-    commands: tokio::sync::mpsc::UnboundedSender<KeeperCommand>,
+    state: Arc<std::sync::Mutex<KeeperState>>,
+}
+
+/// What a keeper and its handles share.
+#[derive(Default)]
+struct KeeperState {
+    /// Commands the keeper has not taken yet, in the order they were given.
+    commands: std::collections::VecDeque<KeeperCommand>,
+    /// A renewal is in flight: a stop waits for it to land.
+    renewing: bool,
+    /// The keeper makes no more renewals: stopped, or its future was dropped.
+    stopped: bool,
+    /// Wakes the keeper's driver when a command comes.
+    waker: Option<std::task::Waker>,
 }
 
 enum KeeperCommand {
@@ -463,53 +572,127 @@ enum KeeperCommand {
     Stop(tokio::sync::oneshot::Sender<()>),
 }
 
+/// What a keeper does next.
+enum Step {
+    /// As [`KeeperCommand::RenewFor`].
+    RenewFor(Duration, tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
+    /// As [`KeeperCommand::RenewNow`].
+    RenewNow(tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
+    /// The next renewal is due.
+    Due,
+    /// Stopped; the stop waits for this answer, if it waited at all.
+    Stop(Option<tokio::sync::oneshot::Sender<()>>),
+}
+
+/// Marks a keeper stopped when its future ends or is dropped (its task aborted): handles no longer wait for it, and
+/// the commands it will never take are dropped, which answers them.
+struct StopOnDrop<'a>(&'a std::sync::Mutex<KeeperState>);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.stopped = true;
+        state.waker = None;
+        let unanswered = std::mem::take(&mut state.commands);
+        drop(state);
+        drop(unanswered);
+    }
+}
+
 impl Keeper {
-    fn spawn(renewal: Renewal, lease: Duration) -> Self {
-        let (commands, received) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(Self::run(renewal, lease, received).in_current_span());
-        Self { commands }
+    /// A keeper for `renewal`, and the future that is the keeper, to be driven.
+    fn new(renewal: Renewal, lease: Duration) -> (Self, KeeperRun) {
+        let keeper = Self { state: Arc::default() };
+        let run = Box::pin(Self::run(keeper.state.clone(), renewal, lease));
+        (keeper, run)
     }
 
-    async fn run(
-        mut renewal: Renewal,
-        mut lease: Duration,
-        mut commands: tokio::sync::mpsc::UnboundedReceiver<KeeperCommand>,
-    ) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeeperState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn run(state: Arc<std::sync::Mutex<KeeperState>>, mut renewal: Renewal, mut lease: Duration) {
+        let _stopped = StopOnDrop(&state);
+        let lock = || state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut next = Instant::now() + renewal_period(lease);
+        // Made when first waited on: a claim completed before its driver first waits (a quick handler) never
+        // registers a timer.
+        let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
         // Once a renewal is fenced the claim is gone for good (another caller owns the key now): renewing stops.
         // The work still runs to its end; its result will not be stored.
         let mut lost = false;
         loop {
-            tokio::select! {
-                command = commands.recv() => match command {
-                    Some(KeeperCommand::RenewFor(new_lease, answer)) => {
-                        lease = new_lease;
-                        next = Instant::now() + renewal_period(lease);
-                        let write = renewal.renew(lease).await;
-                        lost = matches!(write, Ok(Write::Fenced));
-                        if write.is_err() {
-                            next = Instant::now() + renewal_retry_period(lease);
-                        }
-                        let _ = answer.send(write);
+            let step = std::future::poll_fn(|cx| {
+                {
+                    let mut state = lock();
+                    if state.stopped {
+                        return Poll::Ready(Step::Stop(None));
                     }
-                    Some(KeeperCommand::RenewNow(answer)) => {
-                        // A lost claim stays lost: renewing it now could take a key that someone else freed.
-                        let write = if lost { Ok(Write::Fenced) } else { renewal.renew(lease).await };
-                        next = Instant::now() + renewal_period(lease);
-                        lost = matches!(write, Ok(Write::Fenced));
-                        if write.is_err() {
-                            next = Instant::now() + renewal_retry_period(lease);
+                    let step = match state.commands.pop_front() {
+                        Some(KeeperCommand::Stop(done)) => {
+                            state.stopped = true;
+                            return Poll::Ready(Step::Stop(Some(done)));
                         }
-                        let _ = answer.send(write);
+                        Some(KeeperCommand::RenewFor(lease, answer)) => Some(Step::RenewFor(lease, answer)),
+                        Some(KeeperCommand::RenewNow(answer)) => Some(Step::RenewNow(answer)),
+                        None => {
+                            if !state.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+                                state.waker = Some(cx.waker().clone());
+                            }
+                            None
+                        }
+                    };
+                    if let Some(step) = step {
+                        state.renewing = true;
+                        return Poll::Ready(step);
                     }
-                    Some(KeeperCommand::Stop(done)) => {
+                }
+                if lost {
+                    return Poll::Pending;
+                }
+                if timer.is_none() {
+                    timer.set(Some(tokio::time::sleep_until(next)));
+                }
+                let due = timer.as_mut().as_pin_mut().expect("the timer was just made").poll(cx);
+                if due.is_pending() {
+                    return Poll::Pending;
+                }
+                let mut state = lock();
+                if state.stopped {
+                    return Poll::Ready(Step::Stop(None));
+                }
+                state.renewing = true;
+                Poll::Ready(Step::Due)
+            })
+            .await;
+            match step {
+                Step::Stop(done) => {
+                    if let Some(done) = done {
                         let _ = done.send(());
-                        return;
                     }
-                    // The claim is gone (dropped: it releases itself).
-                    None => return,
-                },
-                () = tokio::time::sleep_until(next), if !lost => {
+                    return;
+                }
+                Step::RenewFor(new_lease, answer) => {
+                    lease = new_lease;
+                    next = Instant::now() + renewal_period(lease);
+                    let write = renewal.renew(lease).await;
+                    lost = matches!(write, Ok(Write::Fenced));
+                    if write.is_err() {
+                        next = Instant::now() + renewal_retry_period(lease);
+                    }
+                    let _ = answer.send(write);
+                }
+                Step::RenewNow(answer) => {
+                    // A lost claim stays lost: renewing it now could take a key that someone else freed.
+                    let write = if lost { Ok(Write::Fenced) } else { renewal.renew(lease).await };
+                    next = Instant::now() + renewal_period(lease);
+                    lost = matches!(write, Ok(Write::Fenced));
+                    if write.is_err() {
+                        next = Instant::now() + renewal_retry_period(lease);
+                    }
+                    let _ = answer.send(write);
+                }
+                Step::Due => {
                     next = Instant::now() + renewal_period(lease);
                     match renewal.renew(lease).await {
                         Ok(Write::Applied) => {}
@@ -518,30 +701,87 @@ impl Keeper {
                     }
                 }
             }
+            if let Some(timer) = timer.as_mut().as_pin_mut()
+                && timer.deadline() != next
+            {
+                timer.reset(next);
+            }
+            lock().renewing = false;
         }
+    }
+
+    /// Gives the keeper `command` and wakes its driver, unless the driver is the caller's own task (see [`beside`]:
+    /// it polls the keeper right after the caller); `None` once the keeper stopped.
+    fn send(&self, command: KeeperCommand, cx: &std::task::Context<'_>) -> Option<()> {
+        let mut state = self.lock();
+        if state.stopped {
+            return None;
+        }
+        state.commands.push_back(command);
+        let waker = state.waker.take();
+        drop(state);
+        wake_unless_own(waker, cx);
+        Some(())
+    }
+
+    /// Sends a renewal command made with `answer` and waits for its answer; fenced once the keeper stopped.
+    async fn ask(
+        &self,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<Result<Write, StoreError>>) -> KeeperCommand,
+    ) -> Result<Write, StoreError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let mut command = Some(command(answer));
+        let sent = std::future::poll_fn(|cx| Poll::Ready(self.send(command.take().expect("sent once"), cx))).await;
+        if sent.is_none() {
+            return Ok(Write::Fenced);
+        }
+        answered.await.unwrap_or(Ok(Write::Fenced))
     }
 
     async fn renew_for(&self, lease: Duration) -> Result<Write, StoreError> {
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        if self.commands.send(KeeperCommand::RenewFor(lease, answer)).is_err() {
-            return Ok(Write::Fenced);
-        }
-        answered.await.unwrap_or(Ok(Write::Fenced))
+        self.ask(|answer| KeeperCommand::RenewFor(lease, answer)).await
     }
 
     async fn renew_now(&self) -> Result<Write, StoreError> {
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        if self.commands.send(KeeperCommand::RenewNow(answer)).is_err() {
-            return Ok(Write::Fenced);
-        }
-        answered.await.unwrap_or(Ok(Write::Fenced))
+        self.ask(KeeperCommand::RenewNow).await
     }
 
+    /// Stops the keeper once no renewal is in flight. With none in flight and no command waiting (the usual case:
+    /// the work took less than a third of the lease), it stops at once, without a round trip through its driver.
     async fn stop(self) {
-        let (done, stopped) = tokio::sync::oneshot::channel();
-        if self.commands.send(KeeperCommand::Stop(done)).is_ok() {
+        let wait = std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.stopped {
+                return Poll::Ready(None);
+            }
+            if !state.renewing && state.commands.is_empty() {
+                state.stopped = true;
+                let waker = state.waker.take();
+                drop(state);
+                wake_unless_own(waker, cx);
+                return Poll::Ready(None);
+            }
+            let (done, stopped) = tokio::sync::oneshot::channel();
+            state.commands.push_back(KeeperCommand::Stop(done));
+            let waker = state.waker.take();
+            drop(state);
+            wake_unless_own(waker, cx);
+            Poll::Ready(Some(stopped))
+        })
+        .await;
+        if let Some(stopped) = wait {
             let _ = stopped.await;
         }
+    }
+}
+
+/// Wakes a keeper's driver, unless it is the task of `cx` (the keeper is driven [`beside`] the caller and is polled
+/// right after it: a wake-up would only poll the task once more for nothing).
+fn wake_unless_own(waker: Option<std::task::Waker>, cx: &std::task::Context<'_>) {
+    if let Some(waker) = waker
+        && !waker.will_wake(cx.waker())
+    {
+        waker.wake();
     }
 }
 
@@ -604,7 +844,9 @@ impl Drop for Claim {
         let keeper = self.keeper.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let (store, metrics, key) = (self.store.clone(), self.metrics.clone(), self.key.clone());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let counted = self.running.as_ref().map(Running::enter);
         runtime.spawn(async move {
+            let _counted = counted;
             if let Some(keeper) = keeper {
                 keeper.stop().await;
             }
@@ -614,24 +856,27 @@ impl Drop for Claim {
     }
 }
 
-/// Releases a claim whose call failed, in case it took effect with only its reply lost. A release deletes nothing
-/// but `owner`'s own claim, so it is harmless when the claim never landed (the usual case: that is not reported).
-///
-/// While the store is out of reach the release is retried until it lands or `lease` has passed: a claim that sat in
-/// a frozen server's socket takes effect when the server resumes, and would otherwise hold its key for a whole lease
-/// with nobody running the request.
-fn release_lost_claim(store: Arc<dyn Store>, key: StoreKey, owner: OwnerToken, lease: Duration) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-    runtime.spawn(async move {
-        match store.release(&key, &owner).await {
-            Ok(Write::Applied) => tracing::info!(key = %key, "released a claim whose reply was lost"),
-            Ok(Write::Fenced) => {}
-            Err(StoreError::Unavailable(_)) => {
-                PendingWrite { store, key, owner, write: Pending::Release }.spawn_quietly(lease);
+impl PendingWrite {
+    /// Releases a claim whose call failed, in case it took effect with only its reply lost. A release deletes
+    /// nothing but the owner's own claim, so it is harmless when the claim never landed (the usual case: that is not
+    /// reported).
+    ///
+    /// While the store is out of reach the release is retried until it lands or `lease` has passed: a claim that
+    /// sat in a frozen server's socket takes effect when the server resumes, and would otherwise hold its key for a
+    /// whole lease with nobody running the request.
+    fn release_lost_claim(self, lease: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let counted = self.running.as_ref().map(Running::enter);
+        runtime.spawn(async move {
+            let _counted = counted;
+            match self.store.release(&self.key, &self.owner).await {
+                Ok(Write::Applied) => tracing::info!(key = %self.key, "released a claim whose reply was lost"),
+                Ok(Write::Fenced) => {}
+                Err(StoreError::Unavailable(_)) => self.spawn_quietly(lease),
+                Err(error) => tracing::debug!(key = %self.key, %error, "could not release a claim whose call failed"),
             }
-            Err(error) => tracing::debug!(key = %key, %error, "could not release a claim whose call failed"),
-        }
-    });
+        });
+    }
 }
 
 #[cfg(test)]
@@ -641,13 +886,19 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    /// A [`MemoryStore`] whose renewals fail while `unreachable` is set, as a remote store's do while it cannot be
-    /// reached; it notes when each renewal landed.
+    /// A [`MemoryStore`] whose renewals fail while `unreachable` is set, and whose completions fail while
+    /// `completions_unreachable` is, as a remote store's do while it cannot be reached; it notes when each renewal
+    /// landed, and makes each renewal take `renewal_takes` (its effect lands then even if the caller stopped
+    /// waiting, as a command already sent to a remote store does).
     #[derive(Default)]
     struct Unreachable {
-        store: MemoryStore,
+        store: Arc<MemoryStore>,
         unreachable: AtomicBool,
-        renewed: Mutex<Vec<Instant>>,
+        completions_unreachable: AtomicBool,
+        renewal_takes: Mutex<Duration>,
+        renewed: Arc<Mutex<Vec<Instant>>>,
+        /// Each completion and release, when it landed.
+        written: Mutex<Vec<(&'static str, Instant)>>,
     }
 
     #[async_trait::async_trait]
@@ -668,9 +919,14 @@ mod tests {
             record: &Record,
             ttl: Duration,
         ) -> Result<Write, StoreError> {
+            if self.completions_unreachable.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("unreachable (a test double)".into()));
+            }
+            self.written.lock().unwrap().push(("complete", Instant::now()));
             self.store.complete(key, owner, record, ttl).await
         }
         async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
+            self.written.lock().unwrap().push(("release", Instant::now()));
             self.store.release(key, owner).await
         }
         async fn renew(
@@ -683,11 +939,18 @@ mod tests {
             if self.unreachable.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable("unreachable (a test double)".into()));
             }
-            let write = self.store.renew(key, owner, fingerprint, lease).await;
-            if matches!(write, Ok(Write::Applied)) {
-                self.renewed.lock().unwrap().push(Instant::now());
-            }
-            write
+            let takes = *self.renewal_takes.lock().unwrap();
+            let (store, renewed) = (self.store.clone(), self.renewed.clone());
+            let (key, owner, fingerprint) = (key.clone(), owner.clone(), *fingerprint);
+            let sent = tokio::spawn(async move {
+                tokio::time::sleep(takes).await;
+                let write = store.renew(&key, &owner, &fingerprint, lease).await;
+                if matches!(write, Ok(Write::Applied)) {
+                    renewed.lock().unwrap().push(Instant::now());
+                }
+                write
+            });
+            sent.await.unwrap()
         }
         async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
             self.store.wait(key, timeout).await
@@ -706,7 +969,7 @@ mod tests {
         let counters = Arc::new(crate::Counters::new());
         let metrics: Arc<dyn Metrics> = counters.clone();
         let started = Instant::now();
-        let begun = begin_observed(&shared, &metrics, key.clone(), fingerprint, &policy).await;
+        let begun = begin_observed(&shared, &metrics, None, key.clone(), fingerprint, &policy).await;
         let Ok(Outcome::Execute(claim)) = begun.result else {
             panic!("a fresh key is claimed");
         };
@@ -734,5 +997,121 @@ mod tests {
         let claimed = shared.claim(&key, &duplicate, &OwnerToken::generate(), lease).await.unwrap();
         assert_eq!(claimed, Claimed::Existing(Entry::InFlight { fingerprint }));
         claim.release().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_a_completion_retried_in_the_background() {
+        let store = Arc::new(Unreachable::default());
+        let idempotency = crate::Idempotency::new(store.clone());
+        store.completions_unreachable.store(true, Ordering::SeqCst);
+        let ran = idempotency.once("drain", "k").run(&1, || async { Ok::<_, ()>(7) }).await;
+        assert_eq!(ran.unwrap(), 7, "the work ran; its completion failed and is retried in the background");
+        assert_eq!(idempotency.running_handlers(), 1, "the retried completion is counted");
+
+        // The store answers again 2 s into a 30 s grace period: the drain lasts until the record lands.
+        let reachable = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            reachable.completions_unreachable.store(false, Ordering::SeqCst);
+        });
+        let started = Instant::now();
+        assert_eq!(idempotency.drain(Duration::from_secs(30)).await, Ok(()));
+        assert!(started.elapsed() >= Duration::from_secs(2), "drained at {:?}", started.elapsed());
+        let key = idempotency.once_store_key("drain", "k");
+        let held = store.store.inspect(&key).await.unwrap();
+        assert!(matches!(held, Some(Entry::Completed(_))), "the record landed before the drain ended: {held:?}");
+        assert_eq!(idempotency.running_handlers(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_reports_a_completion_still_retried_when_its_grace_runs_out() {
+        let store = Arc::new(Unreachable::default());
+        let idempotency = crate::Idempotency::new(store.clone());
+        store.completions_unreachable.store(true, Ordering::SeqCst);
+        let ran = idempotency.once("drain", "k").run(&1, || async { Ok::<_, ()>(7) }).await;
+        assert_eq!(ran.unwrap(), 7);
+        assert_eq!(idempotency.drain(Duration::from_secs(5)).await, Err(crate::Undrained(1)));
+    }
+
+    /// A long piece of work under `once`: its lease (3 s) is renewed beside it on the caller's task, so a duplicate
+    /// never gets the key while it runs, and the claim completes once the work is done.
+    #[tokio::test(start_paused = true)]
+    async fn work_driven_beside_its_keeper_keeps_its_key_for_longer_than_a_lease() {
+        let store = Arc::new(Unreachable::default());
+        let idempotency = crate::Idempotency::new(store.clone());
+        let policy = Policy::new().lease(Duration::from_secs(3)).wait_timeout(Duration::ZERO);
+        let original = idempotency.once("long", "k").policy(policy).run(&1, || async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, ()>("done".to_owned())
+        });
+        let duplicate = async {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            idempotency.once("long", "k").policy(policy).run(&1, || async { Ok::<_, ()>("again".to_owned()) }).await
+        };
+        let (original, duplicate) = tokio::join!(original, duplicate);
+        assert_eq!(original.unwrap(), "done");
+        assert!(matches!(duplicate, Err(crate::OnceError::InFlight)), "{duplicate:?}");
+        assert!(store.renewed.lock().unwrap().len() >= 3, "renewed every second");
+        let again =
+            idempotency.once("long", "k").policy(policy).run(&1, || async { Ok::<_, ()>("again".to_owned()) }).await;
+        assert_eq!(again.unwrap(), "done", "completed: replayed");
+    }
+
+    /// The work ends while a renewal is in flight (it takes 1 s): the completion waits for it to land, so the
+    /// renewal cannot land on the record afterwards.
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_waits_for_the_renewal_in_flight_beside_the_work() {
+        let store = Arc::new(Unreachable::default());
+        *store.renewal_takes.lock().unwrap() = Duration::from_secs(1);
+        let idempotency = crate::Idempotency::new(store.clone());
+        let policy = Policy::new().lease(Duration::from_secs(3));
+        let started = Instant::now();
+        let ran = idempotency
+            .once("slow-renewal", "k")
+            .policy(policy)
+            .run(&1, || async {
+                // The renewal is sent at 1 s and lands at 2 s.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Ok::<_, ()>(1)
+            })
+            .await;
+        assert_eq!(ran.unwrap(), 1);
+        let renewed = store.renewed.lock().unwrap().clone();
+        let written = store.written.lock().unwrap().clone();
+        assert_eq!(renewed.len(), 1, "{renewed:?}");
+        assert_eq!(written.len(), 1, "{written:?}");
+        assert_eq!(written[0].0, "complete");
+        assert!(
+            written[0].1 >= renewed[0],
+            "completed at {:?}, after the renewal at {:?}",
+            written[0].1 - started,
+            renewed[0] - started
+        );
+    }
+
+    /// The caller of `once` gives up (its future is dropped) while a renewal is in flight: the renewal is not cut
+    /// off with the caller (it goes on on a task of its own), and the dropped claim's release waits for it, so the
+    /// key ends up free rather than claimed again by a renewal landing after the release.
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_caller_releases_its_key_after_the_renewal_in_flight_lands() {
+        let store = Arc::new(Unreachable::default());
+        *store.renewal_takes.lock().unwrap() = Duration::from_secs(1);
+        let idempotency = crate::Idempotency::new(store.clone());
+        let policy = Policy::new().lease(Duration::from_secs(3));
+        let run = idempotency.once("cancelled", "k").policy(policy).run(&1, || async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, ()>(1)
+        });
+        // The renewal is sent at 1 s and lands at 2 s; the caller gives up at 1.5 s.
+        let gave_up = tokio::time::timeout(Duration::from_millis(1500), run).await;
+        assert!(gave_up.is_err());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let renewed = store.renewed.lock().unwrap().clone();
+        let written = store.written.lock().unwrap().clone();
+        assert_eq!(renewed.len(), 1, "{renewed:?}");
+        assert_eq!(written.iter().map(|(write, _)| *write).collect::<Vec<_>>(), ["release"]);
+        assert!(written[0].1 >= renewed[0], "released after the renewal landed");
+        let key = idempotency.once_store_key("cancelled", "k");
+        assert_eq!(store.store.inspect(&key).await.unwrap(), None, "the key is free");
     }
 }

@@ -1,7 +1,7 @@
 //! The plain async API: run a piece of work at most once per key, for callers that are not HTTP handlers (queue
 //! and webhook consumers, jobs).
 
-use crate::engine::{Outcome, begin_observed};
+use crate::engine::{Outcome, begin_observed, beside};
 use crate::store::{StoreError, StoreKey};
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored, StoredResponse};
 use bytes::Bytes;
@@ -161,7 +161,8 @@ impl Once<'_> {
         let shared = &*self.idempotency.shared;
         let span = tracing::Span::current();
         let metrics = shared.metrics_at("once", self.scope);
-        let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, &self.policy).await;
+        let begun =
+            begin_observed(&shared.store, &metrics, Some(&shared.running), store_key, fingerprint, &self.policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         }
@@ -225,16 +226,21 @@ impl Once<'_> {
             Decision::Answer(answer) => return answer,
             Decision::RunUnprotected => return work().await.map(Completed::Fresh).map_err(OnceError::Work),
         };
-        let value = match claim.keep_alive(work()).await {
-            Ok(value) => value,
-            Err(error) => {
-                let _ = claim.release().await;
-                return Err(OnceError::Work(error));
-            }
-        };
-        let stored = self.stored(&value);
-        let _ = claim.complete(stored, self.policy.ttl_duration()).await;
-        Ok(Completed::Fresh(value))
+        // The lease is renewed on this task, beside the work, until the claim is completed or released.
+        let keeper = claim.keep_inline();
+        let ttl = self.policy.ttl_duration();
+        beside(keeper, async {
+            let value = match work().await {
+                Ok(value) => value,
+                Err(error) => {
+                    let _ = claim.release().await;
+                    return Err(OnceError::Work(error));
+                }
+            };
+            let _ = claim.complete(self.stored(&value), ttl).await;
+            Ok(Completed::Fresh(value))
+        })
+        .await
     }
 
     /// The record of a result: its JSON, or not replayable when too large or not serializable.
@@ -348,24 +354,28 @@ impl Once<'_> {
                 (Err(error), _) => Err(OnceError::Work(error)),
             };
         };
-        let value = match claim.keep_alive(work(tx)).await {
-            Ok(value) => value,
-            Err(error) => {
-                slot.roll_back().await;
-                let _ = claim.release().await;
-                return Err(OnceError::Work(error));
+        let keeper = claim.keep_inline();
+        let ttl = self.policy.ttl_duration();
+        beside(keeper, async {
+            let value = match work(tx).await {
+                Ok(value) => value,
+                Err(error) => {
+                    slot.roll_back().await;
+                    let _ = claim.release().await;
+                    return Err(OnceError::Work(error));
+                }
+            };
+            match slot.complete(claim, self.stored(&value), ttl).await {
+                Ok(Ok(())) => Ok(Completed::Fresh(value)),
+                Ok(Err(_)) => Err(OnceError::NotCommitted),
+                // The work dropped its transaction unopened: impossible once lent, but the store completes it anyway.
+                Err((claim, stored)) => {
+                    let _ = claim.complete(stored, ttl).await;
+                    Ok(Completed::Fresh(value))
+                }
             }
-        };
-        let stored = self.stored(&value);
-        match slot.complete(claim, stored, self.policy.ttl_duration()).await {
-            Ok(Ok(())) => Ok(Completed::Fresh(value)),
-            Ok(Err(_)) => Err(OnceError::NotCommitted),
-            // The work dropped its transaction unopened: impossible once lent, but the store completes it anyway.
-            Err((claim, stored)) => {
-                let _ = claim.complete(stored, self.policy.ttl_duration()).await;
-                Ok(Completed::Fresh(value))
-            }
-        }
+        })
+        .await
     }
 }
 

@@ -10,14 +10,17 @@ use std::fmt;
 pub struct OwnerToken(String);
 
 impl OwnerToken {
-    /// A fresh, unguessable token: 128 bits from the operating system's random source.
+    /// A fresh, unguessable token: 128 bits from a cryptographically secure generator (ChaCha12, `rand`'s
+    /// `ThreadRng`) seeded per thread from the operating system's random source and reseeded from it every 64 KiB
+    /// of output, so making one costs no system call.
     ///
     /// # Panics
-    /// If the operating system has no random source to read (`getrandom` fails), which no supported platform does
-    /// once booted.
+    /// If the operating system's random source cannot be read to seed or reseed the generator, which no supported
+    /// platform does once booted.
     pub fn generate() -> Self {
+        use rand::Rng;
         let mut bytes = [0u8; 16];
-        getrandom::fill(&mut bytes).expect("the operating system's random source is readable");
+        rand::rng().fill_bytes(&mut bytes);
         Self(crate::fingerprint::hex(&bytes))
     }
 

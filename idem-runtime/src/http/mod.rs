@@ -10,7 +10,7 @@ pub use extract::{IdempotencyKey, NotProtected};
 pub(crate) use problem::Answers;
 pub use problem::{DEFAULT_PROBLEM_TYPE_BASE, Problem};
 
-use crate::engine::{Claim, Outcome, begin_observed};
+use crate::engine::{Claim, Outcome, begin_observed, beside};
 use crate::idempotency::Shared;
 use crate::layer::{Adoptable, Handoff, LayerRoutes};
 use crate::store::{StoreError, Write};
@@ -203,7 +203,8 @@ impl Idempotency {
         let mut request = Request::from_parts(parts, Body::from(body));
         let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
         let metrics = shared.metrics_at(door.name(), route);
-        let begun = begin_observed(&shared.store, &metrics, store_key, fingerprint, policy).await;
+        let begun =
+            begin_observed(&shared.store, &metrics, Some(&shared.running), store_key, fingerprint, policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         }
@@ -350,17 +351,39 @@ fn identify(
 ///
 /// With `handoff` (the layer's door, carrying the key header to echo), the claim is offered to an annotated
 /// handler further in through the request extensions; if one takes it, it completes the claim itself and the
-/// answer is [`Finished::Adopted`]. The lease is kept alive here until then.
+/// answer is [`Finished::Adopted`]. The lease is kept alive here (on the same task, see [`beside`]) until then.
 ///
 /// The task is counted in `shared.running` until it ends, for [`Idempotency::drain`].
 async fn execute<F, Fut>(
     shared: &Shared,
     claim: Claim,
     policy: &Policy,
-    mut request: Request,
+    request: Request,
     run: F,
     handoff: Option<Option<(HeaderName, HeaderValue)>>,
 ) -> Finished
+where
+    F: FnOnce(Request) -> Fut + Send + 'static,
+    Fut: Future<Output = Execution> + Send + 'static,
+{
+    let task = spawn_execution(shared, claim, policy, request, run, handoff);
+    task.await.unwrap_or_else(|error| {
+        tracing::error!(%error, "the idempotent handler's task ended abnormally");
+        Finished::Ran(shared.answers.render(Problem::HandlerPanicked))
+    })
+}
+
+/// Makes and spawns [`execute`]'s task. A plain function, so that the task's future (a whole handler's, several KiB)
+/// is never part of the state of the `async fn` awaiting it: there it would be copied with that state, and again
+/// with every future wrapping it.
+fn spawn_execution<F, Fut>(
+    shared: &Shared,
+    claim: Claim,
+    policy: &Policy,
+    mut request: Request,
+    run: F,
+    handoff: Option<Option<(HeaderName, HeaderValue)>>,
+) -> tokio::task::JoinHandle<Finished>
 where
     F: FnOnce(Request) -> Fut + Send + 'static,
     Fut: Future<Output = Execution> + Send + 'static,
@@ -370,6 +393,8 @@ where
     let limit = shared.max_record_bytes;
     let answers = shared.answers.clone();
     let running = shared.running.enter();
+    // Renewed on the handler's own task, beside it; under the layer's handoff the layer's task renews already.
+    let keeper = claim.keep_inline();
     request.extensions_mut().insert(claim.fence());
     let transaction = tx::HandlerTransaction::offer(shared, &mut request);
     let task = async move {
@@ -421,16 +446,34 @@ where
         }
         Finished::Ran(response)
     };
-    tokio::spawn(task.instrument(tracing::Span::current())).await.unwrap_or_else(|error| {
-        tracing::error!(%error, "the idempotent handler's task ended abnormally");
-        Finished::Ran(shared.answers.render(Problem::HandlerPanicked))
-    })
+    // Boxed: the task then holds a pointer, not the whole future, which it would otherwise copy once more when it
+    // hands its output over.
+    tokio::spawn(Box::pin(beside(keeper, task).instrument(tracing::Span::current())))
 }
 
 /// Runs a request that no claim protects (no key and none required, or a store failure under fail-open) the way a
 /// protected one runs: on its own task, so a client that disconnects does not cancel it halfway through its side
 /// effects, and with a panic answered as a 500 problem rather than a dropped connection.
-async fn run_unprotected<F, Fut>(shared: &Shared, mut request: Request, run: F) -> Response
+async fn run_unprotected<F, Fut>(shared: &Shared, request: Request, run: F) -> Response
+where
+    F: FnOnce(Request) -> Fut + Send + 'static,
+    Fut: Future<Output = Execution> + Send + 'static,
+{
+    match spawn_unprotected(shared, request, run).await {
+        Ok(Ok(execution)) => execution.into_response(),
+        Ok(Err(_)) | Err(_) => {
+            tracing::error!("a handler run without an idempotency claim panicked");
+            shared.answers.render(Problem::HandlerPanicked)
+        }
+    }
+}
+
+/// Makes and spawns [`run_unprotected`]'s task, outside any `async fn` (see [`spawn_execution`]).
+fn spawn_unprotected<F, Fut>(
+    shared: &Shared,
+    mut request: Request,
+    run: F,
+) -> tokio::task::JoinHandle<std::thread::Result<Execution>>
 where
     F: FnOnce(Request) -> Fut + Send + 'static,
     Fut: Future<Output = Execution> + Send + 'static,
@@ -448,13 +491,7 @@ where
             Err(problem) => Ok(Execution::Ran(answers.render(problem))),
         }
     };
-    match tokio::spawn(task.instrument(tracing::Span::current())).await {
-        Ok(Ok(execution)) => execution.into_response(),
-        Ok(Err(_)) | Err(_) => {
-            tracing::error!("a handler run without an idempotency claim panicked");
-            shared.answers.render(Problem::HandlerPanicked)
-        }
-    }
+    tokio::spawn(task.instrument(tracing::Span::current()))
 }
 
 fn is_length_limit(error: &axum::Error) -> bool {

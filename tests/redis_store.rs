@@ -74,6 +74,8 @@ fn calls(list: &[(&str, u64)]) -> Vec<(String, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_costs_one_command_and_a_first_request_two() {
     let server = RedisServer::start();
+    // A second process on the same Redis, which never saw the key.
+    let (elsewhere, elsewhere_runs) = app(RedisStore::open(server.url()).await.unwrap());
     let (app, runs) = app(RedisStore::open(server.url()).await.unwrap());
     // Load the scripts once (a fresh server answers the first EVALSHA with NOSCRIPT).
     assert_eq!(send(&app, "warm-up", "x").await.0, StatusCode::CREATED);
@@ -87,9 +89,36 @@ async fn a_replay_costs_one_command_and_a_first_request_two() {
     server.cli(&["CONFIG", "RESETSTAT"]);
     let (status, body, state) = send(&app, "first", "a").await;
     assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CREATED, "charged a", Some("hit")));
-    // One round trip and no script: the native claim-or-read, which finds the record and returns it.
+    // One round trip and no script: the process completed this key, so its claim reads the record with a `GET`.
+    assert_eq!(commands_run(&server), calls(&[("get", 1)]));
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let (status, body, state) = send(&elsewhere, "first", "a").await;
+    assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CREATED, "charged a", Some("hit")));
+    // One round trip: the native claim-or-read, which finds the record and returns it.
     assert_eq!(commands_run(&server), calls(&[("set", 1)]));
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    assert_eq!(send(&elsewhere, "first", "a").await.2.as_deref(), Some("hit"));
+    // It has seen the record now: a `GET` from then on.
+    assert_eq!(commands_run(&server), calls(&[("get", 1)]));
     assert_eq!(runs.load(Ordering::SeqCst), 2, "warm-up + first");
+    assert_eq!(elsewhere_runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_gone_since_its_key_completed_is_claimed_and_run_again() {
+    let server = RedisServer::start();
+    let (app, runs) = app(RedisStore::open(server.url()).await.unwrap());
+    assert_eq!(send(&app, "gone", "a").await.2.as_deref(), Some("new"));
+    // The record goes (its ttl ran out, or someone removed it) while the process remembers the key as completed.
+    server.cli(&["FLUSHALL"]);
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let (status, body, state) = send(&app, "gone", "a").await;
+    assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CREATED, "charged a", Some("new")));
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "nothing was there to replay: it ran again");
+    // The `GET` found nothing; the claim and the completion followed as for any first request.
+    assert_eq!(commands_run(&server), calls(&[("evalsha", 1), ("get", 2), ("publish", 1), ("set", 2)]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,12 +273,12 @@ async fn cluster_fences_stale_owners_and_wakes_waiters_with_sharded_pubsub() {
         assert_eq!(send(&app, &format!("k-{key}"), "x").await.2.as_deref(), Some("hit"));
     }
     let [sets, scripts, gets] = [count("set") - before[0], count("evalsha") - before[1], count("get") - before[2]];
-    // One native claim per request (first or replay) and one completion script per first request, whose own GET
-    // and SET Redis counts too: 2 round trips per first request + 1 per replay.
-    assert_eq!((scripts, gets), (12, 12), "one completion script per first request, and no GET of the client's");
-    let claims = sets - scripts;
-    assert_eq!(claims, 12 * 2, "one native claim per first request and per replay");
-    assert_eq!(claims + scripts, 12 * 3, "round trips: 2 per first request + 1 per replay");
+    // One native claim per first request and one completion script, whose own GET and SET Redis counts too; a
+    // replay of a key the process completed is one GET: 2 round trips per first request + 1 per replay.
+    assert_eq!(scripts, 12, "one completion script per first request");
+    let (claims, replays) = (sets - scripts, gets - scripts);
+    assert_eq!((claims, replays), (12, 12), "one native claim per first request, one GET per replay");
+    assert_eq!(claims + scripts + replays, 12 * 3, "round trips: 2 per first request + 1 per replay");
     assert_eq!(runs.load(Ordering::SeqCst), 24);
     let holding: Vec<usize> = cluster.nodes.iter().map(|node| node.cli(&["--scan"]).lines().count()).collect();
     assert!(holding.iter().filter(|&&keys| keys > 0).count() >= 2, "keys spread over the masters: {holding:?}");

@@ -89,6 +89,18 @@ impl FingerprintBuilder {
     }
 }
 
+/// `bytes` (at most 32) as lower-case hex, in one allocation: written on the stack, then shared.
+pub(crate) fn shared_hex(bytes: &[u8]) -> std::sync::Arc<str> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    let out = &mut out[..bytes.len() * 2];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+    std::str::from_utf8(out).expect("hex digits are ASCII").into()
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);

@@ -6,8 +6,10 @@ use std::fmt;
 
 /// Proof of ownership of an in-flight claim. Every write to a claimed key presents it, so a claimant whose lease
 /// expired (and whose key was claimed again by someone else) can never overwrite or delete the newer claim.
+///
+/// Shared text: a clone (the claim's keeper, its fence, a store's in-flight entry) costs no allocation.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct OwnerToken(String);
+pub struct OwnerToken(std::sync::Arc<str>);
 
 impl OwnerToken {
     /// A fresh, unguessable token: 128 bits from a cryptographically secure generator (ChaCha12, `rand`'s
@@ -21,12 +23,12 @@ impl OwnerToken {
         use rand::Rng;
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
-        Self(crate::fingerprint::hex(&bytes))
+        Self(crate::fingerprint::shared_hex(&bytes))
     }
 
     /// Wraps a token read back from a store.
     pub fn from_string(token: String) -> Self {
-        Self(token)
+        Self(token.into())
     }
 
     /// The token's text.

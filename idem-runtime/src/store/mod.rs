@@ -22,8 +22,10 @@ use std::fmt;
 use std::time::Duration;
 
 /// Where a key lives in a store: a digest of the request's scope and its idempotency key, never the raw key.
+///
+/// Shared text: a clone (the claim, its keeper, a store's index) costs no allocation.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StoreKey(String);
+pub struct StoreKey(std::sync::Arc<str>);
 
 impl StoreKey {
     /// Derives a key from length-prefixed parts (a namespace, a scope, the client's key): a SHA-256 hex digest, so
@@ -36,12 +38,12 @@ impl StoreKey {
     /// ```
     pub fn derive(parts: &[&[u8]]) -> Self {
         let digest = parts.iter().fold(crate::Fingerprint::builder(), |builder, part| builder.field(part)).finish();
-        Self(digest.to_hex())
+        Self(crate::fingerprint::shared_hex(digest.as_bytes()))
     }
 
     /// Wraps a digest read back from a store or made by [`StoreKey::derive`].
     pub fn from_digest(digest: String) -> Self {
-        Self(digest)
+        Self(digest.into())
     }
 
     /// The digest text.

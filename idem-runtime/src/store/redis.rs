@@ -1,6 +1,7 @@
 //! A [`Store`] on Redis: single node, Cluster or Sentinel; exactly-once across every process that shares it.
 
 pub(crate) mod codec;
+mod completed_keys;
 mod connection;
 mod notify;
 mod probe;
@@ -12,6 +13,7 @@ mod tls;
 use super::health::Health;
 use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
 use crate::{Cause, Entry, Fingerprint, OwnerToken, Record};
+use completed_keys::CompletedKeys;
 use connection::{Backend, Commands, Failure, NodeLink, SentinelLink, Timeouts, invalid_config, unavailable};
 use notify::{ClientSource, Link, LinkSettings, Notifier, Waiters};
 use redis::aio::ConnectionManager;
@@ -61,7 +63,9 @@ static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("red
 /// Every state change is one command, so a replay costs one round trip and a first request two (claim, complete;
 /// three with [`RedisStoreBuilder::wait_for_replicas`]), plus one renewal per third of a lease while a long handler runs.
 /// A claim is the native `SET key claim NX GET PX lease` (Redis ≥ 7.0): it takes a free key, or reads what is
-/// there, so a replay costs Redis about what a `GET` costs. Writes that must check the owner first (complete,
+/// there. On a key this store completed, or found completed before, a claim is a plain `GET` of the record instead
+/// (one round trip still, and Redis' cheapest read; were the record gone since, the claim follows it: see
+/// `completed_keys.rs`). Writes that must check the owner first (complete,
 /// release, renew) are Lua scripts, as is the claim on a server older than 7.0: the first claim such a server
 /// refuses switches this store to the script for good. Records live under
 /// `{prefix}{<digest>}` (default prefix `idem:`), as JSON readable with `redis-cli GET`, always with a TTL;
@@ -99,6 +103,8 @@ pub struct RedisStore {
     replicas: Option<ReplicaAcks>,
     /// Set once the server refused `SET … NX GET` (Redis < 7.0): claims run the claim script from then on.
     claim_by_script: AtomicBool,
+    /// Keys seen holding a completed record: a claim reads them with `GET` first.
+    completed: CompletedKeys,
     /// Makes the native claim one that Redis 7 refuses as Redis 6 refuses `SET … NX GET` (`ERR syntax error`).
     #[cfg(test)]
     act_as_redis_6: AtomicBool,
@@ -409,6 +415,7 @@ impl RedisStoreBuilder {
             publish,
             replicas: self.replicas.map(|(replicas, timeout)| ReplicaAcks::new(replicas, timeout)),
             claim_by_script: AtomicBool::new(false),
+            completed: CompletedKeys::default(),
             #[cfg(test)]
             act_as_redis_6: AtomicBool::new(false),
         }
@@ -577,6 +584,99 @@ impl RedisStore {
     async fn owned_write(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<Write, StoreError> {
         written(self.eval(script, keys, args).await?)
     }
+
+    /// The completed record named `key`, read with a plain `GET`; `None` when the key holds anything else (nothing,
+    /// or a claim): the caller then claims as usual.
+    async fn read_completed(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let mut pipe = Pipeline::with_capacity(1);
+        pipe.cmd("GET").arg(key);
+        let (held,): (Option<Vec<u8>>,) = self.commands.query(&pipe).await?;
+        match held {
+            Some(held) if !codec::is_in_flight(&held) => {
+                codec::decode(&held).map(Some).map_err(|why| StoreError::Corrupt(why.into()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// [`Store::claim`] of the record named `key` (the claim-or-read, and what a resent claim needs).
+    async fn claim_named(
+        &self,
+        key: &str,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
+        let record = codec::in_flight(owner, fingerprint);
+        let lease_millis = millis(lease);
+        let replica_acks = self.replica_acks();
+        // A second pass only after our own record vanished or changed hands between two commands (its lease ran
+        // out just then): what the key holds now decides.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (held, lease_restarted) = match self.claim_or_read(key, &record, &lease_millis).await? {
+                ClaimAnswer::Claimed => break,
+                ClaimAnswer::Held { record, lease_restarted } => (record, lease_restarted),
+            };
+            if !codec::is_owned_by(&held, owner) {
+                return codec::decode(&held).map(Claimed::Existing).map_err(|why| StoreError::Corrupt(why.into()));
+            }
+            // Our own claim, sent again after its reply was lost: still ours, and its lease starts again. `SET NX`
+            // left it as it was, so the renewal does that (and re-claims the key should it have just expired);
+            // with replicas, the replicated renewal below does it.
+            if lease_restarted || replica_acks.is_some() {
+                break;
+            }
+            let prefix = codec::owner_prefix(owner);
+            let args: [&[u8]; 3] = [prefix.as_bytes(), &lease_millis, record.as_bytes()];
+            match self.owned_write(&RENEW, &[key], &args).await? {
+                Write::Applied => break,
+                Write::Fenced if attempts < 3 => {}
+                Write::Fenced => {
+                    return Err(StoreError::Unavailable("redis: the key changed hands during every claim".into()));
+                }
+            }
+        }
+        // Only a claim the caller holds waits for replicas: a replay wrote nothing, and never waits.
+        // Boxed, as the replicated completion below: waiting for replicas takes large futures (a connection
+        // checkout), which every claim and completion would otherwise carry, and copy, whether it waits or not.
+        if let Some(acks) = replica_acks {
+            Box::pin(self.replicate_claim(acks, key, owner, &record, lease)).await?;
+        }
+        Ok(Claimed::Owned)
+    }
+
+    /// [`Store::complete`], without noting the key as completed.
+    async fn complete_named(
+        &self,
+        key: &StoreKey,
+        owner: &OwnerToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Write, StoreError> {
+        let (channel, key) = (self.channel(key), self.record_key(key));
+        let owner = codec::owner_prefix(owner);
+        let record = codec::completed(record);
+        let args: [&[u8]; 4] = [owner.as_bytes(), record.as_bytes(), &millis(ttl), self.publish.as_bytes()];
+        let Some(acks) = self.replica_acks() else {
+            return self.owned_write(&COMPLETE, &[&key, &channel], &args).await;
+        };
+        let (answer, acked) = Box::pin(self.eval_replicated(acks, &COMPLETE, &[&key, &channel], &args)).await?;
+        let write = written(answer)?;
+        if write == Write::Applied && acked < acks.replicas {
+            // The handler ran and its response stands; only a failover before the replicas catch up could lose it.
+            acks.count_unreplicated_completion();
+            tracing::warn!(
+                key = %key,
+                acked,
+                required = acks.replicas,
+                timeout = ?acks.timeout,
+                "completed record acknowledged by fewer replicas than required; a failover now could run a retry again"
+            );
+        }
+        Ok(write)
+    }
 }
 
 /// What a claim-or-read found.
@@ -622,45 +722,18 @@ impl Store for RedisStore {
         owner: &OwnerToken,
         lease: Duration,
     ) -> Result<Claimed, StoreError> {
-        let record = codec::in_flight(owner, fingerprint);
-        let key = self.record_key(key);
-        let lease_millis = millis(lease);
-        let replica_acks = self.replica_acks();
-        // A second pass only after our own record vanished or changed hands between two commands (its lease ran
-        // out just then): what the key holds now decides.
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let (held, lease_restarted) = match self.claim_or_read(&key, &record, &lease_millis).await? {
-                ClaimAnswer::Claimed => break,
-                ClaimAnswer::Held { record, lease_restarted } => (record, lease_restarted),
-            };
-            if !codec::is_owned_by(&held, owner) {
-                return codec::decode(&held).map(Claimed::Existing).map_err(|why| StoreError::Corrupt(why.into()));
-            }
-            // Our own claim, sent again after its reply was lost: still ours, and its lease starts again. `SET NX`
-            // left it as it was, so the renewal does that (and re-claims the key should it have just expired);
-            // with replicas, the replicated renewal below does it.
-            if lease_restarted || replica_acks.is_some() {
-                break;
-            }
-            let prefix = codec::owner_prefix(owner);
-            let args: [&[u8]; 3] = [prefix.as_bytes(), &lease_millis, record.as_bytes()];
-            match self.owned_write(&RENEW, &[&key], &args).await? {
-                Write::Applied => break,
-                Write::Fenced if attempts < 3 => {}
-                Write::Fenced => {
-                    return Err(StoreError::Unavailable("redis: the key changed hands during every claim".into()));
-                }
+        let name = self.record_key(key);
+        if self.completed.contains(key) {
+            match self.read_completed(&name).await? {
+                Some(entry) => return Ok(Claimed::Existing(entry)),
+                None => self.completed.remove(key),
             }
         }
-        // Only a claim the caller holds waits for replicas: a replay wrote nothing, and never waits.
-        // Boxed, as the replicated completion below: waiting for replicas takes large futures (a connection
-        // checkout), which every claim and completion would otherwise carry, and copy, whether it waits or not.
-        if let Some(acks) = replica_acks {
-            Box::pin(self.replicate_claim(acks, &key, owner, &record, lease)).await?;
+        let claimed = self.claim_named(&name, fingerprint, owner, lease).await?;
+        if let Claimed::Existing(Entry::Completed(_)) = &claimed {
+            self.completed.insert(key);
         }
-        Ok(Claimed::Owned)
+        Ok(claimed)
     }
 
     async fn complete(
@@ -670,27 +743,11 @@ impl Store for RedisStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<Write, StoreError> {
-        let (channel, key) = (self.channel(key), self.record_key(key));
-        let owner = codec::owner_prefix(owner);
-        let record = codec::completed(record);
-        let args: [&[u8]; 4] = [owner.as_bytes(), record.as_bytes(), &millis(ttl), self.publish.as_bytes()];
-        let Some(acks) = self.replica_acks() else {
-            return self.owned_write(&COMPLETE, &[&key, &channel], &args).await;
-        };
-        let (answer, acked) = Box::pin(self.eval_replicated(acks, &COMPLETE, &[&key, &channel], &args)).await?;
-        let write = written(answer)?;
-        if write == Write::Applied && acked < acks.replicas {
-            // The handler ran and its response stands; only a failover before the replicas catch up could lose it.
-            acks.count_unreplicated_completion();
-            tracing::warn!(
-                key = %key,
-                acked,
-                required = acks.replicas,
-                timeout = ?acks.timeout,
-                "completed record acknowledged by fewer replicas than required; a failover now could run a retry again"
-            );
+        let write = self.complete_named(key, owner, record, ttl).await;
+        if let Ok(Write::Applied) = write {
+            self.completed.insert(key);
         }
-        Ok(write)
+        write
     }
 
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
@@ -752,6 +809,7 @@ impl Store for RedisStore {
     }
 
     async fn forget(&self, key: &StoreKey) -> Result<Forgotten, StoreError> {
+        self.completed.remove(key);
         let (channel, key) = (self.channel(key), self.record_key(key));
         let args: [&[u8]; 2] = [codec::IN_FLIGHT.as_bytes(), self.publish.as_bytes()];
         match self.eval(&FORGET, &[&key, &channel], &args).await? {

@@ -104,8 +104,18 @@ async fn the_store_follows_the_primary_through_a_failover() {
     wait_for("the old primary to replicate the new one", Duration::from_secs(15), || {
         primary.cli(&["INFO", "replication"]).contains("master_link_status:up")
     });
-    let fresh = send(&app, "after-failover").await;
-    assert_eq!((fresh.0, fresh.2.as_deref()), (StatusCode::CREATED, Some("new")));
+    // A replica acknowledges its offset once a second (REPLCONF ACK): until its first acknowledgement, claims still
+    // cannot be made durable and fail closed, without running the handler.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fresh = loop {
+        let answer = send(&app, "after-failover").await;
+        if answer.0 != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break answer;
+        }
+        assert!(answer.1.contains("store-unavailable"), "{}", answer.1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((fresh.0, fresh.2.as_deref()), (StatusCode::CREATED, Some("new")), "{}", fresh.1);
     assert_eq!(send(&app, "after-failover").await.2.as_deref(), Some("hit"));
     assert_eq!(runs.load(Ordering::SeqCst), 2, "one run before and one after the failover");
 }

@@ -294,8 +294,9 @@ for store in $STORES; do
     status=$(http "$service_port" POST /orders "$replayed" "$BODY" | head -1)
     [[ $status == 201 ]] || { echo "priming the replayed key answered $status" >&2; exit 1; }
     if [[ $store == redis ]]; then
-      # A replay's claim-or-read and a GET of the replayed record, each alone from redis-benchmark on the idle
-      # server: the two commands' costs side by side (under load both cost more, and differently from run to run).
+      # A GET of the replayed record (what a replay sends once its process has seen the key completed) and the
+      # claim-or-read (what it sends otherwise), each alone from redis-benchmark on the idle server: the two
+      # commands' costs side by side (under load both cost more, and differently from run to run).
       record=$(rcli --scan --pattern 'idem:*' | head -1)
       claim='{"state":"in_flight","owner":"0123456789abcdef0123456789abcdef","fingerprint":"'"$(printf '%064d' 0)"'","v":1}'
       echo "$connections $(usec_per_call "$connections" SET "$record" "$claim" NX GET PX 30000)" \
@@ -374,9 +375,17 @@ awk 'FNR == NR { requests[$1 " " $2 " " $3] += $4; next }
         usec[key, name] / calls[key, name], usec[key, name] / n } } }' "$results" "$work/cmdstats"
 echo
 while read -r connections claim get; do
-  awk -v c="$connections" -v s="$claim" -v g="$get" 'BEGIN {
-    printf "replay, %s connections: its claim-or-read (SET NX GET PX) alone takes %.2f µs of Redis time per call, a", c, s
-    printf " GET of the same record %.2f: %.2f× a GET\n", g, s / g }'
+  # What the replay route sent, per request, in its runs.
+  sent=$(awk -v c="$connections" 'FNR == NR { requests[$1 " " $2 " " $3] += $4; next }
+    $1 == "redis" && $2 == c && $3 == "replay" && $4 != "ping" { calls[$4] += $5 }
+    END { n = requests["redis " c " replay"]
+      for (name in calls) if (calls[name] / n >= 0.001) printf "%s%s × %.3f", (shown++ ? ", " : ""), toupper(name), calls[name] / n
+      else rare = rare (rare == "" ? "" : ", ") calls[name] " " toupper(name)
+      if (rare != "") printf " (and %s in %d requests)", rare, n }' \
+    "$results" "$work/cmdstats")
+  awk -v c="$connections" -v s="$claim" -v g="$get" -v sent="$sent" 'BEGIN {
+    printf "replay, %s connections: sent %s per request. Alone on the idle server, a GET of the replayed record takes", c, sent
+    printf " %.2f µs of Redis time per call; the claim-or-read (SET NX GET PX) %.2f, %.2f× a GET\n", g, s, s / g }'
 done <"$work/replay-vs-get"
 awk '$1 == "redis" { cpu[$2 " " $3] += $10; requests[$2 " " $3] += $4; conns[$2] = 1 }
   END { for (c in conns) { first = cpu[c " first"] * 1e6 / requests[c " first"]; plain = cpu[c " plain"] * 1e6 / requests[c " plain"]

@@ -60,8 +60,8 @@ use tracing::Instrument;
 ///   handler adopts it (no second claim, no second fingerprint), runs, stores the response with its own `ttl`,
 ///   `lease` and `store_server_errors`, and sets the `Idempotency-Key`, `X-Idempotency-Status` and
 ///   `X-Idempotency-Signature` headers itself; the layer then passes the response through untouched. The claim's
-///   renewal task goes with it and renews at once with the annotation's `lease` before the handler runs, so the key
-///   is never unowned, whichever of the two leases is longer.
+///   renewals go on through the handoff (the layer's task keeps renewing it), at once with the annotation's `lease`
+///   before the handler runs, so the key is never unowned, whichever of the two leases is longer.
 /// - The annotated handler also records its route (method and [`MatchedPath`]) with the layer that wraps that route
 ///   (each route under `Router::layer` gets its own service, with its own record) the first time a request reaches
 ///   it, before its extractors run. From then on the layer does not process that route at

@@ -402,7 +402,7 @@ where
         let (claim, ran) = match handoff {
             None => (claim, AssertUnwindSafe(run(request)).catch_unwind().await),
             Some(echo) => {
-                // The claim travels with its renewal task: an adopting handler takes both over.
+                // The claim travels with its keeper's handle: an adopting handler renews it through this task.
                 let offered = Handoff::offer(Adoptable { claim, echo });
                 request.extensions_mut().insert(offered.clone());
                 let ran = AssertUnwindSafe(run(request)).catch_unwind().await;

@@ -24,6 +24,8 @@ struct App {
     runs: Arc<AtomicU64>,
     /// Lets a handler wait until the test says go (`hold` tests).
     gate: Arc<tokio::sync::Semaphore>,
+    /// The database backend serving the last `hold-pid` handler's transaction.
+    backend: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl FromRef<App> for Idempotency {
@@ -56,7 +58,8 @@ async fn insert(tx: &mut Tx, key: &str) -> i64 {
 }
 
 /// Inserts an order in the transaction; the body decides the answer: `ok`, `fail` (500 after the insert), `panic`
-/// (a panic after the insert), `hold` (waits for the gate after the insert, then 201).
+/// (a panic after the insert), `hold` (waits for the gate after the insert, then 201), `hold-pid` (as `hold`, noting
+/// its transaction's backend first).
 #[idempotent(ttl = 60, wait_timeout = 0)]
 async fn create(State(app): State<App>, mut tx: Tx, key: idem::IdempotencyKey, body: String) -> (StatusCode, String) {
     app.runs.fetch_add(1, Ordering::SeqCst);
@@ -64,7 +67,11 @@ async fn create(State(app): State<App>, mut tx: Tx, key: idem::IdempotencyKey, b
     match body.as_str() {
         "fail" => (StatusCode::INTERNAL_SERVER_ERROR, format!("failed after order {id}")),
         "panic" => panic!("the handler panicked after inserting order {id}"),
-        "hold" => {
+        "hold" | "hold-pid" => {
+            if body == "hold-pid" {
+                let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap();
+                app.backend.store(pid, Ordering::SeqCst);
+            }
             let _permit = app.gate.acquire().await.unwrap();
             (StatusCode::CREATED, format!("order {id}"))
         }
@@ -114,6 +121,7 @@ async fn app(connections: u32) -> (Router, App, Orders, String) {
         idempotency: Idempotency::new(store),
         runs: Arc::default(),
         gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        backend: Arc::default(),
     };
     let router = Router::new()
         .route("/orders", post(create))
@@ -311,5 +319,37 @@ async fn under_the_layer_a_handler_taking_tx_commits_what_is_stored_and_rolls_ba
     assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{body}");
     let replay = send(&router, "/orders", &key, "valid").await;
     assert_eq!(replay, (StatusCode::CREATED, body, Some("hit".to_owned())));
+    assert_eq!(orders.count(&key).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_connection_died_is_not_committed_answers_503_and_frees_the_key() {
+    let (router, app, orders, _) = app(4).await;
+    let key = unique("dead-connection");
+    let first = tokio::spawn({
+        let (router, key) = (router.clone(), key.clone());
+        async move { send(&router, "/orders", &key, "hold-pid").await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.backend.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the handler did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The handler's connection dies under it (a restarted pooler, a killed backend) after its insert.
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(app.backend.load(Ordering::SeqCst))
+        .fetch_one(&orders.pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    app.gate.add_permits(1);
+    let (status, body, _) = first.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("transaction-failed"), "{body}");
+    assert_eq!(orders.count(&key).await, 0, "nothing of the dead transaction was kept");
+    // The key was released: the retry runs on a clean database and commits once.
+    let (status, body, state) = send(&router, "/orders", &key, "ok").await;
+    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{body}");
+    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
     assert_eq!(orders.count(&key).await, 1);
 }

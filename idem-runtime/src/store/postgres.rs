@@ -71,6 +71,7 @@ pub struct PostgresStore {
     /// Whether the database answers: while it does not, calls fail at once and a probe looks for it.
     health: Arc<Health>,
     probe_interval: Duration,
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -201,9 +202,10 @@ impl PostgresStoreBuilder {
     }
 
     /// How often a database found unreachable is probed (default 250 ms). A call that finds no connection to the
-    /// database (refused, reset, or none to be had from an empty pool) marks it down: from then on calls fail at
-    /// once with [`StoreError::Unavailable`] instead of each waiting for the connect timeout, until a probe
-    /// (`SELECT 1`) gets an answer. A slow statement or a full pool does not count: those are not outages.
+    /// database (refused, reset, or none to be had from an empty pool) has a fresh connection try it at once; if
+    /// that fails too, the database is marked down: from then on calls fail at once with
+    /// [`StoreError::Unavailable`] instead of each waiting for the connect timeout, until a probe gets an answer.
+    /// One connection that died while the database is fine, a slow statement or a full pool are not outages.
     pub fn probe_interval(mut self, interval: Duration) -> Self {
         self.probe_interval = interval.max(Duration::from_millis(10));
         self
@@ -263,6 +265,7 @@ impl PostgresStoreBuilder {
             listener,
             health: Arc::new(Health::new("postgres")),
             probe_interval: self.probe_interval,
+            connect_timeout: self.connect_timeout,
         })
     }
 }
@@ -337,7 +340,6 @@ impl PostgresStore {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => {
                 if self.is_outage(&error) {
-                    self.health.mark_down(&error);
                     self.start_probe();
                 }
                 Err(unavailable(error))
@@ -348,10 +350,11 @@ impl PostgresStore {
         }
     }
 
-    /// Whether `error` says the database cannot be reached, rather than that it answered (an error of the
+    /// Whether `error` may mean the database cannot be reached, rather than that it answered (an error of the
     /// statement) or is busy: a broken or refused connection, or a pool that timed out with no connection at all
     /// (the database went away and the pool could open none). A full pool timing out, or a statement that runs
-    /// past the timeout (waiting for a lock), is load, not an outage.
+    /// past the timeout (waiting for a lock), is load, not an outage. One broken connection is not an outage either:
+    /// the probe decides.
     fn is_outage(&self, error: &sqlx::Error) -> bool {
         match error {
             sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
@@ -360,7 +363,9 @@ impl PostgresStore {
         }
     }
 
-    /// Probes the database every probe interval until it answers, once per outage.
+    /// Checks at once, on a connection of its own, whether the database answers: if it does not, marks it down
+    /// (calls then fail at once) and checks again every probe interval until it does. A suspicion that the first
+    /// check clears (a single connection that died, the others fine) changes nothing. Once per suspicion.
     fn start_probe(&self) {
         if !self.health.claim_probe() {
             return;
@@ -369,24 +374,25 @@ impl PostgresStore {
             self.health.probe_ended();
             return;
         };
-        let (pool, health, interval) = (self.pool.clone(), Arc::downgrade(&self.health), self.probe_interval);
-        let timeout = self.call_timeout;
+        let options = (*self.pool.connect_options()).clone();
+        let (health, interval, timeout) = (Arc::downgrade(&self.health), self.probe_interval, self.connect_timeout);
         runtime.spawn(async move {
             loop {
-                tokio::time::sleep(interval).await;
                 // The store is gone: nobody needs the answer.
                 let Some(health) = health.upgrade() else { return };
-                match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&pool)).await {
-                    Ok(Ok(_)) => {
+                match tokio::time::timeout(timeout, answers(&options)).await {
+                    Ok(Ok(())) => {
                         // In this order: a call failing between the two would otherwise mark the database down
                         // with no probe left to find it again.
                         health.probe_ended();
                         health.mark_up();
                         return;
                     }
-                    Ok(Err(error)) => tracing::debug!(%error, "postgres probe failed"),
-                    Err(_) => tracing::debug!("postgres probe: no answer within {timeout:?}"),
+                    Ok(Err(error)) => health.mark_down(&error),
+                    Err(_) => health.mark_down(&format!("no connection within {timeout:?}")),
                 }
+                drop(health);
+                tokio::time::sleep(interval).await;
             }
         });
     }
@@ -485,6 +491,14 @@ impl Drop for PostgresStore {
             task.abort();
         }
     }
+}
+
+/// Whether the database answers a fresh connection (outside the pool, whose connections may all be broken).
+async fn answers(options: &PgConnectOptions) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect_with(options).await?;
+    connection.ping().await?;
+    connection.close().await
 }
 
 /// Runs `schema` after taking an advisory lock named after the table, in one implicit transaction (one simple-query

@@ -53,6 +53,16 @@ async fn rows(pool: &PgPool, table: &str) -> i64 {
 }
 
 /// Polls `done` every 20 ms until it holds, failing after `limit`.
+/// A waiter on `key` in the background (30 s at most), answering how long it waited.
+fn spawn_waiter(store: &Arc<PostgresStore>, key: &StoreKey) -> tokio::task::JoinHandle<Duration> {
+    let (store, key) = (store.clone(), key.clone());
+    tokio::spawn(async move {
+        let started = Instant::now();
+        store.wait(&key, Duration::from_secs(30)).await.unwrap();
+        started.elapsed()
+    })
+}
+
 async fn eventually<F: std::future::Future<Output = bool>>(what: &str, limit: Duration, mut done: impl FnMut() -> F) {
     let deadline = Instant::now() + limit;
     while !done().await {
@@ -319,14 +329,7 @@ async fn a_waiter_is_woken_by_notify_from_another_instance_long_before_its_timeo
     for ending in ["complete", "release", "forget"] {
         let key = fresh_key(ending);
         let owner = owned(&other, &key, Duration::from_secs(60)).await;
-        let waiter = tokio::spawn({
-            let (store, key) = (store.clone(), key.clone());
-            async move {
-                let started = Instant::now();
-                store.wait(&key, Duration::from_secs(30)).await.unwrap();
-                started.elapsed()
-            }
-        });
+        let waiter = spawn_waiter(&store, &key);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!waiter.is_finished(), "{ending}: the waiter waits while the claim is held");
         match ending {
@@ -380,14 +383,7 @@ async fn the_listener_reconnects_by_itself_after_its_connection_is_killed() {
     let store = Arc::new(store_on(&server, PostgresStore::builder()).await);
     let key = fresh_key("killed");
     let owner = owned(&store, &key, Duration::from_secs(60)).await;
-    let waiter = tokio::spawn({
-        let (store, key) = (store.clone(), key.clone());
-        async move {
-            let started = Instant::now();
-            store.wait(&key, Duration::from_secs(30)).await.unwrap();
-            started.elapsed()
-        }
-    });
+    let waiter = spawn_waiter(&store, &key);
     eventually("the store listens", Duration::from_secs(10), || async { store.is_listening() }).await;
     let first = listener_pid(store.pool()).await.expect("a listening connection");
     let killed: bool =
@@ -402,14 +398,7 @@ async fn the_listener_reconnects_by_itself_after_its_connection_is_killed() {
     })
     .await;
     // And the new connection delivers notifications.
-    let waiter = tokio::spawn({
-        let (store, key) = (store.clone(), key.clone());
-        async move {
-            let started = Instant::now();
-            store.wait(&key, Duration::from_secs(30)).await.unwrap();
-            started.elapsed()
-        }
-    });
+    let waiter = spawn_waiter(&store, &key);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiter.is_finished(), "the claim is still held");
     store.complete(&key, &owner, &record("x"), Duration::from_secs(60)).await.unwrap();
@@ -454,14 +443,7 @@ async fn a_stopped_database_bounds_every_call_and_the_store_heals_when_it_is_bac
     let back = fresh_key("back");
     let owner = owned(&store, &back, Duration::from_secs(30)).await;
     eventually("the store listens again", Duration::from_secs(20), || async { store.is_listening() }).await;
-    let waiter = tokio::spawn({
-        let (store, back) = (store.clone(), back.clone());
-        async move {
-            let started = Instant::now();
-            store.wait(&back, Duration::from_secs(30)).await.unwrap();
-            started.elapsed()
-        }
-    });
+    let waiter = spawn_waiter(&store, &back);
     tokio::time::sleep(Duration::from_millis(500)).await;
     store.complete(&back, &owner, &record("x"), Duration::from_secs(60)).await.unwrap();
     let waited = waiter.await.unwrap();

@@ -353,3 +353,28 @@ async fn a_transaction_whose_connection_died_is_not_committed_answers_503_and_fr
     assert_eq!(app.runs.load(Ordering::SeqCst), 2);
     assert_eq!(orders.count(&key).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tx_moved_out_of_its_handler_is_never_committed_and_frees_the_key() {
+    #[idempotent(ttl = 60, wait_timeout = 0)]
+    async fn leaky(State(app): State<App>, mut tx: Tx, key: idem::IdempotencyKey) -> StatusCode {
+        app.runs.fetch_add(1, Ordering::SeqCst);
+        // A bug: the transaction outlives the handler, inserting after the answer.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            insert(&mut tx, key.as_str()).await;
+        });
+        StatusCode::CREATED
+    }
+    let (_, app, orders, _) = app(4).await;
+    let router = Router::new().route("/leaky", post(leaky)).route("/orders", post(create)).with_state(app.clone());
+    let key = unique("escaped");
+    let (status, body, _) = send(&router, "/leaky", &key, "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("transaction-failed"), "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(orders.count(&key).await, 0, "the escaped transaction's insert was never committed");
+    let (status, body, state) = send(&router, "/orders", &key, "ok").await;
+    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "the key was freed: {body}");
+    assert_eq!(orders.count(&key).await, 1);
+}

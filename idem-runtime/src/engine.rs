@@ -1,15 +1,20 @@
 //! Claim, wait, replay: the protocol every front door runs, free of HTTP.
 
+mod keeper;
+mod write;
+
 use crate::drain::Running;
 use crate::metrics::{Event, Metrics, NoMetrics};
 use crate::store::{Claimed, Store, StoreError, StoreKey, Write};
 use crate::{Entry, Fingerprint, OwnerToken, Policy, Record, Stored};
+use keeper::{Lease, Renewals, Target};
 use std::future::Future;
-use std::sync::Arc;
-use std::task::Poll;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::Instrument;
+use write::{ClaimCall, Owned, Pending, Writes};
 
 /// What to do with a request, decided by [`begin`].
 #[derive(Debug)]
@@ -24,13 +29,30 @@ pub enum Outcome {
     Mismatch,
 }
 
+/// What the protocol runs beside the requests of one engine: its store, the lease keeper of its claims and the
+/// writes it finishes in the background. One per [`Idempotency`](crate::Idempotency), shared by its doors.
+pub(crate) struct Background {
+    pub(crate) store: Arc<dyn Store>,
+    renewals: Arc<Renewals>,
+    writes: Arc<Writes>,
+}
+
+impl Background {
+    /// The background of an engine over `store`, whose background writes are counted in `running`.
+    pub(crate) fn new(store: Arc<dyn Store>, running: Arc<Running>) -> Arc<Self> {
+        Arc::new(Self { store, renewals: Arc::default(), writes: Arc::new(Writes::new(running)) })
+    }
+}
+
 /// Claims `key` for a request with `fingerprint`, waiting up to the policy's `wait_timeout` for an in-flight
 /// original. Waiting is woken by the store's notification; after each wake-up the key is claimed again, so a
 /// released claim (the original failed) is taken over rather than waited on forever.
 ///
-/// This is the bare protocol, for building another front door; it reports to no [`Metrics`]. The doors built in
+/// This is the bare protocol, for building another front door; it reports to no [`Metrics`], and each call keeps
+/// its claim's lease on a task of its own. The doors built in
 /// ([`Idempotency::serve`](crate::Idempotency::serve), the [`IdempotencyLayer`](crate::IdempotencyLayer) and
-/// [`Idempotency::once`](crate::Idempotency::once)) run the same protocol and report to the engine's metrics.
+/// [`Idempotency::once`](crate::Idempotency::once)) run the same protocol, report to the engine's metrics and
+/// share one lease keeper.
 pub async fn begin(
     store: &Arc<dyn Store>,
     key: StoreKey,
@@ -38,7 +60,8 @@ pub async fn begin(
     policy: &Policy,
 ) -> Result<Outcome, StoreError> {
     static NO_METRICS: std::sync::LazyLock<Arc<dyn Metrics>> = std::sync::LazyLock::new(|| Arc::new(NoMetrics));
-    begin_observed(store, &NO_METRICS, None, key, fingerprint, policy).await.result
+    let background = Background::new(store.clone(), Arc::default());
+    begin_observed(&background, &NO_METRICS, key, fingerprint, policy).await.result
 }
 
 /// What [`begin_observed`] decided, and how long it waited for an in-flight original (`None`: it did not wait).
@@ -47,20 +70,17 @@ pub(crate) struct Begun {
     pub(crate) waited: Option<Duration>,
 }
 
-/// [`begin`], counting its decision (and the wait) in `metrics` and logging conflicts and mismatches. Writes that the
-/// claim (or a failed claim) leaves to retry in the background are counted in `running`, so that
-/// [`Idempotency::drain`](crate::Idempotency::drain) waits for them too.
+/// [`begin`], counting its decision (and the wait) in `metrics` and logging conflicts and mismatches.
 pub(crate) async fn begin_observed(
-    store: &Arc<dyn Store>,
+    background: &Arc<Background>,
     metrics: &Arc<dyn Metrics>,
-    running: Option<&Arc<Running>>,
     key: StoreKey,
     fingerprint: Fingerprint,
     policy: &Policy,
 ) -> Begun {
     let started = Instant::now();
     let mut waited = false;
-    let result = claim_or_wait(store, metrics, running, key, fingerprint, policy, &mut waited).await;
+    let result = claim_or_wait(background, metrics, key, fingerprint, policy, &mut waited).await;
     let waited = waited.then(|| started.elapsed());
     if let Some(waited) = waited {
         metrics.observe_wait(waited);
@@ -86,38 +106,40 @@ pub(crate) async fn begin_observed(
 }
 
 async fn claim_or_wait(
-    store: &Arc<dyn Store>,
+    background: &Arc<Background>,
     metrics: &Arc<dyn Metrics>,
-    running: Option<&Arc<Running>>,
     key: StoreKey,
     fingerprint: Fingerprint,
     policy: &Policy,
     waited: &mut bool,
 ) -> Result<Outcome, StoreError> {
+    let store = &background.store;
+    let lease = policy.lease_duration();
     let deadline = Instant::now() + policy.wait_timeout_duration();
     // One token for every attempt: a claim resent after a lost reply is recognised as this caller's own.
     let owner = OwnerToken::generate();
     loop {
-        let claimed = match store.claim(&key, &fingerprint, &owner, policy.lease_duration()).await {
+        let call = ClaimInFlight {
+            call: Some(claim_call(store, &key, fingerprint, &owner, lease)),
+            background,
+            metrics,
+            key: &key,
+            owner: &owner,
+            lease,
+        };
+        let claimed = match call.await {
             Ok(claimed) => claimed,
             Err(error) => {
                 // The claim may have taken effect with only its reply lost: give it up rather than leave the key
                 // in flight, answering 409, for a whole lease with nobody running the request.
-                let lost = PendingWrite {
-                    store: store.clone(),
-                    key,
-                    owner,
-                    write: Pending::Release,
-                    running: running.cloned(),
-                };
-                lost.release_lost_claim(policy.lease_duration());
+                let owned = Owned { store: store.clone(), metrics: metrics.clone(), key, owner };
+                background.writes.release_failed_claim(owned, &error, lease);
                 return Err(error);
             }
         };
         let entry = match claimed {
             Claimed::Owned => {
-                let mut claim = Claim::new(store, metrics, key, owner, fingerprint, policy.lease_duration());
-                claim.running = running.cloned();
+                let claim = Claim::new(background, metrics, key, owner, fingerprint, lease);
                 return Ok(Outcome::Execute(claim));
             }
             Claimed::Existing(entry) => entry,
@@ -141,22 +163,69 @@ async fn claim_or_wait(
     }
 }
 
+/// The store's claim of `key`, as a future owning what it needs, so that it can be finished in the background.
+fn claim_call(
+    store: &Arc<dyn Store>,
+    key: &StoreKey,
+    fingerprint: Fingerprint,
+    owner: &OwnerToken,
+    lease: Duration,
+) -> ClaimCall {
+    let (store, key, owner) = (store.clone(), key.clone(), owner.clone());
+    Box::pin(async move { store.claim(&key, &fingerprint, &owner, lease).await })
+}
+
+/// A claim call awaited by its caller. Dropped before it answered (the client went away, a `tower` timeout, a
+/// `select!`), the call is finished in the background and the key released if it took it: a claim sent to a slow
+/// or frozen store lands after its caller is gone, and would hold the key for a whole lease with nobody running the
+/// request.
+struct ClaimInFlight<'a> {
+    call: Option<ClaimCall>,
+    background: &'a Background,
+    metrics: &'a Arc<dyn Metrics>,
+    key: &'a StoreKey,
+    owner: &'a OwnerToken,
+    lease: Duration,
+}
+
+impl Future for ClaimInFlight<'_> {
+    type Output = Result<Claimed, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let call = self.call.as_mut().expect("polled after it answered");
+        let answer = std::task::ready!(call.as_mut().poll(cx));
+        self.call = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl Drop for ClaimInFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take() {
+            let owned = Owned {
+                store: self.background.store.clone(),
+                metrics: self.metrics.clone(),
+                key: self.key.clone(),
+                owner: self.owner.clone(),
+            };
+            self.background.writes.finish_claim(owned, call, self.lease);
+        }
+    }
+}
+
 /// Ownership of an in-flight key: the right to run the work once and record its result.
 ///
 /// Consumed by [`Claim::complete`] or [`Claim::release`]. A claim dropped without either (its future was
 /// cancelled) releases itself in the background, so the key is free for a retry at once rather than after the lease.
 pub struct Claim {
-    store: Arc<dyn Store>,
+    background: Arc<Background>,
     metrics: Arc<dyn Metrics>,
     key: StoreKey,
     owner: Option<OwnerToken>,
     fingerprint: Fingerprint,
     lease: Duration,
-    /// The handle of the future renewing the lease, once something started it.
-    keeper: std::sync::Mutex<Option<Keeper>>,
-    /// Where the writes left to the background (a failed completion or release retried, the release of a dropped
-    /// claim) are counted, for [`Idempotency::drain`](crate::Idempotency::drain).
-    running: Option<Arc<Running>>,
+    /// The lease as the engine's keeper keeps it, once something asked for it to be kept.
+    kept: OnceLock<Arc<Lease>>,
 }
 
 impl std::fmt::Debug for Claim {
@@ -167,7 +236,7 @@ impl std::fmt::Debug for Claim {
 
 impl Claim {
     fn new(
-        store: &Arc<dyn Store>,
+        background: &Arc<Background>,
         metrics: &Arc<dyn Metrics>,
         key: StoreKey,
         owner: OwnerToken,
@@ -175,14 +244,13 @@ impl Claim {
         lease: Duration,
     ) -> Self {
         Self {
-            store: store.clone(),
+            background: background.clone(),
             metrics: metrics.clone(),
             key,
             owner: Some(owner),
             fingerprint,
             lease,
-            keeper: std::sync::Mutex::new(None),
-            running: None,
+            kept: OnceLock::new(),
         }
     }
 
@@ -196,57 +264,43 @@ impl Claim {
         self.fingerprint
     }
 
-    /// Runs `work` while the lease is renewed every third of its length beside it (a renewal that fails is retried
-    /// every twentieth of the lease until one lands), so work that outlives its lease is never run a second time by
-    /// a duplicate. Renewing goes on until the claim is completed, released or dropped: beside `work` (a renewal in
-    /// flight never holds the work up), then, if the claim is still held when `work` ends, on a task of its own.
+    /// Runs `work` while the lease is renewed every third of its length (a renewal that fails is retried every
+    /// twentieth of the lease until one lands), so work that outlives its lease is never run a second time by a
+    /// duplicate. Renewing goes on until the claim is completed, released or dropped, on the engine's lease keeper:
+    /// a task apart from `work`'s, so work that blocks its thread keeps its lease too.
     ///
     /// Only a store out of reach for the rest of a lease can cost the claim: a duplicate that claims the key once
     /// the lease has run out (and before a renewal re-claims it) runs the work again. The work here still runs to
     /// its end; its completion is then fenced, so the duplicate's record stands.
     pub async fn keep_alive<F: Future>(&self, work: F) -> F::Output {
-        beside(self.keep_inline(), work).await
+        self.start_keeping();
+        work.await
     }
 
-    /// Starts renewing the lease on a task of its own, unless something renews it already.
-    pub(crate) fn start_keeping(&self) {
-        if let Some(keeper) = self.keep_inline() {
-            spawn_keeper(keeper);
-        }
+    /// Hands the lease to the engine's keeper, unless it keeps it already.
+    pub(crate) fn start_keeping(&self) -> &Arc<Lease> {
+        self.kept.get_or_init(|| {
+            let owner = self.owner.clone().expect("a live claim has an owner");
+            let target = Target {
+                store: self.background.store.clone(),
+                metrics: self.metrics.clone(),
+                key: self.key.clone(),
+                owner,
+                fingerprint: self.fingerprint,
+            };
+            self.background.renewals.keep(target, self.lease)
+        })
     }
 
-    /// The future that renews the lease, for the caller to drive beside the work (see [`beside`]), unless one
-    /// exists already (its driver goes on driving it). Driving it on the work's own task rather than spawning it
-    /// spares a task, its scheduling and two wake-ups per claim.
-    pub(crate) fn keep_inline(&self) -> Option<KeeperRun> {
-        let mut keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if keeper.is_some() {
-            return None;
-        }
-        let owner = self.owner.as_ref()?;
-        let renewal = Renewal {
-            store: self.store.clone(),
-            metrics: self.metrics.clone(),
-            key: self.key.clone(),
-            owner: owner.clone(),
-            fingerprint: self.fingerprint,
-            failures: 0,
-        };
-        let (handle, run) = Keeper::new(renewal, self.lease);
-        *keeper = Some(handle);
-        Some(run)
-    }
-
-    /// Renews the lease for `lease` from now on, at once: an adopting front door brings its own lease. With a keeper
-    /// running, the keeper makes this renewal after any of its own in flight, so an older renewal can never land
-    /// after it and shorten the new lease; from then on it renews every third of `lease`.
+    /// Renews the lease for `lease` from now on, at once: an adopting front door brings its own lease. With the
+    /// keeper keeping it, the renewal is made after any renewal in flight, so an older renewal can never land after
+    /// it and shorten the new lease; from then on it renews every third of `lease`.
     pub(crate) async fn renew_for(&mut self, lease: Duration) -> Result<Write, StoreError> {
         self.lease = lease;
-        let keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        match (keeper, &self.owner) {
-            (Some(keeper), _) => keeper.renew_for(lease).await,
+        match (self.kept.get(), &self.owner) {
+            (Some(kept), _) => kept.renew(Some(lease)).await,
             (None, Some(owner)) => {
-                let write = self.store.renew(&self.key, owner, &self.fingerprint, lease).await;
+                let write = self.background.store.renew(&self.key, owner, &self.fingerprint, lease).await;
                 report_write(&*self.metrics, &self.key, "renew", &write);
                 write
             }
@@ -255,21 +309,24 @@ impl Claim {
     }
 
     /// The claim's fence: its owner token, and a way to check (renewing at once) that the claim is still held.
-    /// Starts renewing the lease (on a task of its own) if nothing renews it yet.
+    /// Starts keeping the lease if nothing keeps it yet.
     pub fn fence(&self) -> Fence {
-        self.start_keeping();
-        let keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let kept = self.start_keeping().clone();
         let owner = self.owner.clone().expect("a live claim has an owner");
-        Fence { owner, keeper }
+        Fence { owner, kept }
     }
 
     /// Stops renewing, once any renewal in flight has landed: a renewal arriving after the release could otherwise
     /// claim the freed key again.
     async fn stop_keeping(&self) {
-        let keeper = self.keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(keeper) = keeper {
-            keeper.stop().await;
+        if let Some(kept) = self.kept.get() {
+            kept.stop().await;
         }
+    }
+
+    /// Who this claim's background writes are for.
+    fn owned(&self, owner: OwnerToken) -> Owned {
+        Owned { store: self.background.store.clone(), metrics: self.metrics.clone(), key: self.key.clone(), owner }
     }
 
     /// Records the result for `ttl` and wakes waiting duplicates.
@@ -284,11 +341,10 @@ impl Claim {
         self.stop_keeping().await;
         let owner = self.owner.take().expect("a live claim has an owner");
         let record = Record { fingerprint: self.fingerprint, stored };
-        let write = self.store.complete(&self.key, &owner, &record, ttl).await;
+        let write = self.background.store.complete(&self.key, &owner, &record, ttl).await;
         report_write(&*self.metrics, &self.key, "complete", &write);
         if let Err(StoreError::Unavailable(_)) = &write {
-            let write = Pending::Complete { record, ttl };
-            self.pending(owner, write).spawn(ttl);
+            self.background.writes.retry(self.owned(owner), Pending::Complete { record, ttl }, ttl);
         }
         write
     }
@@ -327,461 +383,20 @@ impl Claim {
     pub async fn release(mut self) -> Result<Write, StoreError> {
         self.stop_keeping().await;
         let owner = self.owner.take().expect("a live claim has an owner");
-        let write = self.store.release(&self.key, &owner).await;
+        let write = self.background.store.release(&self.key, &owner).await;
         report_write(&*self.metrics, &self.key, "release", &write);
         if let Err(StoreError::Unavailable(_)) = &write {
-            self.pending(owner, Pending::Release).spawn(self.lease);
+            self.background.writes.retry(self.owned(owner), Pending::Release, self.lease);
         }
         write
     }
 }
 
-impl Claim {
-    /// `write` by `owner` on this claim's key, to be sent in the background.
-    fn pending(&self, owner: OwnerToken, write: Pending) -> PendingWrite {
-        PendingWrite { store: self.store.clone(), key: self.key.clone(), owner, write, running: self.running.clone() }
-    }
-}
-
-/// The first pause before a failed write is sent again, doubled per failure up to [`WRITE_RETRY_LAST`].
-const WRITE_RETRY_FIRST: Duration = Duration::from_millis(50);
-/// The longest pause between two attempts of a failed write: a store back from an outage gets it within about this
-/// long.
-const WRITE_RETRY_LAST: Duration = Duration::from_secs(1);
-
-/// An owner-checked write the store could not take, sent again in the background.
-struct PendingWrite {
-    store: Arc<dyn Store>,
-    key: StoreKey,
-    owner: OwnerToken,
-    write: Pending,
-    /// Counts the write while it is retried, for [`Idempotency::drain`](crate::Idempotency::drain).
-    running: Option<Arc<Running>>,
-}
-
-enum Pending {
-    /// The work ran and its answer went out: its record must still land, or after the lease a retry runs it again.
-    Complete { record: Record, ttl: Duration },
-    /// The work failed: the key must be freed, or duplicates are refused until the lease runs out.
-    Release,
-}
-
-impl PendingWrite {
-    fn operation(&self) -> &'static str {
-        match self.write {
-            Pending::Complete { .. } => "complete",
-            Pending::Release => "release",
-        }
-    }
-
-    async fn send(&self) -> Result<Write, StoreError> {
-        match &self.write {
-            Pending::Complete { record, ttl } => self.store.complete(&self.key, &self.owner, record, *ttl).await,
-            Pending::Release => self.store.release(&self.key, &self.owner).await,
-        }
-    }
-
-    /// Sends the write again, backing off, until the store takes it (or fences it: someone else claimed the key once
-    /// the lease ran out) or `useful_for` has passed (the record would have expired, or the claim lapsed by itself).
-    fn spawn(self, useful_for: Duration) {
-        tracing::warn!(
-            key = %self.key,
-            operation = self.operation(),
-            "write failed: retrying in the background until the store is back"
-        );
-        self.spawn_quietly(useful_for);
-    }
-
-    /// [`PendingWrite::spawn`] without the warning: for a release of a claim that most likely never landed.
-    fn spawn_quietly(self, useful_for: Duration) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let operation = self.operation();
-        let counted = self.running.as_ref().map(Running::enter);
-        runtime.spawn(
-            async move {
-                let _counted = counted;
-                let give_up = Instant::now() + useful_for;
-                let mut pause = WRITE_RETRY_FIRST;
-                loop {
-                    tokio::time::sleep(pause).await;
-                    match self.send().await {
-                        Ok(Write::Applied) => {
-                            tracing::info!(key = %self.key, operation, "write retried: it landed");
-                            return;
-                        }
-                        Ok(Write::Fenced) => {
-                            tracing::warn!(
-                                key = %self.key,
-                                operation,
-                                "write retried too late: the key was claimed again after the lease ran out"
-                            );
-                            return;
-                        }
-                        Err(StoreError::Unavailable(_)) if Instant::now() < give_up => {}
-                        Err(error) => {
-                            tracing::error!(key = %self.key, operation, %error, "write retry given up");
-                            return;
-                        }
-                    }
-                    pause = (pause * 2).min(WRITE_RETRY_LAST);
-                }
-            }
-            .in_current_span(),
-        );
-    }
-}
-
-/// What renewing one claim's lease takes.
-struct Renewal {
-    store: Arc<dyn Store>,
-    metrics: Arc<dyn Metrics>,
-    key: StoreKey,
-    owner: OwnerToken,
-    fingerprint: Fingerprint,
-    /// Renewals that failed in a row.
-    failures: u32,
-}
-
-impl Renewal {
-    /// One renewal, given up after one renewal period: a store that hangs must not hold up the next renewal, nor
-    /// the completion that waits for this one to land.
-    ///
-    /// Of failures in a row (retried every [`renewal_retry_period`] while the store is out of reach) only the first
-    /// is counted and logged as an error, so an outage does not flood the log with one error per retry per claim.
-    async fn renew(&mut self, lease: Duration) -> Result<Write, StoreError> {
-        let renewal = self.store.renew(&self.key, &self.owner, &self.fingerprint, lease);
-        let write = match tokio::time::timeout(renewal_period(lease), renewal).await {
-            Ok(write) => write,
-            Err(_) => Err(StoreError::Unavailable("the lease renewal timed out".into())),
-        };
-        match &write {
-            Err(error) if self.failures > 0 => {
-                tracing::debug!(key = %self.key, %error, failures = self.failures, "lease renewal failed again");
-            }
-            Ok(Write::Applied) if self.failures > 0 => {
-                tracing::info!(key = %self.key, failures = self.failures, "lease renewed again after failed attempts");
-            }
-            _ => report_write(&*self.metrics, &self.key, "renew", &write),
-        }
-        self.failures = if write.is_err() { self.failures + 1 } else { 0 };
-        write
-    }
-}
-
-/// How often a lease of `lease` is renewed: three times per lease.
-fn renewal_period(lease: Duration) -> Duration {
-    (lease / 3).max(Duration::from_millis(10))
-}
-
-/// How soon a renewal that failed (the store could not be reached) is tried again: a twentieth of the lease, until
-/// one lands. Waiting a whole renewal period instead put the attempt after two failures exactly where the lease
-/// runs out, racing the duplicates that the store wakes at that moment: an outage of a little over a third of the
-/// lease could hand the key to a duplicate while the owner was still running. Retried, the lease is extended as soon
-/// as the store answers again, so an outage that ends (as seen by this process) a twentieth of the lease before the
-/// lease granted by the last renewal runs out costs nothing. Attempts are cheap while the store is known to be down
-/// (the Redis store fails them without touching the network).
-fn renewal_retry_period(lease: Duration) -> Duration {
-    (lease / 20).max(Duration::from_millis(10))
-}
-
-/// The future that renews a claim's lease (made by [`Keeper::new`]), driven beside the work by [`beside`] or on a
-/// task of its own by [`spawn_keeper`]. Boxed, so that a driver can hand it over to a task half-way.
-pub(crate) type KeeperRun = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
-
-pin_project_lite::pin_project! {
-    /// Runs `body` with `keeper` (if any) driven beside it on the same task: `body` first, then the keeper, on every
-    /// poll, so a command that `body` gives the keeper (a stop, a renewal) is taken in the same poll without waking
-    /// anyone. When `body` ends with the keeper still running (the claim outlives `body`: an annotated handler took
-    /// it over and holds it elsewhere, or [`Claim::keep_alive`]'s caller completes it later), or when this future is
-    /// dropped first (its caller was cancelled; the claim releases itself), the keeper goes on on a task of its own:
-    /// a renewal in flight lands before the claim's completion or release, never after it.
-    ///
-    /// A struct rather than an `async fn`: `body` (a whole handler's future) is kept in place, where an `async fn`
-    /// would hold it twice, as its argument and as the pinned local it is polled from.
-    pub(crate) struct Beside<B> {
-        keeper: HandOverOnDrop,
-        #[pin]
-        body: B,
-    }
-}
-
-/// [`Beside`] `body` with `keeper`.
-pub(crate) fn beside<B: Future>(keeper: Option<KeeperRun>, body: B) -> Beside<B> {
-    Beside { keeper: HandOverOnDrop(keeper), body }
-}
-
-impl<B: Future> Future for Beside<B> {
-    type Output = B::Output;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<B::Output> {
-        let this = self.project();
-        let polled = this.body.poll(cx);
-        if let Some(keeper) = &mut this.keeper.0
-            && keeper.as_mut().poll(cx).is_ready()
-        {
-            this.keeper.0 = None;
-        }
-        polled
-    }
-}
-
-/// A keeper driven by [`Beside`], handed over to a task of its own if it is still running when its driver ends.
-pub(crate) struct HandOverOnDrop(Option<KeeperRun>);
-
-impl Drop for HandOverOnDrop {
+impl Drop for Claim {
     fn drop(&mut self) {
-        if let Some(keeper) = self.0.take() {
-            spawn_keeper(keeper);
-        }
-    }
-}
-
-/// Drives `keeper` on a task of its own (none outside a runtime: nothing could renew then).
-fn spawn_keeper(keeper: KeeperRun) {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(keeper.in_current_span());
-    }
-}
-
-/// A handle of a claim's keeper: the future that renews its lease. The keeper makes one renewal at a time, so
-/// renewals land in the order it makes them; the claim's handle and each fence's send it commands.
-#[derive(Clone)]
-struct Keeper {
-    state: Arc<std::sync::Mutex<KeeperState>>,
-}
-
-/// What a keeper and its handles share.
-#[derive(Default)]
-struct KeeperState {
-    /// Commands the keeper has not taken yet, in the order they were given.
-    commands: std::collections::VecDeque<KeeperCommand>,
-    /// A renewal is in flight: a stop waits for it to land.
-    renewing: bool,
-    /// The keeper makes no more renewals: stopped, or its future was dropped.
-    stopped: bool,
-    /// Wakes the keeper's driver when a command comes.
-    waker: Option<std::task::Waker>,
-}
-
-enum KeeperCommand {
-    /// Renew now for this lease, then every third of it; answer with the renewal.
-    RenewFor(Duration, tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
-    /// Renew now for the current lease; answer with the renewal.
-    RenewNow(tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
-    /// Stop; answer once no renewal is in flight.
-    Stop(tokio::sync::oneshot::Sender<()>),
-}
-
-/// What a keeper does next.
-enum Step {
-    /// As [`KeeperCommand::RenewFor`].
-    RenewFor(Duration, tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
-    /// As [`KeeperCommand::RenewNow`].
-    RenewNow(tokio::sync::oneshot::Sender<Result<Write, StoreError>>),
-    /// The next renewal is due.
-    Due,
-    /// Stopped; the stop waits for this answer, if it waited at all.
-    Stop(Option<tokio::sync::oneshot::Sender<()>>),
-}
-
-/// Marks a keeper stopped when its future ends or is dropped (its task aborted): handles no longer wait for it, and
-/// the commands it will never take are dropped, which answers them.
-struct StopOnDrop<'a>(&'a std::sync::Mutex<KeeperState>);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        let mut state = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.stopped = true;
-        state.waker = None;
-        let unanswered = std::mem::take(&mut state.commands);
-        drop(state);
-        drop(unanswered);
-    }
-}
-
-impl Keeper {
-    /// A keeper for `renewal`, and the future that is the keeper, to be driven.
-    fn new(renewal: Renewal, lease: Duration) -> (Self, KeeperRun) {
-        let keeper = Self { state: Arc::default() };
-        let run = Box::pin(Self::run(keeper.state.clone(), renewal, lease));
-        (keeper, run)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, KeeperState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    async fn run(state: Arc<std::sync::Mutex<KeeperState>>, mut renewal: Renewal, mut lease: Duration) {
-        let _stopped = StopOnDrop(&state);
-        let lock = || state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut next = Instant::now() + renewal_period(lease);
-        // Made when first waited on: a claim completed before its driver first waits (a quick handler) never
-        // registers a timer.
-        let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
-        // Once a renewal is fenced the claim is gone for good (another caller owns the key now): renewing stops.
-        // The work still runs to its end; its result will not be stored.
-        let mut lost = false;
-        loop {
-            let step = std::future::poll_fn(|cx| {
-                {
-                    let mut state = lock();
-                    if state.stopped {
-                        return Poll::Ready(Step::Stop(None));
-                    }
-                    let step = match state.commands.pop_front() {
-                        Some(KeeperCommand::Stop(done)) => {
-                            state.stopped = true;
-                            return Poll::Ready(Step::Stop(Some(done)));
-                        }
-                        Some(KeeperCommand::RenewFor(lease, answer)) => Some(Step::RenewFor(lease, answer)),
-                        Some(KeeperCommand::RenewNow(answer)) => Some(Step::RenewNow(answer)),
-                        None => {
-                            if !state.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
-                                state.waker = Some(cx.waker().clone());
-                            }
-                            None
-                        }
-                    };
-                    if let Some(step) = step {
-                        state.renewing = true;
-                        return Poll::Ready(step);
-                    }
-                }
-                if lost {
-                    return Poll::Pending;
-                }
-                if timer.is_none() {
-                    timer.set(Some(tokio::time::sleep_until(next)));
-                }
-                let due = timer.as_mut().as_pin_mut().expect("the timer was just made").poll(cx);
-                if due.is_pending() {
-                    return Poll::Pending;
-                }
-                let mut state = lock();
-                if state.stopped {
-                    return Poll::Ready(Step::Stop(None));
-                }
-                state.renewing = true;
-                Poll::Ready(Step::Due)
-            })
-            .await;
-            match step {
-                Step::Stop(done) => {
-                    if let Some(done) = done {
-                        let _ = done.send(());
-                    }
-                    return;
-                }
-                Step::RenewFor(new_lease, answer) => {
-                    lease = new_lease;
-                    next = Instant::now() + renewal_period(lease);
-                    let write = renewal.renew(lease).await;
-                    lost = matches!(write, Ok(Write::Fenced));
-                    if write.is_err() {
-                        next = Instant::now() + renewal_retry_period(lease);
-                    }
-                    let _ = answer.send(write);
-                }
-                Step::RenewNow(answer) => {
-                    // A lost claim stays lost: renewing it now could take a key that someone else freed.
-                    let write = if lost { Ok(Write::Fenced) } else { renewal.renew(lease).await };
-                    next = Instant::now() + renewal_period(lease);
-                    lost = matches!(write, Ok(Write::Fenced));
-                    if write.is_err() {
-                        next = Instant::now() + renewal_retry_period(lease);
-                    }
-                    let _ = answer.send(write);
-                }
-                Step::Due => {
-                    next = Instant::now() + renewal_period(lease);
-                    match renewal.renew(lease).await {
-                        Ok(Write::Applied) => {}
-                        Ok(Write::Fenced) => lost = true,
-                        Err(_) => next = Instant::now() + renewal_retry_period(lease),
-                    }
-                }
-            }
-            if let Some(timer) = timer.as_mut().as_pin_mut()
-                && timer.deadline() != next
-            {
-                timer.reset(next);
-            }
-            lock().renewing = false;
-        }
-    }
-
-    /// Gives the keeper `command` and wakes its driver, unless the driver is the caller's own task (see [`beside`]:
-    /// it polls the keeper right after the caller); `None` once the keeper stopped.
-    fn send(&self, command: KeeperCommand, cx: &std::task::Context<'_>) -> Option<()> {
-        let mut state = self.lock();
-        if state.stopped {
-            return None;
-        }
-        state.commands.push_back(command);
-        let waker = state.waker.take();
-        drop(state);
-        wake_unless_own(waker, cx);
-        Some(())
-    }
-
-    /// Sends a renewal command made with `answer` and waits for its answer; fenced once the keeper stopped.
-    async fn ask(
-        &self,
-        command: impl FnOnce(tokio::sync::oneshot::Sender<Result<Write, StoreError>>) -> KeeperCommand,
-    ) -> Result<Write, StoreError> {
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        let mut command = Some(command(answer));
-        let sent = std::future::poll_fn(|cx| Poll::Ready(self.send(command.take().expect("sent once"), cx))).await;
-        if sent.is_none() {
-            return Ok(Write::Fenced);
-        }
-        answered.await.unwrap_or(Ok(Write::Fenced))
-    }
-
-    async fn renew_for(&self, lease: Duration) -> Result<Write, StoreError> {
-        self.ask(|answer| KeeperCommand::RenewFor(lease, answer)).await
-    }
-
-    async fn renew_now(&self) -> Result<Write, StoreError> {
-        self.ask(KeeperCommand::RenewNow).await
-    }
-
-    /// Stops the keeper once no renewal is in flight. With none in flight and no command waiting (the usual case:
-    /// the work took less than a third of the lease), it stops at once, without a round trip through its driver.
-    async fn stop(self) {
-        let wait = std::future::poll_fn(|cx| {
-            let mut state = self.lock();
-            if state.stopped {
-                return Poll::Ready(None);
-            }
-            if !state.renewing && state.commands.is_empty() {
-                state.stopped = true;
-                let waker = state.waker.take();
-                drop(state);
-                wake_unless_own(waker, cx);
-                return Poll::Ready(None);
-            }
-            let (done, stopped) = tokio::sync::oneshot::channel();
-            state.commands.push_back(KeeperCommand::Stop(done));
-            let waker = state.waker.take();
-            drop(state);
-            wake_unless_own(waker, cx);
-            Poll::Ready(Some(stopped))
-        })
-        .await;
-        if let Some(stopped) = wait {
-            let _ = stopped.await;
-        }
-    }
-}
-
-/// Wakes a keeper's driver, unless it is the task of `cx` (the keeper is driven [`beside`] the caller and is polled
-/// right after it: a wake-up would only poll the task once more for nothing).
-fn wake_unless_own(waker: Option<std::task::Waker>, cx: &std::task::Context<'_>) {
-    if let Some(waker) = waker
-        && !waker.will_wake(cx.waker())
-    {
-        waker.wake();
+        let Some(owner) = self.owner.take() else { return };
+        let owned = self.owned(owner);
+        self.background.writes.release_dropped(owned, self.kept.take(), self.lease);
     }
 }
 
@@ -799,7 +414,7 @@ fn wake_unless_own(waker: Option<std::task::Waker>, cx: &std::task::Context<'_>)
 #[derive(Clone)]
 pub struct Fence {
     owner: OwnerToken,
-    keeper: Option<Keeper>,
+    kept: Arc<Lease>,
 }
 
 impl std::fmt::Debug for Fence {
@@ -818,8 +433,7 @@ impl Fence {
     /// key was claimed by someone else (or the claim already completed), `Err` when the store could not be reached
     /// (whether the claim is held is then unknown; treat it as not held before an irreversible step).
     pub async fn is_held(&self) -> Result<bool, StoreError> {
-        let Some(keeper) = &self.keeper else { return Ok(false) };
-        keeper.renew_now().await.map(|write| write == Write::Applied)
+        self.kept.renew(None).await.map(|write| write == Write::Applied)
     }
 }
 
@@ -835,47 +449,6 @@ fn report_write(metrics: &dyn Metrics, key: &StoreKey, operation: &str, write: &
             metrics.record(Event::StoreError);
             tracing::error!(key = %key, operation, %error, "idempotency store write failed");
         }
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        let Some(owner) = self.owner.take() else { return };
-        let keeper = self.keeper.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        let (store, metrics, key) = (self.store.clone(), self.metrics.clone(), self.key.clone());
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let counted = self.running.as_ref().map(Running::enter);
-        runtime.spawn(async move {
-            let _counted = counted;
-            if let Some(keeper) = keeper {
-                keeper.stop().await;
-            }
-            let write = store.release(&key, &owner).await;
-            report_write(&*metrics, &key, "release", &write);
-        });
-    }
-}
-
-impl PendingWrite {
-    /// Releases a claim whose call failed, in case it took effect with only its reply lost. A release deletes
-    /// nothing but the owner's own claim, so it is harmless when the claim never landed (the usual case: that is not
-    /// reported).
-    ///
-    /// While the store is out of reach the release is retried until it lands or `lease` has passed: a claim that
-    /// sat in a frozen server's socket takes effect when the server resumes, and would otherwise hold its key for a
-    /// whole lease with nobody running the request.
-    fn release_lost_claim(self, lease: Duration) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let counted = self.running.as_ref().map(Running::enter);
-        runtime.spawn(async move {
-            let _counted = counted;
-            match self.store.release(&self.key, &self.owner).await {
-                Ok(Write::Applied) => tracing::info!(key = %self.key, "released a claim whose reply was lost"),
-                Ok(Write::Fenced) => {}
-                Err(StoreError::Unavailable(_)) => self.spawn_quietly(lease),
-                Err(error) => tracing::debug!(key = %self.key, %error, "could not release a claim whose call failed"),
-            }
-        });
     }
 }
 
@@ -969,7 +542,8 @@ mod tests {
         let counters = Arc::new(crate::Counters::new());
         let metrics: Arc<dyn Metrics> = counters.clone();
         let started = Instant::now();
-        let begun = begin_observed(&shared, &metrics, None, key.clone(), fingerprint, &policy).await;
+        let background = Background::new(shared.clone(), Arc::default());
+        let begun = begin_observed(&background, &metrics, key.clone(), fingerprint, &policy).await;
         let Ok(Outcome::Execute(claim)) = begun.result else {
             panic!("a fresh key is claimed");
         };
@@ -986,7 +560,7 @@ mod tests {
         let renewed: Vec<Duration> = store.renewed.lock().unwrap().iter().map(|at| *at - started).collect();
         let back = Duration::from_millis(3200);
         assert!(
-            renewed.iter().any(|at| *at >= back && *at <= back + renewal_retry_period(lease)),
+            renewed.iter().any(|at| *at >= back && *at <= back + keeper::renewal_retry_period(lease)),
             "renewed within a retry period of the store answering again: {renewed:?}"
         );
         // Many attempts failed while the store was out of reach; one store error is counted for them.
@@ -1113,5 +687,173 @@ mod tests {
         assert!(written[0].1 >= renewed[0], "released after the renewal landed");
         let key = idempotency.once_store_key("cancelled", "k");
         assert_eq!(store.store.inspect(&key).await.unwrap(), None, "the key is free");
+    }
+
+    /// A [`MemoryStore`] whose claims take `claim_takes` to land and land even when their caller stopped waiting
+    /// (as a command already sent to a remote store does), whose claims fail while `down` (refused unsent, as a
+    /// store known to be down refuses them, or sent and timed out when `sent_failures`), and which counts the
+    /// releases and renewals it was sent.
+    #[derive(Default)]
+    struct Remote {
+        store: Arc<MemoryStore>,
+        claim_takes: Mutex<Duration>,
+        down: AtomicBool,
+        sent_failures: AtomicBool,
+        releases: std::sync::atomic::AtomicUsize,
+        renewals: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Remote {
+        async fn claim(
+            &self,
+            key: &StoreKey,
+            fingerprint: &Fingerprint,
+            owner: &OwnerToken,
+            lease: Duration,
+        ) -> Result<Claimed, StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                if self.sent_failures.load(Ordering::SeqCst) {
+                    return Err(StoreError::Unavailable("timed out (a test double)".into()));
+                }
+                return Err(StoreError::Unavailable(crate::Cause::unsent("known down (a test double)")));
+            }
+            let takes = *self.claim_takes.lock().unwrap();
+            let (store, key, fingerprint, owner) = (self.store.clone(), key.clone(), *fingerprint, owner.clone());
+            let sent = tokio::spawn(async move {
+                tokio::time::sleep(takes).await;
+                store.claim(&key, &fingerprint, &owner, lease).await
+            });
+            sent.await.unwrap()
+        }
+        async fn complete(
+            &self,
+            key: &StoreKey,
+            owner: &OwnerToken,
+            record: &Record,
+            ttl: Duration,
+        ) -> Result<Write, StoreError> {
+            self.store.complete(key, owner, record, ttl).await
+        }
+        async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            self.store.release(key, owner).await
+        }
+        async fn renew(
+            &self,
+            key: &StoreKey,
+            owner: &OwnerToken,
+            fingerprint: &Fingerprint,
+            lease: Duration,
+        ) -> Result<Write, StoreError> {
+            self.renewals.fetch_add(1, Ordering::SeqCst);
+            self.store.renew(key, owner, fingerprint, lease).await
+        }
+        async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+            self.store.wait(key, timeout).await
+        }
+    }
+
+    /// Issue 16, item 5: the caller gives up 100 ms into a claim that takes 1 s to land (a frozen or slow store).
+    /// The claim is finished in the background and released, so the retry after it landed runs at once instead of
+    /// being refused `in-progress` for a whole lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_whose_caller_gave_up_is_finished_and_released_in_the_background() {
+        let store = Arc::new(Remote::default());
+        *store.claim_takes.lock().unwrap() = Duration::from_secs(1);
+        let idempotency = crate::Idempotency::new(store.clone());
+        let policy = Policy::new().lease(Duration::from_secs(30)).wait_timeout(Duration::ZERO);
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        let work = || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, ()>(1)
+        };
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(100), idempotency.once("o", "k").policy(policy).run(&1, work))
+                .await;
+        assert!(gave_up.is_err(), "the caller gave up while the claim was in flight");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let key = idempotency.once_store_key("o", "k");
+        assert_eq!(store.store.inspect(&key).await.unwrap(), None, "the claim landed, then was released");
+        assert_eq!(idempotency.running_handlers(), 0, "nothing left in the background");
+
+        *store.claim_takes.lock().unwrap() = Duration::ZERO;
+        let retried = idempotency.once("o", "k").policy(policy).run(&1, work).await;
+        assert_eq!(retried.unwrap(), 1, "the retry runs at once");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the work ran once: the abandoned claim never ran it");
+    }
+
+    /// Issue 16, item 4: while the store is known down, refused claims (never sent) leave nothing behind: no task,
+    /// no background release, nothing for `drain` to wait for.
+    #[tokio::test(start_paused = true)]
+    async fn claims_refused_while_the_store_is_known_down_leave_nothing_behind() {
+        let store = Arc::new(Remote::default());
+        store.down.store(true, Ordering::SeqCst);
+        let idempotency = crate::Idempotency::new(store.clone());
+        let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        for request in 0..2000 {
+            let refused = idempotency.once("o", &request.to_string()).run(&1, || async { Ok::<_, ()>(1) }).await;
+            assert!(matches!(refused, Err(crate::OnceError::Store(_))), "{refused:?}");
+        }
+        assert_eq!(idempotency.running_handlers(), 0, "no background write per refused request");
+        let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        assert_eq!(tasks, tasks_before, "no task per refused request");
+        assert_eq!(idempotency.drain(Duration::from_secs(3)).await, Ok(()));
+        store.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(store.releases.load(Ordering::SeqCst), 0, "no release sent once the store is back");
+    }
+
+    /// Issue 16, item 4: claims that may have landed (they failed after being sent) are released in the background,
+    /// by one task for all of them, and the writes held are bounded.
+    #[tokio::test(start_paused = true)]
+    async fn claims_that_failed_after_being_sent_are_released_by_one_task_with_a_bound() {
+        let store = Arc::new(Remote::default());
+        store.down.store(true, Ordering::SeqCst);
+        store.sent_failures.store(true, Ordering::SeqCst);
+        let idempotency = crate::Idempotency::new(store.clone());
+        let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let refused = write::MAX_WRITES + 500;
+        for request in 0..refused {
+            let answer = idempotency.once("o", &request.to_string()).run(&1, || async { Ok::<_, ()>(1) }).await;
+            assert!(matches!(answer, Err(crate::OnceError::Store(_))), "{answer:?}");
+        }
+        assert_eq!(idempotency.running_handlers(), write::MAX_WRITES, "background writes are bounded");
+        let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        assert!(tasks <= tasks_before + 1, "one task sends them all: {tasks} alive, {tasks_before} before");
+        // The releases are sent at once (the store answers them), and nothing is left.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(idempotency.running_handlers(), 0);
+        assert_eq!(store.releases.load(Ordering::SeqCst), write::MAX_WRITES);
+    }
+
+    /// Issue 16, item 9: once a renewal was fenced (the key is someone else's), the adopting door's renewal with
+    /// its own lease is answered fenced without being sent: sent, it could take the key its new owner freed.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_claim_is_never_renewed_again_not_even_for_a_new_lease() {
+        let store = Arc::new(Remote::default());
+        let shared: Arc<dyn Store> = store.clone();
+        let background = Background::new(shared.clone(), Arc::default());
+        let metrics: Arc<dyn Metrics> = Arc::new(NoMetrics);
+        let lease = Duration::from_secs(3);
+        let policy = Policy::new().lease(lease).wait_timeout(Duration::ZERO);
+        let key = StoreKey::derive(&[b"lost"]);
+        let fingerprint = Fingerprint::builder().field(b"request").finish();
+        let begun = begin_observed(&background, &metrics, key.clone(), fingerprint, &policy).await;
+        let Ok(Outcome::Execute(mut claim)) = begun.result else { panic!("a fresh key is claimed") };
+        let fence = claim.fence();
+        // The claim is lost: its key freed and taken by another owner before the first renewal (at 1 s).
+        let other = OwnerToken::generate();
+        store.store.release(&key, fence.token()).await.unwrap();
+        assert_eq!(store.store.claim(&key, &fingerprint, &other, lease).await.unwrap(), Claimed::Owned);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(fence.is_held().await.unwrap(), false, "the renewal at 1 s was fenced");
+        // The new owner gives the key up; the old claim must not take it back.
+        store.store.release(&key, &other).await.unwrap();
+        let sent = store.renewals.load(Ordering::SeqCst);
+        assert_eq!(claim.renew_for(Duration::from_secs(30)).await.unwrap(), Write::Fenced);
+        assert_eq!(store.renewals.load(Ordering::SeqCst), sent, "not sent");
+        assert_eq!(store.store.inspect(&key).await.unwrap(), None, "the key stays free");
+        drop(claim);
     }
 }

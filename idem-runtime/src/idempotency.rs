@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub(crate) layer_unstored: Vec<StatusCode>,
     /// The handler tasks the HTTP doors detached from their connections, for [`Idempotency::drain`].
     pub(crate) running: Arc<crate::drain::Running>,
+    /// The lease keeper of the engine's claims and the store writes it finishes in the background.
+    pub(crate) background: Arc<crate::engine::Background>,
     /// How the engine words its own answers.
     pub(crate) answers: crate::http::Answers,
     pub(crate) key_format: crate::http::key::KeyFormat,
@@ -122,6 +124,8 @@ impl Idempotency {
     /// Configures an engine over `store`.
     pub fn builder(store: impl Store) -> IdempotencyBuilder {
         let store = Arc::new(store);
+        let running: Arc<crate::drain::Running> = Arc::default();
+        let background = crate::engine::Background::new(store.clone(), running.clone());
         IdempotencyBuilder {
             shared: Shared {
                 #[cfg(feature = "postgres")]
@@ -137,7 +141,8 @@ impl Idempotency {
                 metrics: Arc::new(NoMetrics),
                 metrics_installed: false,
                 layer_unstored: LAYER_UNSTORED.to_vec(),
-                running: Arc::default(),
+                running,
+                background,
                 answers: crate::http::Answers::default(),
                 key_format: crate::http::key::KeyFormat::any(),
                 unscoped_reported: std::sync::atomic::AtomicBool::new(false),

@@ -1,7 +1,7 @@
 //! The plain async API: run a piece of work at most once per key, for callers that are not HTTP handlers (queue
 //! and webhook consumers, jobs).
 
-use crate::engine::{Outcome, begin_observed, beside};
+use crate::engine::{Outcome, begin_observed};
 use crate::store::{StoreError, StoreKey};
 use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored, StoredResponse};
 use bytes::Bytes;
@@ -161,8 +161,7 @@ impl Once<'_> {
         let shared = &*self.idempotency.shared;
         let span = tracing::Span::current();
         let metrics = shared.metrics_at("once", self.scope);
-        let begun =
-            begin_observed(&shared.store, &metrics, Some(&shared.running), store_key, fingerprint, &self.policy).await;
+        let begun = begin_observed(&shared.background, &metrics, store_key, fingerprint, &self.policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         }
@@ -226,10 +225,11 @@ impl Once<'_> {
             Decision::Answer(answer) => return answer,
             Decision::RunUnprotected => return work().await.map(Completed::Fresh).map_err(OnceError::Work),
         };
-        // The lease is renewed on this task, beside the work, until the claim is completed or released.
-        let keeper = claim.keep_inline();
+        // The engine's lease keeper renews the lease (on a task of its own: work that blocks its thread keeps it)
+        // until the claim is completed or released.
+        claim.start_keeping();
         let ttl = self.policy.ttl_duration();
-        beside(keeper, async {
+        {
             let value = match work().await {
                 Ok(value) => value,
                 Err(error) => {
@@ -239,8 +239,7 @@ impl Once<'_> {
             };
             let _ = claim.complete(self.stored(&value), ttl).await;
             Ok(Completed::Fresh(value))
-        })
-        .await
+        }
     }
 
     /// The record of a result: its JSON, or not replayable when too large or not serializable.
@@ -354,9 +353,9 @@ impl Once<'_> {
                 (Err(error), _) => Err(OnceError::Work(error)),
             };
         };
-        let keeper = claim.keep_inline();
+        claim.start_keeping();
         let ttl = self.policy.ttl_duration();
-        beside(keeper, async {
+        {
             let value = match work(tx).await {
                 Ok(value) => value,
                 Err(error) => {
@@ -374,8 +373,7 @@ impl Once<'_> {
                     Ok(Completed::Fresh(value))
                 }
             }
-        })
-        .await
+        }
     }
 }
 

@@ -10,7 +10,7 @@ pub use extract::{IdempotencyKey, NotProtected};
 pub(crate) use problem::Answers;
 pub use problem::{DEFAULT_PROBLEM_TYPE_BASE, Problem};
 
-use crate::engine::{Claim, Outcome, begin_observed, beside};
+use crate::engine::{Claim, Outcome, begin_observed};
 use crate::idempotency::Shared;
 use crate::layer::{Adoptable, Handoff, LayerRoutes};
 use crate::store::{StoreError, Write};
@@ -203,8 +203,7 @@ impl Idempotency {
         let mut request = Request::from_parts(parts, Body::from(body));
         let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
         let metrics = shared.metrics_at(door.name(), route);
-        let begun =
-            begin_observed(&shared.store, &metrics, Some(&shared.running), store_key, fingerprint, policy).await;
+        let begun = begin_observed(&shared.background, &metrics, store_key, fingerprint, policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         }
@@ -351,7 +350,8 @@ fn identify(
 ///
 /// With `handoff` (the layer's door, carrying the key header to echo), the claim is offered to an annotated
 /// handler further in through the request extensions; if one takes it, it completes the claim itself and the
-/// answer is [`Finished::Adopted`]. The lease is kept alive here (on the same task, see [`beside`]) until then.
+/// answer is [`Finished::Adopted`]. The engine's lease keeper renews the lease, on a task apart from the handler's
+/// (a handler that blocks its thread keeps its lease), until the claim is completed, released or dropped.
 ///
 /// The task is counted in `shared.running` until it ends, for [`Idempotency::drain`].
 async fn execute<F, Fut>(
@@ -393,8 +393,7 @@ where
     let limit = shared.max_record_bytes;
     let answers = shared.answers.clone();
     let running = shared.running.enter();
-    // Renewed on the handler's own task, beside it; under the layer's handoff the layer's task renews already.
-    let keeper = claim.keep_inline();
+    // The fence starts the keeper (under the layer's handoff it keeps the lease already).
     request.extensions_mut().insert(claim.fence());
     let transaction = tx::HandlerTransaction::offer(shared, &mut request);
     let task = async move {
@@ -448,7 +447,7 @@ where
     };
     // Boxed: the task then holds a pointer, not the whole future, which it would otherwise copy once more when it
     // hands its output over.
-    tokio::spawn(Box::pin(beside(keeper, task).instrument(tracing::Span::current())))
+    tokio::spawn(Box::pin(task.instrument(tracing::Span::current())))
 }
 
 /// Runs a request that no claim protects (no key and none required, or a store failure under fail-open) the way a

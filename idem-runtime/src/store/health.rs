@@ -52,7 +52,7 @@ impl Health {
             ),
             None => format!("{backend}: unreachable; probing in the background"),
         };
-        Err(StoreError::Unavailable(message.into()))
+        Err(StoreError::Unavailable(crate::Cause::unsent(message)))
     }
 
     /// A call found no connection, or no answer in time.

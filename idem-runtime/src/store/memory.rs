@@ -1,6 +1,6 @@
 //! An in-process store with the same semantics as the Redis store, for tests and single-process apps.
 
-use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
+use super::{Cause, Claimed, Forgotten, Store, StoreError, StoreKey, Write};
 use crate::{Entry, Fingerprint, OwnerToken, Record, Stored};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -146,12 +146,14 @@ impl MemoryStore {
         expires_at: Instant,
     ) -> Result<(), StoreError> {
         if state.slots.len() >= self.max_entries {
-            return Err(StoreError::Full(format!("{} entries held (max_entries)", state.slots.len()).into()));
+            // Refused in process: nothing to undo (see `Cause::unsent`).
+            return Err(StoreError::Full(Cause::unsent(format!("{} entries held (max_entries)", state.slots.len()))));
         }
         if state.bytes + CLAIM_WEIGHT > self.max_bytes {
-            return Err(StoreError::Full(
-                format!("{} bytes held (max_bytes = {})", state.bytes, self.max_bytes).into(),
-            ));
+            return Err(StoreError::Full(Cause::unsent(format!(
+                "{} bytes held (max_bytes = {})",
+                state.bytes, self.max_bytes
+            ))));
         }
         let entry = SlotEntry::InFlight { owner: owner.clone(), fingerprint: *fingerprint };
         state.bytes += CLAIM_WEIGHT;

@@ -121,6 +121,17 @@ pub enum StoreError {
     InvalidConfig(#[source] Cause),
 }
 
+impl StoreError {
+    /// Whether the failed call was refused before it reached the backend, so it cannot have taken effect (see
+    /// [`Cause::unsent`]).
+    pub fn is_unsent(&self) -> bool {
+        match self {
+            StoreError::Unavailable(cause) | StoreError::Full(cause) => cause.is_unsent(),
+            _ => false,
+        }
+    }
+}
+
 /// What went wrong in a store call: a message for people, and the backend's error that caused it, when there is
 /// one (as [`source`](std::error::Error::source)).
 ///
@@ -138,17 +149,37 @@ pub enum StoreError {
 pub struct Cause {
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    unsent: bool,
 }
 
 impl Cause {
     /// A cause with a message only.
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into(), source: None }
+        Self { message: message.into(), source: None, unsent: false }
     }
 
     /// A cause with a message and the backend's error behind it.
     pub fn with_source(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self { message: message.into(), source: Some(Box::new(source)) }
+        Self { message: message.into(), source: Some(Box::new(source)), unsent: false }
+    }
+
+    /// A call refused before anything was sent to the backend (it is known to be down, say): the call cannot have
+    /// taken effect. The engine then leaves nothing to clean up behind it; a failure that may have reached the
+    /// backend (a timeout, a broken connection) is made with [`Cause::new`] instead.
+    ///
+    /// ```
+    /// use idem_runtime::{Cause, StoreError};
+    /// let refused = StoreError::Unavailable(Cause::unsent("my-store: known down, probing in the background"));
+    /// assert!(refused.is_unsent());
+    /// assert!(!StoreError::Unavailable("my-store: timed out".into()).is_unsent());
+    /// ```
+    pub fn unsent(message: impl Into<String>) -> Self {
+        Self { message: message.into(), source: None, unsent: true }
+    }
+
+    /// Whether the call was refused before it was sent (see [`Cause::unsent`]).
+    pub fn is_unsent(&self) -> bool {
+        self.unsent
     }
 
     /// The message.

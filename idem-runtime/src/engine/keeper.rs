@@ -8,8 +8,9 @@
 //! claim, so they land in the order they were made) and exits when no claim is left, to be spawned again by the next
 //! registration.
 //!
-//! A claim that ends (completed, released, dropped) is only marked stopped: its queue entry is dropped when it comes
-//! due, which spares the completion a second lock and a search of the queue.
+//! The keeper holds live claims only: a claim that ends (completed, released, dropped) leaves its slot at once, and
+//! its timer entry (a few bytes, no reference to the claim) is dropped when it comes due, which spares the
+//! completion a search of the queue.
 
 use super::report_write;
 use crate::metrics::Metrics;
@@ -58,6 +59,10 @@ struct Queue {
     /// When each kept lease is next due, earliest first (entries of stopped or rescheduled leases included: they
     /// are dropped when they come up).
     due: BinaryHeap<Due>,
+    /// The leases kept, by slot; a slot is reused once its lease stopped.
+    live: Vec<Slot>,
+    /// Slots free for reuse.
+    free: Vec<usize>,
     /// Leases with a command waiting (renew now), for the task to take at once.
     asked: Vec<Arc<Lease>>,
     /// Whether the task runs; if not, the next registration spawns it.
@@ -71,7 +76,40 @@ struct Queue {
 struct Due {
     at: Instant,
     sequence: u64,
-    lease: Arc<Lease>,
+    slot: SlotId,
+}
+
+/// Where a lease sits in [`Queue::live`]: its index, and the registration that took it (an entry naming an older
+/// registration of the same index is stale).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct SlotId {
+    index: usize,
+    registration: u64,
+}
+
+#[derive(Default)]
+struct Slot {
+    registration: u64,
+    lease: Option<Arc<Lease>>,
+}
+
+impl Queue {
+    fn lease(&self, slot: SlotId) -> Option<&Arc<Lease>> {
+        let held = self.live.get(slot.index)?;
+        if held.registration != slot.registration {
+            return None;
+        }
+        held.lease.as_ref()
+    }
+
+    fn free(&mut self, slot: SlotId) {
+        if let Some(held) = self.live.get_mut(slot.index)
+            && held.registration == slot.registration
+            && held.lease.take().is_some()
+        {
+            self.free.push(slot.index);
+        }
+    }
 }
 
 impl PartialEq for Due {
@@ -107,6 +145,7 @@ pub(crate) struct Target {
 /// One claim's lease as the keeper keeps it; the claim's handle and each of its fences hold it.
 pub(crate) struct Lease {
     keeper: Weak<Renewals>,
+    slot: SlotId,
     target: Target,
     state: Mutex<LeaseState>,
 }
@@ -149,31 +188,45 @@ impl Renewals {
     /// Starts keeping the lease of `target`, first renewed a third of `lease` from now.
     pub(crate) fn keep(self: &Arc<Self>, target: Target, lease: Duration) -> Arc<Lease> {
         let next = Instant::now() + renewal_period(lease);
-        let kept = Arc::new(Lease {
-            keeper: Arc::downgrade(self),
-            target,
-            state: Mutex::new(LeaseState {
-                lease,
-                next,
-                renewing: false,
-                stopped: false,
-                lost: false,
-                failures: 0,
-                commands: VecDeque::new(),
-                on_stop: Vec::new(),
-            }),
+        let state = LeaseState {
+            lease,
+            next,
+            renewing: false,
+            stopped: false,
+            lost: false,
+            failures: 0,
+            commands: VecDeque::new(),
+            on_stop: Vec::new(),
+        };
+        let mut queue = lock(&self.queue);
+        queue.sequence += 1;
+        let registration = queue.sequence;
+        let index = queue.free.pop().unwrap_or_else(|| {
+            queue.live.push(Slot::default());
+            queue.live.len() - 1
         });
-        self.schedule(next, kept.clone());
+        let slot = SlotId { index, registration };
+        let kept = Arc::new(Lease { keeper: Arc::downgrade(self), slot, target, state: Mutex::new(state) });
+        queue.live[index] = Slot { registration, lease: Some(kept.clone()) };
+        self.push_due(queue, next, slot);
         kept
     }
 
-    fn schedule(self: &Arc<Self>, at: Instant, lease: Arc<Lease>) {
-        let mut queue = lock(&self.queue);
+    fn schedule(self: &Arc<Self>, at: Instant, slot: SlotId) {
+        self.push_due(lock(&self.queue), at, slot);
+    }
+
+    fn push_due(self: &Arc<Self>, mut queue: MutexGuard<'_, Queue>, at: Instant, slot: SlotId) {
         let earliest = queue.due.peek().is_none_or(|first| at < first.at);
         queue.sequence += 1;
         let sequence = queue.sequence;
-        queue.due.push(Due { at, sequence, lease });
+        queue.due.push(Due { at, sequence, slot });
         self.wake_or_spawn(queue, earliest);
+    }
+
+    /// Forgets a lease that stopped.
+    fn leave(&self, slot: SlotId) {
+        lock(&self.queue).free(slot);
     }
 
     fn ask(self: &Arc<Self>, lease: Arc<Lease>) {
@@ -226,7 +279,9 @@ impl Future for Driver {
                 ready.extend(queue.asked.drain(..).map(|lease| (None, lease)));
                 while queue.due.peek().is_some_and(|first| first.at <= now) {
                     let due = queue.due.pop().expect("peeked");
-                    ready.push((Some(due.at), due.lease));
+                    if let Some(lease) = queue.lease(due.slot) {
+                        ready.push((Some(due.at), lease.clone()));
+                    }
                 }
                 let next = queue.due.peek().map(|first| first.at);
                 if ready.is_empty() && next.is_none() && this.renewing.is_empty() {
@@ -327,8 +382,12 @@ impl Lease {
         if let Some(command) = command {
             command.answer(write);
         }
+        let Some(keeper) = self.keeper.upgrade() else { return };
         if state.stopped {
-            for stop in state.on_stop.drain(..) {
+            let stops = std::mem::take(&mut state.on_stop);
+            drop(state);
+            keeper.leave(self.slot);
+            for stop in stops {
                 let _ = stop.send(());
             }
             return;
@@ -336,11 +395,10 @@ impl Lease {
         let asked = !state.commands.is_empty();
         let next = (!state.lost).then_some(state.next);
         drop(state);
-        let Some(keeper) = self.keeper.upgrade() else { return };
         if asked {
             keeper.ask(self.clone());
         } else if let Some(next) = next {
-            keeper.schedule(next, self.clone());
+            keeper.schedule(next, self.slot);
         }
     }
 
@@ -378,6 +436,10 @@ impl Lease {
             // Dropped unanswered, they answer fenced: the claim is over.
             state.commands.clear();
             if !state.renewing {
+                drop(state);
+                if let Some(keeper) = self.keeper.upgrade() {
+                    keeper.leave(self.slot);
+                }
                 return;
             }
             let (landed, wait) = oneshot::channel();

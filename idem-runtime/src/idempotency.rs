@@ -365,6 +365,8 @@ impl IdempotencyBuilder {
             let timed = crate::store::timed::Timed { inner: self.shared.store, metrics: self.shared.metrics.clone() };
             self.shared.store = Arc::new(timed);
         }
+        // Over the store as the engine calls it (timed, when metrics are installed).
+        self.shared.background = crate::engine::Background::new(self.shared.store.clone(), self.shared.running.clone());
         Idempotency { shared: Arc::new(self.shared) }
     }
 }

@@ -67,7 +67,8 @@ static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("red
 /// (one round trip still, and Redis' cheapest read; were the record gone since, the claim follows it: see
 /// `completed_keys.rs`). Writes that must check the owner first (complete,
 /// release, renew) are Lua scripts, as is the claim on a server older than 7.0: the first claim such a server
-/// refuses switches this store to the script for good. Records live under
+/// refuses with `ERR syntax error` switches this store to the script for good (any other error reply, an OOM say,
+/// fails that claim alone). Records live under
 /// `{prefix}{<digest>}` (default prefix `idem:`), as JSON readable with `redis-cli GET`, always with a TTL;
 /// completions are announced on `{prefix}{<digest>}:done` (sharded pub/sub on a Cluster), which shares the record's
 /// hash tag and so its slot.
@@ -101,7 +102,8 @@ pub struct RedisStore {
     prefix: String,
     publish: &'static str,
     replicas: Option<ReplicaAcks>,
-    /// Set once the server refused `SET … NX GET` (Redis < 7.0): claims run the claim script from then on.
+    /// Set once the server answered `SET … NX GET` with `ERR syntax error` (Redis < 7.0): claims run the claim
+    /// script from then on.
     claim_by_script: AtomicBool,
     /// Keys seen holding a completed record: a claim reads them with `GET` first.
     completed: CompletedKeys,
@@ -566,8 +568,9 @@ impl RedisStore {
             pipe.add_command(command);
             match self.commands.query::<(Value,)>(&pipe).await {
                 Ok((held,)) => return ClaimAnswer::read(held, false),
-                // Redis < 7.0 answers `ERR syntax error` (NX and GET together are 7.0's): nothing ran.
-                Err(Failure::Refused(error)) => {
+                // Redis < 7.0 answers `ERR syntax error` (NX and GET together are 7.0's): nothing ran. Any other
+                // error reply (an OOM, say) fails this claim only, and the next one is native again.
+                Err(Failure::SyntaxRefused(error)) => {
                     tracing::info!(
                         %error,
                         "this Redis does not take SET … NX GET (Redis < 7.0): claims run a script from now on"

@@ -125,9 +125,10 @@ pub(super) fn pool_error(error: deadpool_redis::PoolError) -> RedisError {
 pub(super) enum Failure {
     /// `EVALSHA` named a script this node has not cached yet (a restart, a new Cluster node): send `EVAL` instead.
     NoScript,
-    /// The server refused the command itself (an `ERR` reply, e.g. `ERR syntax error`): a server older than the
-    /// command's form, which ran nothing.
-    Refused(RedisError),
+    /// The server answered `ERR syntax error`: it does not know the command's form (Redis < 7.0 answers so to
+    /// `SET` with both `NX` and `GET`), and ran nothing. Any other error reply (an OOM under `maxmemory`, a value
+    /// out of range, a proxy's refusal) is a [`Failure::Store`]: it says nothing about the server's version.
+    SyntaxRefused(RedisError),
     Store(StoreError),
 }
 
@@ -135,7 +136,7 @@ impl From<Failure> for StoreError {
     fn from(failure: Failure) -> Self {
         match failure {
             Failure::NoScript => StoreError::Unavailable("redis: NOSCRIPT after EVAL".into()),
-            Failure::Refused(error) => unavailable(error),
+            Failure::SyntaxRefused(error) => unavailable(error),
             Failure::Store(error) => error,
         }
     }
@@ -252,14 +253,15 @@ pub(super) fn classify(error: RedisError) -> Failure {
     if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
         return Failure::NoScript;
     }
-    let codes = error.clone().into_server_errors();
+    let codes = error.clone().into_server_errors().unwrap_or_default();
     // A key of another type at a record's name (someone wrote a hash there): the store holds something that is not
     // a record, which no retry fixes.
-    if codes.is_some_and(|codes| codes.iter().any(|(_, error)| error.code() == "WRONGTYPE")) {
+    if codes.iter().any(|(_, error)| error.code() == "WRONGTYPE") {
         return Failure::Store(StoreError::Corrupt(Cause::with_source(format!("redis: {error}"), error)));
     }
-    if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
-        return Failure::Refused(error);
+    // Only this exact answer: the caller takes it as proof that the server lacks a command form, for good.
+    if codes.iter().any(|(_, error)| error.code() == "ERR" && error.details() == Some("syntax error")) {
+        return Failure::SyntaxRefused(error);
     }
     Failure::Store(unavailable(error))
 }

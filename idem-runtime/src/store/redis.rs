@@ -353,6 +353,12 @@ impl RedisStoreBuilder {
     /// Connects to a Redis Cluster configured by `builder` (credentials, its own timeouts and retries, and with the
     /// `tls` feature its TLS settings). The store switches it to RESP3 and installs its own push handler, which
     /// sharded pub/sub needs.
+    ///
+    /// A `builder` set to read from replicas (`read_routing_strategy`) is fine: the store sends its reads (a replay
+    /// of a key it knows completed, a waiter's check, [`Store::inspect`]) to the primary that owns the key all the
+    /// same, as every write goes. A replica lags its primary: a replay read there could return a record the
+    /// primary has purged since, or miss one it has just written. Only the subscriptions that wake waiters may sit
+    /// on a replica (a shard's sharded pub/sub messages reach its replicas too).
     pub async fn cluster_builder(self, builder: ClusterClientBuilder) -> Result<RedisStore, StoreError> {
         self.check_prefix()?;
         tls::install_crypto_provider();
@@ -593,7 +599,7 @@ impl RedisStore {
     async fn read_completed(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let mut pipe = Pipeline::with_capacity(1);
         pipe.cmd("GET").arg(key);
-        let (held,): (Option<Vec<u8>>,) = self.commands.query(&pipe).await?;
+        let (held,): (Option<Vec<u8>>,) = self.commands.read(&pipe, key).await?;
         match held {
             Some(held) if !codec::is_in_flight(&held) => {
                 codec::decode(&held).map(Some).map_err(|why| StoreError::Corrupt(why.into()))
@@ -784,7 +790,7 @@ impl Store for RedisStore {
         let key = self.record_key(key);
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
-        let Ok(read) = tokio::time::timeout_at(deadline, self.commands.query(&pipe)).await else {
+        let Ok(read) = tokio::time::timeout_at(deadline, self.commands.read(&pipe, &key)).await else {
             return Ok(());
         };
         let (held, pttl): (Option<Vec<u8>>, i64) = read?;
@@ -805,9 +811,10 @@ impl Store for RedisStore {
     }
 
     async fn inspect(&self, key: &StoreKey) -> Result<Option<Entry>, StoreError> {
+        let key = self.record_key(key);
         let mut pipe = Pipeline::with_capacity(1);
-        pipe.cmd("GET").arg(self.record_key(key));
-        let (held,): (Option<Vec<u8>>,) = self.commands.query(&pipe).await?;
+        pipe.cmd("GET").arg(&key);
+        let (held,): (Option<Vec<u8>>,) = self.commands.read(&pipe, &key).await?;
         held.map(|held| codec::decode(&held).map_err(|why| StoreError::Corrupt(why.into()))).transpose()
     }
 

@@ -140,7 +140,7 @@ async fn only_a_syntax_error_switches_claims_to_the_script() {
     assert_eq!(server.calls("set").await.1, 1, "one SET failed: the native claim's, with no script claim after it");
 
     let mut connection = Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let mut config = |name: &'static str, value: &'static str| {
+    let config = |name: &'static str, value: &'static str| {
         let mut command = redis::cmd("CONFIG");
         command.arg("SET").arg(name).arg(value);
         command

@@ -573,3 +573,57 @@ async fn every_constructor_connects_now_and_refuses_a_bad_configuration_first() 
         }
     }
 }
+
+fn used_memory(server: &RedisServer) -> u64 {
+    let memory = server.cli(&["INFO", "memory"]);
+    let used = memory.lines().find_map(|line| line.strip_prefix("used_memory:")).expect("used_memory in INFO memory");
+    used.trim().parse().expect("a byte count")
+}
+
+/// An OOM answer to the native claim (`SET … NX GET` under `maxmemory` with `noeviction`) is a store failure
+/// (`503 store-unavailable`, nothing runs), not a sign of a Redis older than 7.0: once memory is freed, claims are
+/// native `SET`s again. The old code switched every later claim to the claim script on any error reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_memory_claim_fails_503_and_later_claims_stay_native() {
+    let server = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    let runs = Arc::new(AtomicU64::new(0));
+    let idempotency = Idempotency::new(RedisStore::open(server.url()).await.unwrap());
+    let state = App { idempotency: idempotency.clone(), runs: runs.clone() };
+    let app = Router::new().route("/charges", post(charge)).with_state(state);
+    // Loads the completion script (a fresh server answers the first EVALSHA with NOSCRIPT).
+    assert_eq!(send(&app, "warm-up", "x").await.0, StatusCode::CREATED);
+
+    // 8 MB of filler over a limit 4 MB above what the server held: every write that may grow memory is refused.
+    let before = used_memory(&server);
+    server.cli(&["SETRANGE", "filler", &(8 << 20).to_string(), "x"]);
+    server.cli(&["CONFIG", "SET", "maxmemory", &(before + (4 << 20)).to_string()]);
+    let refused = server.cli(&["SET", "probe", "x"]);
+    assert!(refused.starts_with("OOM"), "the server refuses writes: {refused}");
+
+    let (status, body, state) = send(&app, "oom", "a").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("#store-unavailable"), "{body}");
+    assert_eq!(state, None);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler did not run");
+    assert_eq!(rejected_calls(&server, "set"), 2, "the probe's SET and the claim's were refused");
+
+    server.cli(&["DEL", "filler"]);
+    // Whatever the engine left to do in the background after the refused claim, done before counting.
+    idempotency.drain(Duration::from_secs(3)).await.unwrap();
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    for (key, body) in [("oom", "a"), ("after-oom", "b")] {
+        let (status, answer, state) = send(&app, key, body).await;
+        assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{answer}");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    // Two first requests, each a native claim (`SET NX GET`) and a completion script (its GET, SET, PUBLISH); no
+    // claim script (it would add an `evalsha` and a `get` each).
+    assert_eq!(commands_run(&server), calls(&[("evalsha", 2), ("get", 2), ("publish", 2), ("set", 4)]));
+}
+
+/// `rejected_calls` of `cmdstat_<command>`: calls refused before running (an OOM, a syntax error); 0 when none.
+fn rejected_calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    let line = stats.lines().find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:"))).unwrap_or("");
+    line.split(',').find_map(|field| field.strip_prefix("rejected_calls=")).map_or(0, |calls| calls.parse().unwrap())
+}

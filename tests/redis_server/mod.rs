@@ -150,6 +150,11 @@ impl RedisServer {
         assert!(status.success(), "kill {signal} {}", pid.trim());
     }
 
+    /// Whether this node replicates another (`role:slave`).
+    pub fn is_replica(&self) -> bool {
+        self.cli(&["INFO", "replication"]).contains("role:slave")
+    }
+
     fn wait_until_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -195,14 +200,24 @@ fn spawn_watched(program: &str, args: &[String], dir: &std::path::Path) -> Child
         .expect("spawn redis-server")
 }
 
-/// Three masters, no replicas, every slot assigned.
+/// Three masters, every slot assigned; with [`RedisCluster::start_with_replicas`], a replica for each.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
+    /// Three masters, no replicas.
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::start_with(0)
+    }
+
+    /// Three masters and one replica of each, every replica in sync with its master.
+    pub fn start_with_replicas() -> Self {
+        Self::start_with(1)
+    }
+
+    fn start_with(replicas_per_master: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas_per_master))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -219,7 +234,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas_per_master.to_string(), "--cluster-yes"])
             .output()
             .expect("run redis-cli --cluster create");
         assert!(
@@ -228,12 +243,51 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !nodes.iter().all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
-            assert!(Instant::now() < deadline, "the cluster did not reach cluster_state:ok within 20 s");
+        let cluster = Self { nodes };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Every node knows every other, with its role (a client reads the topology from some of them: one that does
+        // not list a replica yet would route no read to it), and every replica is in sync.
+        let ready = |node: &RedisServer| {
+            let known = node.cli(&["CLUSTER", "NODES"]);
+            let replicas_known = known
+                .lines()
+                .filter(|line| {
+                    let fields: Vec<&str> = line.split(' ').collect();
+                    fields.len() > 7 && fields[2].contains("slave") && fields[3] != "-" && fields[7] == "connected"
+                })
+                .count();
+            node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                && known.lines().count() == cluster.nodes.len()
+                && replicas_known == 3 * replicas_per_master
+                && (!node.is_replica() || node.cli(&["INFO", "replication"]).contains("master_link_status:up"))
+        };
+        while !cluster.nodes.iter().all(ready) {
+            assert!(Instant::now() < deadline, "the cluster did not reach cluster_state:ok within 30 s");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { nodes }
+        if replicas_per_master > 0 {
+            // Redis 7 leaves out of `CLUSTER SLOTS` (the topology a client reads) a replica whose replication offset
+            // it knows as 0: one write per primary moves every offset, and gossip spreads them within a second or so.
+            for primary in cluster.primaries() {
+                primary.cli(&["FLUSHALL"]);
+            }
+            let listed = |node: &RedisServer| node.cli(&["CLUSTER", "SLOTS"]).matches("127.0.0.1").count();
+            while !cluster.nodes.iter().all(|node| listed(node) == cluster.nodes.len()) {
+                assert!(Instant::now() < deadline, "CLUSTER SLOTS did not list every replica within 30 s");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// The nodes that serve slots.
+    pub fn primaries(&self) -> impl Iterator<Item = &RedisServer> {
+        self.nodes.iter().filter(|node| !node.is_replica())
+    }
+
+    /// The nodes that replicate a primary.
+    pub fn replicas(&self) -> impl Iterator<Item = &RedisServer> {
+        self.nodes.iter().filter(|node| node.is_replica())
     }
 
     pub fn urls(&self) -> Vec<String> {

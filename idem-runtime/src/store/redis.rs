@@ -67,7 +67,8 @@ static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("red
 /// (one round trip still, and Redis' cheapest read; were the record gone since, the claim follows it: see
 /// `completed_keys.rs`). Writes that must check the owner first (complete,
 /// release, renew) are Lua scripts, as is the claim on a server older than 7.0: the first claim such a server
-/// refuses switches this store to the script for good. Records live under
+/// refuses with `ERR syntax error` switches this store to the script for good (any other error reply, an OOM say,
+/// fails that claim alone). Records live under
 /// `{prefix}{<digest>}` (default prefix `idem:`), as JSON readable with `redis-cli GET`, always with a TTL;
 /// completions are announced on `{prefix}{<digest>}:done` (sharded pub/sub on a Cluster), which shares the record's
 /// hash tag and so its slot.
@@ -101,7 +102,8 @@ pub struct RedisStore {
     prefix: String,
     publish: &'static str,
     replicas: Option<ReplicaAcks>,
-    /// Set once the server refused `SET … NX GET` (Redis < 7.0): claims run the claim script from then on.
+    /// Set once the server answered `SET … NX GET` with `ERR syntax error` (Redis < 7.0): claims run the claim
+    /// script from then on.
     claim_by_script: AtomicBool,
     /// Keys seen holding a completed record: a claim reads them with `GET` first.
     completed: CompletedKeys,
@@ -351,6 +353,12 @@ impl RedisStoreBuilder {
     /// Connects to a Redis Cluster configured by `builder` (credentials, its own timeouts and retries, and with the
     /// `tls` feature its TLS settings). The store switches it to RESP3 and installs its own push handler, which
     /// sharded pub/sub needs.
+    ///
+    /// A `builder` set to read from replicas (`read_routing_strategy`) is fine: the store sends its reads (a replay
+    /// of a key it knows completed, a waiter's check, [`Store::inspect`]) to the primary that owns the key all the
+    /// same, as every write goes. A replica lags its primary: a replay read there could return a record the
+    /// primary has purged since, or miss one it has just written. Only the subscriptions that wake waiters may sit
+    /// on a replica (a shard's sharded pub/sub messages reach its replicas too).
     pub async fn cluster_builder(self, builder: ClusterClientBuilder) -> Result<RedisStore, StoreError> {
         self.check_prefix()?;
         tls::install_crypto_provider();
@@ -566,8 +574,9 @@ impl RedisStore {
             pipe.add_command(command);
             match self.commands.query::<(Value,)>(&pipe).await {
                 Ok((held,)) => return ClaimAnswer::read(held, false),
-                // Redis < 7.0 answers `ERR syntax error` (NX and GET together are 7.0's): nothing ran.
-                Err(Failure::Refused(error)) => {
+                // Redis < 7.0 answers `ERR syntax error` (NX and GET together are 7.0's): nothing ran. Any other
+                // error reply (an OOM, say) fails this claim only, and the next one is native again.
+                Err(Failure::SyntaxRefused(error)) => {
                     tracing::info!(
                         %error,
                         "this Redis does not take SET … NX GET (Redis < 7.0): claims run a script from now on"
@@ -590,7 +599,7 @@ impl RedisStore {
     async fn read_completed(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let mut pipe = Pipeline::with_capacity(1);
         pipe.cmd("GET").arg(key);
-        let (held,): (Option<Vec<u8>>,) = self.commands.query(&pipe).await?;
+        let (held,): (Option<Vec<u8>>,) = self.commands.read(&pipe, key).await?;
         match held {
             Some(held) if !codec::is_in_flight(&held) => {
                 codec::decode(&held).map(Some).map_err(|why| StoreError::Corrupt(why.into()))
@@ -781,7 +790,7 @@ impl Store for RedisStore {
         let key = self.record_key(key);
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
-        let Ok(read) = tokio::time::timeout_at(deadline, self.commands.query(&pipe)).await else {
+        let Ok(read) = tokio::time::timeout_at(deadline, self.commands.read(&pipe, &key)).await else {
             return Ok(());
         };
         let (held, pttl): (Option<Vec<u8>>, i64) = read?;
@@ -802,9 +811,10 @@ impl Store for RedisStore {
     }
 
     async fn inspect(&self, key: &StoreKey) -> Result<Option<Entry>, StoreError> {
+        let key = self.record_key(key);
         let mut pipe = Pipeline::with_capacity(1);
-        pipe.cmd("GET").arg(self.record_key(key));
-        let (held,): (Option<Vec<u8>>,) = self.commands.query(&pipe).await?;
+        pipe.cmd("GET").arg(&key);
+        let (held,): (Option<Vec<u8>>,) = self.commands.read(&pipe, &key).await?;
         held.map(|held| codec::decode(&held).map_err(|why| StoreError::Corrupt(why.into()))).transpose()
     }
 

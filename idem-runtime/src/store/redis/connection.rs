@@ -4,10 +4,13 @@
 
 use crate::store::health::Health;
 use crate::{Cause, StoreError};
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::sentinel::SentinelClient;
-use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline, RedisError, RedisResult};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult, Value,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -79,8 +82,9 @@ impl Backend {
         }
     }
 
-    /// One attempt at `pipe`, on whatever connection is current.
-    async fn run<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
+    /// One attempt at `pipe`, on whatever connection is current; on a Cluster, at the primary that owns
+    /// `primary_of` when it is set.
+    async fn run<T: FromRedisValue>(&self, pipe: &Pipeline, primary_of: Option<&str>) -> RedisResult<T> {
         match self {
             Backend::Node(link) => link.query(pipe).await,
             Backend::Manager(manager, _) => pipe.query_async(&mut manager.clone()).await,
@@ -89,7 +93,13 @@ impl Backend {
                 let mut connection = Box::pin(pool.get()).await.map_err(pool_error)?;
                 pipe.query_async(&mut connection).await
             }
-            Backend::Cluster(cluster) => pipe.query_async(&mut cluster.clone()).await,
+            Backend::Cluster(cluster) => match primary_of {
+                Some(key) => {
+                    let route = Route::with_key(key, SlotAddr::Master);
+                    pipe.query_async(&mut OnPrimary { cluster: cluster.clone(), route }).await
+                }
+                None => pipe.query_async(&mut cluster.clone()).await,
+            },
             Backend::Sentinel(link) => link.query(pipe).await,
         }
     }
@@ -125,9 +135,10 @@ pub(super) fn pool_error(error: deadpool_redis::PoolError) -> RedisError {
 pub(super) enum Failure {
     /// `EVALSHA` named a script this node has not cached yet (a restart, a new Cluster node): send `EVAL` instead.
     NoScript,
-    /// The server refused the command itself (an `ERR` reply, e.g. `ERR syntax error`): a server older than the
-    /// command's form, which ran nothing.
-    Refused(RedisError),
+    /// The server answered `ERR syntax error`: it does not know the command's form (Redis < 7.0 answers so to
+    /// `SET` with both `NX` and `GET`), and ran nothing. Any other error reply (an OOM under `maxmemory`, a value
+    /// out of range, a proxy's refusal) is a [`Failure::Store`]: it says nothing about the server's version.
+    SyntaxRefused(RedisError),
     Store(StoreError),
 }
 
@@ -135,7 +146,7 @@ impl From<Failure> for StoreError {
     fn from(failure: Failure) -> Self {
         match failure {
             Failure::NoScript => StoreError::Unavailable("redis: NOSCRIPT after EVAL".into()),
-            Failure::Refused(error) => unavailable(error),
+            Failure::SyntaxRefused(error) => unavailable(error),
             Failure::Store(error) => error,
         }
     }
@@ -158,9 +169,28 @@ impl Commands {
     /// Sends `pipe` in one round trip, within [`Timeouts::call_budget`]; fails at once while the store is known to
     /// be down.
     pub(super) async fn query<T: FromRedisValue>(self: &Arc<Self>, pipe: &Pipeline) -> Result<T, Failure> {
+        self.query_on(pipe, None).await
+    }
+
+    /// [`Commands::query`] for a pipeline that only reads `key`, sent on a Cluster to the primary that owns `key`.
+    ///
+    /// A Cluster client may be set to read from replicas (redis-rs' `read_routing_strategy`, or the deprecated
+    /// `read_from_replicas`), and would send a read-only pipeline to a replica, which lags its primary: a `GET` of
+    /// a key known completed could replay a record the primary has purged since (`forget`), or miss one it has
+    /// just written; a waiter could read a claim that is gone. Writes go to the primary whatever that setting is,
+    /// so only reads need this; every read the store makes goes through here.
+    pub(super) async fn read<T: FromRedisValue>(self: &Arc<Self>, pipe: &Pipeline, key: &str) -> Result<T, Failure> {
+        self.query_on(pipe, Some(key)).await
+    }
+
+    async fn query_on<T: FromRedisValue>(
+        self: &Arc<Self>,
+        pipe: &Pipeline,
+        primary_of: Option<&str>,
+    ) -> Result<T, Failure> {
         super::probe::start(self);
         self.health.check()?;
-        self.guarded(self.timeouts.call_budget(), self.query_retrying(pipe)).await
+        self.guarded(self.timeouts.call_budget(), self.query_retrying(pipe, primary_of)).await
     }
 
     /// Runs `call` within `budget`; a call that runs out of time or fails for want of a connection marks the store
@@ -204,12 +234,12 @@ impl Commands {
     ///
     /// A timeout is not retried: the server may be slow or frozen rather than gone, and a second wait would double
     /// the caller's.
-    async fn query_retrying<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
-        match self.backend.run(pipe).await {
+    async fn query_retrying<T: FromRedisValue>(&self, pipe: &Pipeline, primary_of: Option<&str>) -> RedisResult<T> {
+        match self.backend.run(pipe, primary_of).await {
             Err(error) if is_connection_error(&error) && !error.is_timeout() => {
                 tracing::debug!(%error, "redis connection broke; retrying once on a fresh connection");
                 self.backend.forget_connection().await;
-                self.backend.run(pipe).await
+                self.backend.run(pipe, primary_of).await
             }
             Err(error) => {
                 if is_connection_error(&error) {
@@ -230,10 +260,39 @@ impl Commands {
             if self.health.is_down() {
                 self.backend.start_over().await;
             }
-            self.query_retrying::<(String,)>(&pipe).await
+            self.query_retrying::<(String,)>(&pipe, None).await
         })
         .await
         .map(|_| ())
+    }
+}
+
+/// A Cluster connection that sends everything to the primary of one slot, whatever the client's read routing (see
+/// [`Commands::read`]). Redirections (`MOVED`, `ASK`) are followed as for any command.
+struct OnPrimary {
+    cluster: ClusterConnection,
+    route: Route,
+}
+
+impl ConnectionLike for OnPrimary {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(self.route));
+        Box::pin(self.cluster.route_command(cmd.clone(), routing))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let routing = SingleNodeRoutingInfo::SpecificNode(self.route);
+        // A Cluster connection copies every pipeline it sends (into its request queue), routed or not.
+        Box::pin(self.cluster.route_pipeline(pipeline.clone(), offset, count, routing))
+    }
+
+    fn get_db(&self) -> i64 {
+        0
     }
 }
 
@@ -252,14 +311,15 @@ pub(super) fn classify(error: RedisError) -> Failure {
     if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
         return Failure::NoScript;
     }
-    let codes = error.clone().into_server_errors();
+    let codes = error.clone().into_server_errors().unwrap_or_default();
     // A key of another type at a record's name (someone wrote a hash there): the store holds something that is not
     // a record, which no retry fixes.
-    if codes.is_some_and(|codes| codes.iter().any(|(_, error)| error.code() == "WRONGTYPE")) {
+    if codes.iter().any(|(_, error)| error.code() == "WRONGTYPE") {
         return Failure::Store(StoreError::Corrupt(Cause::with_source(format!("redis: {error}"), error)));
     }
-    if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
-        return Failure::Refused(error);
+    // Only this exact answer: the caller takes it as proof that the server lacks a command form, for good.
+    if codes.iter().any(|(_, error)| error.code() == "ERR" && error.details() == Some("syntax error")) {
+        return Failure::SyntaxRefused(error);
     }
     Failure::Store(unavailable(error))
 }

@@ -124,6 +124,40 @@ async fn an_error_about_the_data_does_not_switch_claims_to_the_script() {
     assert_eq!(server.calls("evalsha").await.0 + server.calls("eval").await.0, 0, "claims stay native");
 }
 
+/// Only `ERR syntax error` proves a server older than 7.0. Other error replies to the native claim fail that claim
+/// alone: here `ERR invalid expire time` (a lease past what Redis can add to its clock) and an OOM under `maxmemory`
+/// with `noeviction`. The old code switched to the claim script on any `ERR` reply, for good.
+#[tokio::test]
+async fn only_a_syntax_error_switches_claims_to_the_script() {
+    let server = Server::start();
+    let store = RedisStore::open(server.url()).await.unwrap();
+    let owner = OwnerToken::generate();
+    let too_long = Duration::from_millis(i64::MAX as u64);
+
+    let claim = store.claim(&StoreKey::derive(&[b"too-long"]), &fingerprint("a"), &owner, too_long).await;
+    assert!(matches!(claim, Err(StoreError::Unavailable(_))), "{claim:?}");
+    assert!(!store.claim_by_script.load(Ordering::Relaxed), "an ERR other than a syntax error keeps claims native");
+    assert_eq!(server.calls("set").await.1, 1, "one SET failed: the native claim's, with no script claim after it");
+
+    let mut connection = Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let config = |name: &'static str, value: &'static str| {
+        let mut command = redis::cmd("CONFIG");
+        command.arg("SET").arg(name).arg(value);
+        command
+    };
+    let _: () = config("maxmemory-policy", "noeviction").query_async(&mut connection).await.unwrap();
+    let _: () = config("maxmemory", "1").query_async(&mut connection).await.unwrap();
+    let claim = store.claim(&StoreKey::derive(&[b"oom"]), &fingerprint("a"), &owner, Duration::from_secs(2)).await;
+    let refused = claim.expect_err("a server out of memory refuses the claim").to_string();
+    assert!(refused.contains("OOM"), "{refused}");
+    assert!(!store.claim_by_script.load(Ordering::Relaxed), "an OOM keeps claims native");
+
+    let _: () = config("maxmemory", "0").query_async(&mut connection).await.unwrap();
+    let key = StoreKey::derive(&[b"after"]);
+    assert_eq!(store.claim(&key, &fingerprint("a"), &owner, Duration::from_secs(2)).await.unwrap(), Claimed::Owned);
+    assert_eq!(server.calls("evalsha").await.0 + server.calls("eval").await.0, 0, "no claim ran the script");
+}
+
 /// Every store call is boxed (an async trait): the whole future is allocated and copied on every call, so opening a
 /// connection, a pool checkout or a replica wait, which a call rarely needs, must not sit inline in it. Before they
 /// were boxed a claim's future took 15.6 KB (a deadpool checkout alone, 7 KB, twice over), copied on every replay.

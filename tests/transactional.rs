@@ -76,20 +76,21 @@ async fn insert(tx: &mut Tx, key: &str) -> i64 {
 }
 
 /// Inserts an order in the transaction; the body decides the answer: `ok`, `fail` (500 after the insert), `panic`
-/// (a panic after the insert), `hold` (waits for the gate after the insert, then 201), `hold-pid` (as `hold`, noting
-/// its transaction's backend first).
+/// (a panic after the insert), `hold` or `hold-pid` (notes its transaction's backend after the insert, waits for the
+/// gate, then 201), `hold-serializable` (as `hold`, its transaction at SERIALIZABLE).
 #[idempotent(ttl = 60, wait_timeout = 0)]
 async fn create(State(app): State<App>, mut tx: Tx, key: idem::IdempotencyKey, body: String) -> (StatusCode, String) {
     app.runs.fetch_add(1, Ordering::SeqCst);
+    if body == "hold-serializable" {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").execute(&mut *tx).await.unwrap();
+    }
     let id = insert(&mut tx, key.as_str()).await;
     match body.as_str() {
         "fail" => (StatusCode::INTERNAL_SERVER_ERROR, format!("failed after order {id}")),
         "panic" => panic!("the handler panicked after inserting order {id}"),
-        "hold" | "hold-pid" => {
-            if body == "hold-pid" {
-                let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap();
-                app.backend.store(pid, Ordering::SeqCst);
-            }
+        "hold" | "hold-pid" | "hold-serializable" => {
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap();
+            app.backend.store(pid, Ordering::SeqCst);
             let _permit = app.gate.acquire().await.unwrap();
             (StatusCode::CREATED, format!("order {id}"))
         }
@@ -122,13 +123,13 @@ async fn create_json(
     format!("order {} for {item}", insert(&mut tx, key.as_str()).await)
 }
 
-/// How long [`create_isolated`] sleeps between its statements: three renewal periods of its 0.3 s lease.
-const PAST_RENEWALS: Duration = Duration::from_millis(300);
+/// How long [`create_isolated`] sleeps between its statements: two and a half renewal periods of its 0.6 s lease.
+const PAST_RENEWALS: Duration = Duration::from_millis(500);
 
 /// Runs at the isolation level named by its body (`SET TRANSACTION ISOLATION LEVEL …` first): reads (which takes
-/// its snapshot), sleeps past several renewals of its 0.3 s lease, checks `is_held` (a renewal at once), inserts its
+/// its snapshot), sleeps past several renewals of its 0.6 s lease, checks `is_held` (a renewal at once), inserts its
 /// order, sleeps again, checks again. The answer reports the level in force and both checks.
-#[idempotent(ttl = 60, wait_timeout = 0, lease = 0.3)]
+#[idempotent(ttl = 60, wait_timeout = 0, lease = 0.6)]
 async fn create_isolated(
     State(app): State<App>,
     fence: Fence,
@@ -309,15 +310,47 @@ async fn a_rejection_after_the_transaction_opened_rolls_it_back_and_returns_its_
 async fn an_owner_whose_claim_was_taken_over_is_rolled_back_and_only_the_takeover_commits() {
     let (router, app, orders, table) = app(4).await;
     let key = unique("stale");
+    let first = start_then_take_over(&router, &app, &orders, &table, &key, "hold").await;
+    // The first execution resumes: its completion is fenced, its order rolled back, its client told to retry.
+    let (status, stale_body, _) = first.await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{stale_body}");
+    assert!(stale_body.contains("in-progress"), "{stale_body}");
+    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(orders.count(&key).await, 1, "only the takeover's order committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serializable_owner_whose_claim_was_taken_over_after_its_snapshot_is_not_committed() {
+    let (router, app, orders, table) = app(4).await;
+    let key = unique("stale-serializable");
+    let first = start_then_take_over(&router, &app, &orders, &table, &key, "hold-serializable").await;
+    // Its completion meets a row written after its snapshot: the transaction fails, nothing of it is kept.
+    let (status, stale_body, _) = first.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{stale_body}");
+    assert!(stale_body.contains("transaction-failed"), "{stale_body}");
+    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(orders.count(&key).await, 1, "only the takeover's order committed");
+}
+
+/// Starts an execution of `key` with `body` (one that inserts its order, then waits for the gate), makes its lease
+/// run out, has a retry take the key over and commit, checks that the takeover's answer is what retries replay,
+/// then opens the gate: the first execution's answer is left to the caller.
+async fn start_then_take_over(
+    router: &Router,
+    app: &App,
+    orders: &Orders,
+    table: &str,
+    key: &str,
+    body: &'static str,
+) -> tokio::task::JoinHandle<(StatusCode, String, Option<String>)> {
     // The first execution inserts its order, then waits (its lease is 30 s: no renewal comes before 10 s).
     let first = tokio::spawn({
-        let router = router.clone();
-        let key = key.clone();
-        async move { send(&router, "/orders", &key, "hold").await }
+        let (router, key) = (router.clone(), key.to_owned());
+        async move { send(&router, "/orders", &key, body).await }
     });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.runs.load(Ordering::SeqCst) < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the first execution did not start");
+    while app.backend.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the first execution did not insert");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Its lease runs out as if its process had been frozen past it: the clock of the claim moved past the lease.
@@ -329,17 +362,12 @@ async fn an_owner_whose_claim_was_taken_over_is_rolled_back_and_only_the_takeove
     .unwrap();
     assert_eq!(expired.rows_affected(), 1);
     // A retry takes the key over and commits its own order.
-    let (status, body, state) = send(&router, "/orders", &key, "hold-released").await;
-    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{body}");
-    // The first execution resumes: its completion is fenced, its order rolled back, its client told to retry.
+    let (status, taken_over, state) = send(router, "/orders", key, "hold-released").await;
+    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{taken_over}");
     app.gate.add_permits(1);
-    let (status, stale_body, _) = first.await.unwrap();
-    assert_eq!(status, StatusCode::CONFLICT, "{stale_body}");
-    assert!(stale_body.contains("in-progress"), "{stale_body}");
-    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
-    assert_eq!(orders.count(&key).await, 1, "only the takeover's order committed");
-    let replay = send(&router, "/orders", &key, "hold-released").await;
-    assert_eq!(replay, (StatusCode::CREATED, body, Some("hit".to_owned())));
+    let replay = send(router, "/orders", key, "hold-released").await;
+    assert_eq!(replay, (StatusCode::CREATED, taken_over, Some("hit".to_owned())));
+    first
 }
 
 #[tokio::test]
@@ -494,8 +522,8 @@ async fn a_handler_at_every_isolation_level_commits_after_lease_renewals_and_is_
             tokio::spawn(async move { send(&router, "/isolated-orders", &key, level).await })
         })
         .collect();
-    // Past two leases of 0.3 s: only renewals keep the claims, so a duplicate is still refused.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Past two leases of 0.6 s: only renewals keep the claims, so a duplicate is still refused.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     for (level, key) in levels.iter().zip(&keys) {
         let (status, body, _) = send(&router, "/isolated-orders", key, level).await;
         assert_eq!(status, StatusCode::CONFLICT, "{key}: the renewed claim still holds: {body}");

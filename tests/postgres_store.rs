@@ -150,6 +150,11 @@ async fn an_expired_claim_is_taken_over_by_exactly_one_of_many_concurrent_claima
     for round in 0..5 {
         let key = fresh_key(&format!("takeover-{round}"));
         let stale = owned(&store, &key, Duration::from_millis(200)).await;
+        if round % 2 == 1 {
+            // Its lease renewed once, then lapsed too.
+            assert_eq!(store.renew(&key, &stale, &fp("a"), Duration::from_millis(300)).await.unwrap(), Write::Applied);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         tokio::time::sleep(Duration::from_millis(400)).await;
         let claimants: Vec<_> = (0..24)
             .map(|index| {
@@ -171,6 +176,7 @@ async fn an_expired_claim_is_taken_over_by_exactly_one_of_many_concurrent_claima
         }
         assert_eq!(winners.len(), 1, "round {round}: exactly one claimant takes the expired claim over");
         let ttl = Duration::from_secs(60);
+        assert_eq!(store.renew(&key, &stale, &fp("a"), ttl).await.unwrap(), Write::Fenced, "round {round}");
         assert_eq!(store.complete(&key, &stale, &record("stale"), ttl).await.unwrap(), Write::Fenced);
         assert_eq!(other.complete(&key, &winners[0], &record("fresh"), ttl).await.unwrap(), Write::Applied);
     }
@@ -214,13 +220,17 @@ async fn a_free_key_is_completed_and_renewed_for_the_owner_whose_lease_lapsed() 
     let key = fresh_key("lapsed-renew");
     let owner = owned(&store, &key, Duration::from_millis(100)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(store.renew(&key, &owner, &fp("b"), Duration::from_secs(30)).await.unwrap(), Write::Applied);
-    assert_eq!(store.inspect(&key).await.unwrap(), Some(Entry::InFlight { fingerprint: fp("b") }));
+    assert_eq!(store.renew(&key, &owner, &fp("a"), Duration::from_secs(30)).await.unwrap(), Write::Applied);
+    assert_eq!(store.inspect(&key).await.unwrap(), Some(Entry::InFlight { fingerprint: fp("a") }));
     assert_eq!(
-        store.claim(&key, &fp("b"), &OwnerToken::generate(), Duration::from_secs(1)).await.unwrap(),
-        Claimed::Existing(Entry::InFlight { fingerprint: fp("b") }),
+        store.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(1)).await.unwrap(),
+        Claimed::Existing(Entry::InFlight { fingerprint: fp("a") }),
         "claimed again: others see it in flight"
     );
+    // A renewal only extends a claim that exists: once released, the key stays free.
+    assert_eq!(store.release(&key, &owner).await.unwrap(), Write::Applied);
+    assert_eq!(store.renew(&key, &owner, &fp("a"), Duration::from_secs(30)).await.unwrap(), Write::Fenced);
+    assert_eq!(store.inspect(&key).await.unwrap(), None);
     // Completing a key nobody ever claimed is the same as completing a free one.
     let key = fresh_key("never-claimed");
     assert_eq!(store.complete(&key, &OwnerToken::generate(), &record("x"), ttl).await.unwrap(), Write::Applied);
@@ -280,6 +290,13 @@ async fn the_sweep_deletes_expired_rows_in_batches_and_stops_with_its_store() {
     let table = writer.table().to_owned();
     let pool = writer.pool().clone();
     owned(&writer, &fresh_key("kept"), Duration::from_secs(60)).await;
+    // Two claims past their own lease, renewed: one for a minute (kept), one briefly (its lease lapses too).
+    let renewed = fresh_key("renewed");
+    let owner = owned(&writer, &renewed, Duration::from_millis(50)).await;
+    assert_eq!(writer.renew(&renewed, &owner, &fp("a"), Duration::from_secs(60)).await.unwrap(), Write::Applied);
+    let lapsed = fresh_key("renewed-lapsed");
+    let owner = owned(&writer, &lapsed, Duration::from_millis(50)).await;
+    assert_eq!(writer.renew(&lapsed, &owner, &fp("a"), Duration::from_millis(50)).await.unwrap(), Write::Applied);
     for index in 0..40 {
         let key = fresh_key(&format!("swept-{index}"));
         let owner = owned(&writer, &key, Duration::from_millis(50)).await;
@@ -287,7 +304,8 @@ async fn the_sweep_deletes_expired_rows_in_batches_and_stops_with_its_store() {
             writer.complete(&key, &owner, &record("x"), Duration::from_millis(50)).await.unwrap();
         }
     }
-    assert_eq!(rows(&pool, &table).await, 41);
+    assert_eq!(rows(&pool, &table).await, 43);
+    assert_eq!(rows(&pool, &format!("{table}_leases")).await, 2);
 
     // A second instance sweeps every 100 ms, 7 rows a statement; it starts sweeping with its first claim.
     let sweeper = PostgresStore::builder()
@@ -299,11 +317,12 @@ async fn the_sweep_deletes_expired_rows_in_batches_and_stops_with_its_store() {
         .unwrap();
     let kept = fresh_key("kept-too");
     owned(&sweeper, &kept, Duration::from_secs(60)).await;
-    eventually("the sweep deletes the 40 expired rows", Duration::from_secs(20), || async {
-        rows(&pool, &table).await == 2
+    eventually("the sweep deletes the 41 expired rows and the lapsed lease", Duration::from_secs(20), || async {
+        rows(&pool, &table).await == 3 && rows(&pool, &format!("{table}_leases")).await == 1
     })
     .await;
     assert_eq!(sweeper.inspect(&kept).await.unwrap(), Some(Entry::InFlight { fingerprint: fp("a") }));
+    assert_eq!(sweeper.inspect(&renewed).await.unwrap(), Some(Entry::InFlight { fingerprint: fp("a") }));
 
     drop(sweeper);
     // A statement already sent when the store dropped may still finish; none is sent after.
@@ -317,7 +336,7 @@ async fn the_sweep_deletes_expired_rows_in_batches_and_stops_with_its_store() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(rows(&pool, &table).await, 7, "a dropped store no longer sweeps");
+    assert_eq!(rows(&pool, &table).await, 8, "a dropped store no longer sweeps");
     assert_eq!(writer.sweep().await.unwrap(), 5, "an explicit sweep deletes them");
 }
 
@@ -474,6 +493,50 @@ async fn migrate_is_idempotent_and_safe_to_run_from_several_processes_at_once() 
     assert!(sql.contains(&format!("CREATE INDEX IF NOT EXISTS \"{table}_expires_at\"")), "{sql}");
     owned(&stores[1], &fresh_key("migrated"), Duration::from_secs(30)).await;
 
+    // A table made before renewed leases had a table of their own: its rows stay valid once migrated.
+    let old = fresh_table();
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE \"{old}\" (key text PRIMARY KEY, owner text, fingerprint text NOT NULL, status smallint, \
+             replayable boolean, headers jsonb, body bytea, expires_at timestamptz NOT NULL);
+         CREATE INDEX \"{old}_expires_at\" ON \"{old}\" (expires_at);"
+    ))
+    .execute(stores[0].pool())
+    .await
+    .unwrap();
+    let upgraded = PostgresStore::builder().table(&old).connect(&server.url()).await.unwrap();
+    let (in_flight, completed) = (fresh_key("old-in-flight"), fresh_key("old-completed"));
+    let old_owner = OwnerToken::generate();
+    sqlx::query(&format!(
+        "INSERT INTO \"{old}\" (key, owner, fingerprint, status, replayable, headers, body, expires_at) VALUES \
+             ($1, $2, $3, NULL, NULL, NULL, NULL, now() + interval '30 seconds'), \
+             ($4, NULL, $3, 201, true, '[]', 'done', now() + interval '1 hour')"
+    ))
+    .bind(in_flight.as_str())
+    .bind(old_owner.as_str())
+    .bind(fp("a").to_hex())
+    .bind(completed.as_str())
+    .execute(stores[0].pool())
+    .await
+    .unwrap();
+    let before = upgraded.renew(&in_flight, &old_owner, &fp("a"), Duration::from_secs(30)).await;
+    assert!(matches!(&before, Err(StoreError::Unavailable(why)) if why.message().contains("migrate")), "{before:?}");
+    upgraded.migrate().await.unwrap();
+    let newcomer = OwnerToken::generate();
+    assert_eq!(
+        upgraded.claim(&in_flight, &fp("a"), &newcomer, Duration::from_secs(30)).await.unwrap(),
+        Claimed::Existing(Entry::InFlight { fingerprint: fp("a") })
+    );
+    assert!(matches!(
+        upgraded.claim(&completed, &fp("a"), &newcomer, Duration::from_secs(30)).await.unwrap(),
+        Claimed::Existing(Entry::Completed(_))
+    ));
+    assert_eq!(
+        upgraded.renew(&in_flight, &old_owner, &fp("a"), Duration::from_secs(30)).await.unwrap(),
+        Write::Applied
+    );
+    let ttl = Duration::from_secs(60);
+    assert_eq!(upgraded.complete(&in_flight, &old_owner, &record("x"), ttl).await.unwrap(), Write::Applied);
+
     // Without the table, calls say what to do.
     let missing = PostgresStore::builder().table(&fresh_table()).connect(&server.url()).await.unwrap();
     let claimed = missing.claim(&fresh_key("x"), &fp("a"), &OwnerToken::generate(), Duration::from_secs(1)).await;
@@ -541,7 +604,7 @@ async fn statements_run(admin: &PgPool, table: &str) -> Vec<(&'static str, i64)>
             let query: String = row.get("query");
             let kind = if query.contains("claimed AS") {
                 "claim"
-            } else if query.contains("WITH done AS") {
+            } else if query.contains("done AS (") {
                 "complete"
             } else if query.contains("pg_stat_statements") {
                 "this test's own"
@@ -620,4 +683,114 @@ async fn a_refused_table_name_or_url_is_invalid_config_before_anything_connects(
     assert!(matches!(unparsable, StoreError::InvalidConfig(_)), "{unparsable}");
     let unreachable = PostgresStore::builder().connect_timeout(Duration::from_millis(200)).connect(nowhere).await;
     assert!(matches!(unreachable, Err(StoreError::Unavailable(_))), "{unreachable:?}");
+}
+
+/// Backends of the shared server waiting for a lock while running a statement on `table`.
+async fn waiting_on_locks(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
+    )
+    .bind(table)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_abandoned_by_its_caller_that_lands_after_the_release_leaves_the_key_free() {
+    let store = Arc::new(shared_store().await);
+    let table = store.table().to_owned();
+    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&shared_server().url()).await.unwrap();
+    let key = fresh_key("late-renewal");
+    let owner = owned(&store, &key, Duration::from_secs(30)).await;
+    // A slow transaction holds the claim's row: the release, then a renewal, queue behind it on the server.
+    let mut blocker = admin.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM \"{table}\" WHERE key = $1 FOR UPDATE"))
+        .bind(key.as_str())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let release = tokio::spawn({
+        let (store, key, owner) = (store.clone(), key.clone(), owner.clone());
+        async move { store.release(&key, &owner).await }
+    });
+    eventually("the release queues", Duration::from_secs(10), || async { waiting_on_locks(&admin, &table).await == 1 })
+        .await;
+    // The keeper gives up on a renewal that does not answer; the statement stays queued on the server.
+    let fingerprint = fp("a");
+    let renewal = store.renew(&key, &owner, &fingerprint, Duration::from_secs(30));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), renewal).await.is_err(),
+        "the renewal waits behind the lock"
+    );
+    assert_eq!(waiting_on_locks(&admin, &table).await, 2, "the abandoned renewal is still queued");
+    blocker.commit().await.unwrap();
+    assert_eq!(release.await.unwrap().unwrap(), Write::Applied);
+    eventually("the abandoned renewal ran", Duration::from_secs(10), || async {
+        waiting_on_locks(&admin, &table).await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.inspect(&key).await.unwrap(), None, "the late renewal did not claim the released key");
+    owned(&store, &key, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_keeps_racing_fails_within_one_statement_timeout() {
+    let timeout = Duration::from_millis(1000);
+    let store = store_on(shared_server(), PostgresStore::builder().statement_timeout(timeout)).await;
+    let table = store.table().to_owned();
+    // Each attempt takes 0.4 s and answers no row, as a claim that lost a race with another claimant's insert does.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION \"{table}_race\"() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$;
+         CREATE TRIGGER race BEFORE INSERT ON \"{table}\" FOR EACH ROW EXECUTE FUNCTION \"{table}_race\"();"
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let claimed = store.claim(&fresh_key("racing"), &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await;
+    let took = started.elapsed();
+    assert!(matches!(claimed, Err(StoreError::Unavailable(_))), "{claimed:?}");
+    assert!(
+        took < timeout + Duration::from_millis(300),
+        "the whole call is bounded by the statement timeout: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_lands_while_a_takeover_waits_for_the_row_keeps_the_claim() {
+    let store = Arc::new(shared_store().await);
+    let table = store.table().to_owned();
+    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&shared_server().url()).await.unwrap();
+    let key = fresh_key("renewal-beats-takeover");
+    // The claim's own lease ran out; its owner is about to renew it.
+    let owner = owned(&store, &key, Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another session holds the row in share mode: a newcomer's takeover, its snapshot taken, waits for it.
+    let mut blocker = admin.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM \"{table}\" WHERE key = $1 FOR SHARE"))
+        .bind(key.as_str())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let takeover = tokio::spawn({
+        let (store, key) = (store.clone(), key.clone());
+        async move { store.claim(&key, &fp("a"), &OwnerToken::generate(), Duration::from_secs(30)).await }
+    });
+    eventually("the takeover waits for the row", Duration::from_secs(10), || async {
+        waiting_on_locks(&admin, &table).await == 1
+    })
+    .await;
+    // The owner's renewal lands meanwhile (share mode does not wait), after the takeover's snapshot.
+    assert_eq!(store.renew(&key, &owner, &fp("a"), Duration::from_secs(30)).await.unwrap(), Write::Applied);
+    blocker.commit().await.unwrap();
+    assert_eq!(
+        takeover.await.unwrap().unwrap(),
+        Claimed::Existing(Entry::InFlight { fingerprint: fp("a") }),
+        "the takeover sees the renewal"
+    );
+    let ttl = Duration::from_secs(60);
+    assert_eq!(store.complete(&key, &owner, &record("kept"), ttl).await.unwrap(), Write::Applied);
 }

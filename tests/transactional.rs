@@ -1,6 +1,7 @@
 //! Transactional exactly-once (`Tx` on a `PostgresStore`), in process against a real PostgreSQL started by the
 //! tests: the handler's rows and its record commit together; a 5xx, a panic or a rejection rolls them back; an owner
-//! whose claim was taken over is rolled back; `once` runs in a transaction too.
+//! whose claim was taken over is rolled back; handlers at every isolation level commit after lease renewals; a
+//! handler that answers its own failed statement gets that answer stored; `once` runs in a transaction too.
 
 mod postgres_server;
 
@@ -9,7 +10,7 @@ use axum::body::Body;
 use axum::extract::{FromRef, State};
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use idem::{Idempotency, OnceError, Policy, PostgresStore, Tx, idempotent};
+use idem::{Fence, Idempotency, OnceError, Policy, PostgresStore, Tx, idempotent};
 use postgres_server::{shared_server, store_on};
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -40,6 +41,23 @@ struct Orders {
 }
 
 impl Orders {
+    /// The audit events committed for `email`, in order.
+    async fn audited(&self, email: &str) -> Vec<String> {
+        sqlx::query_scalar("SELECT event FROM tx_audit WHERE email = $1 ORDER BY id")
+            .bind(email)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn users(&self, email: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM tx_users WHERE email = $1")
+            .bind(email)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
     async fn count(&self, key: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM tx_orders WHERE idempotency_key = $1")
             .bind(key)
@@ -58,20 +76,21 @@ async fn insert(tx: &mut Tx, key: &str) -> i64 {
 }
 
 /// Inserts an order in the transaction; the body decides the answer: `ok`, `fail` (500 after the insert), `panic`
-/// (a panic after the insert), `hold` (waits for the gate after the insert, then 201), `hold-pid` (as `hold`, noting
-/// its transaction's backend first).
+/// (a panic after the insert), `hold` or `hold-pid` (notes its transaction's backend after the insert, waits for the
+/// gate, then 201), `hold-serializable` (as `hold`, its transaction at SERIALIZABLE).
 #[idempotent(ttl = 60, wait_timeout = 0)]
 async fn create(State(app): State<App>, mut tx: Tx, key: idem::IdempotencyKey, body: String) -> (StatusCode, String) {
     app.runs.fetch_add(1, Ordering::SeqCst);
+    if body == "hold-serializable" {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").execute(&mut *tx).await.unwrap();
+    }
     let id = insert(&mut tx, key.as_str()).await;
     match body.as_str() {
         "fail" => (StatusCode::INTERNAL_SERVER_ERROR, format!("failed after order {id}")),
         "panic" => panic!("the handler panicked after inserting order {id}"),
-        "hold" | "hold-pid" => {
-            if body == "hold-pid" {
-                let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap();
-                app.backend.store(pid, Ordering::SeqCst);
-            }
+        "hold" | "hold-pid" | "hold-serializable" => {
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap();
+            app.backend.store(pid, Ordering::SeqCst);
             let _permit = app.gate.acquire().await.unwrap();
             (StatusCode::CREATED, format!("order {id}"))
         }
@@ -104,6 +123,84 @@ async fn create_json(
     format!("order {} for {item}", insert(&mut tx, key.as_str()).await)
 }
 
+/// How long [`create_isolated`] sleeps between its statements: two and a half renewal periods of its 0.6 s lease.
+const PAST_RENEWALS: Duration = Duration::from_millis(500);
+
+/// Runs at the isolation level named by its body (`SET TRANSACTION ISOLATION LEVEL …` first): reads (which takes
+/// its snapshot), sleeps past several renewals of its 0.6 s lease, checks `is_held` (a renewal at once), inserts its
+/// order, sleeps again, checks again. The answer reports the level in force and both checks.
+#[idempotent(ttl = 60, wait_timeout = 0, lease = 0.6)]
+async fn create_isolated(
+    State(app): State<App>,
+    fence: Fence,
+    mut tx: Tx,
+    key: idem::IdempotencyKey,
+    level: String,
+) -> (StatusCode, String) {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    assert!(["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"].contains(&level.as_str()), "{level}");
+    sqlx::query(&format!("SET TRANSACTION ISOLATION LEVEL {level}")).execute(&mut *tx).await.unwrap();
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM tx_orders WHERE idempotency_key = $1")
+        .bind(key.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tokio::time::sleep(PAST_RENEWALS).await;
+    let held_before = fence.is_held().await.unwrap();
+    let id = insert(&mut tx, key.as_str()).await;
+    tokio::time::sleep(PAST_RENEWALS).await;
+    let held_after = fence.is_held().await.unwrap();
+    tokio::time::sleep(PAST_RENEWALS).await;
+    let in_force: String = sqlx::query_scalar("SHOW transaction_isolation").fetch_one(&mut *tx).await.unwrap();
+    (StatusCode::CREATED, format!("order {id} at {in_force}, {before} before, held {held_before} then {held_after}"))
+}
+
+/// Registers an e-mail address, first noting the attempt in `tx_audit`; an address already registered (a unique
+/// violation, which aborts the transaction) is answered `409 e-mail taken`.
+#[idempotent(ttl = 60, wait_timeout = 0)]
+async fn sign_up(State(app): State<App>, mut tx: Tx, email: String) -> (StatusCode, String) {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    audit(&mut tx, &email, "attempt").await;
+    match sqlx::query("INSERT INTO tx_users (email) VALUES ($1)").bind(&email).execute(&mut *tx).await {
+        Ok(_) => (StatusCode::CREATED, format!("welcome {email}")),
+        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+            (StatusCode::CONFLICT, "e-mail taken".to_owned())
+        }
+        Err(error) => panic!("registering {email}: {error}"),
+    }
+}
+
+/// [`sign_up`] with the insert under a savepoint: after a unique violation the transaction goes on, and the handler
+/// notes the refusal too, committed with its 409.
+#[idempotent(ttl = 60, wait_timeout = 0)]
+async fn sign_up_with_savepoint(State(app): State<App>, mut tx: Tx, email: String) -> (StatusCode, String) {
+    use sqlx::Acquire;
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    audit(&mut tx, &email, "attempt").await;
+    let mut savepoint = (&mut *tx).begin().await.unwrap();
+    match sqlx::query("INSERT INTO tx_users (email) VALUES ($1)").bind(&email).execute(&mut *savepoint).await {
+        Ok(_) => {
+            savepoint.commit().await.unwrap();
+            (StatusCode::CREATED, format!("welcome {email}"))
+        }
+        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+            savepoint.rollback().await.unwrap();
+            audit(&mut tx, &email, "refused").await;
+            (StatusCode::CONFLICT, "e-mail taken".to_owned())
+        }
+        Err(error) => panic!("registering {email}: {error}"),
+    }
+}
+
+async fn audit(tx: &mut Tx, email: &str, event: &str) {
+    sqlx::query("INSERT INTO tx_audit (email, event) VALUES ($1, $2)")
+        .bind(email)
+        .bind(event)
+        .execute(&mut **tx)
+        .await
+        .expect("note the event");
+}
+
 /// One app on a fresh table of the shared server, its orders table created, with a store pool of `connections`.
 async fn app(connections: u32) -> (Router, App, Orders, String) {
     let server = shared_server();
@@ -111,7 +208,9 @@ async fn app(connections: u32) -> (Router, App, Orders, String) {
     let pool = store.pool().clone();
     sqlx::raw_sql(
         "SELECT pg_advisory_xact_lock(hashtext('tx_orders'));
-         CREATE TABLE IF NOT EXISTS tx_orders (id bigserial PRIMARY KEY, idempotency_key text NOT NULL);",
+         CREATE TABLE IF NOT EXISTS tx_orders (id bigserial PRIMARY KEY, idempotency_key text NOT NULL);
+         CREATE TABLE IF NOT EXISTS tx_users (email text PRIMARY KEY);
+         CREATE TABLE IF NOT EXISTS tx_audit (id bigserial PRIMARY KEY, email text NOT NULL, event text NOT NULL);",
     )
     .execute(&pool)
     .await
@@ -127,6 +226,9 @@ async fn app(connections: u32) -> (Router, App, Orders, String) {
         .route("/orders", post(create))
         .route("/orders-storing-errors", post(create_storing_errors))
         .route("/json-orders", post(create_json))
+        .route("/isolated-orders", post(create_isolated))
+        .route("/sign-up", post(sign_up))
+        .route("/sign-up-with-savepoint", post(sign_up_with_savepoint))
         .with_state(state.clone());
     (router, state, Orders { pool }, table)
 }
@@ -208,15 +310,47 @@ async fn a_rejection_after_the_transaction_opened_rolls_it_back_and_returns_its_
 async fn an_owner_whose_claim_was_taken_over_is_rolled_back_and_only_the_takeover_commits() {
     let (router, app, orders, table) = app(4).await;
     let key = unique("stale");
+    let first = start_then_take_over(&router, &app, &orders, &table, &key, "hold").await;
+    // The first execution resumes: its completion is fenced, its order rolled back, its client told to retry.
+    let (status, stale_body, _) = first.await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{stale_body}");
+    assert!(stale_body.contains("in-progress"), "{stale_body}");
+    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(orders.count(&key).await, 1, "only the takeover's order committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serializable_owner_whose_claim_was_taken_over_after_its_snapshot_is_not_committed() {
+    let (router, app, orders, table) = app(4).await;
+    let key = unique("stale-serializable");
+    let first = start_then_take_over(&router, &app, &orders, &table, &key, "hold-serializable").await;
+    // Its completion meets a row written after its snapshot: the transaction fails, nothing of it is kept.
+    let (status, stale_body, _) = first.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{stale_body}");
+    assert!(stale_body.contains("transaction-failed"), "{stale_body}");
+    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(orders.count(&key).await, 1, "only the takeover's order committed");
+}
+
+/// Starts an execution of `key` with `body` (one that inserts its order, then waits for the gate), makes its lease
+/// run out, has a retry take the key over and commit, checks that the takeover's answer is what retries replay,
+/// then opens the gate: the first execution's answer is left to the caller.
+async fn start_then_take_over(
+    router: &Router,
+    app: &App,
+    orders: &Orders,
+    table: &str,
+    key: &str,
+    body: &'static str,
+) -> tokio::task::JoinHandle<(StatusCode, String, Option<String>)> {
     // The first execution inserts its order, then waits (its lease is 30 s: no renewal comes before 10 s).
     let first = tokio::spawn({
-        let router = router.clone();
-        let key = key.clone();
-        async move { send(&router, "/orders", &key, "hold").await }
+        let (router, key) = (router.clone(), key.to_owned());
+        async move { send(&router, "/orders", &key, body).await }
     });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.runs.load(Ordering::SeqCst) < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the first execution did not start");
+    while app.backend.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the first execution did not insert");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Its lease runs out as if its process had been frozen past it: the clock of the claim moved past the lease.
@@ -228,17 +362,12 @@ async fn an_owner_whose_claim_was_taken_over_is_rolled_back_and_only_the_takeove
     .unwrap();
     assert_eq!(expired.rows_affected(), 1);
     // A retry takes the key over and commits its own order.
-    let (status, body, state) = send(&router, "/orders", &key, "hold-released").await;
-    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{body}");
-    // The first execution resumes: its completion is fenced, its order rolled back, its client told to retry.
+    let (status, taken_over, state) = send(router, "/orders", key, "hold-released").await;
+    assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{taken_over}");
     app.gate.add_permits(1);
-    let (status, stale_body, _) = first.await.unwrap();
-    assert_eq!(status, StatusCode::CONFLICT, "{stale_body}");
-    assert!(stale_body.contains("in-progress"), "{stale_body}");
-    assert_eq!(app.runs.load(Ordering::SeqCst), 2);
-    assert_eq!(orders.count(&key).await, 1, "only the takeover's order committed");
-    let replay = send(&router, "/orders", &key, "hold-released").await;
-    assert_eq!(replay, (StatusCode::CREATED, body, Some("hit".to_owned())));
+    let replay = send(router, "/orders", key, "hold-released").await;
+    assert_eq!(replay, (StatusCode::CREATED, taken_over, Some("hit".to_owned())));
+    first
 }
 
 #[tokio::test]
@@ -377,4 +506,104 @@ async fn a_tx_moved_out_of_its_handler_is_never_committed_and_frees_the_key() {
     let (status, body, state) = send(&router, "/orders", &key, "ok").await;
     assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "the key was freed: {body}");
     assert_eq!(orders.count(&key).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_at_every_isolation_level_commits_after_lease_renewals_and_is_held_checks() {
+    let (router, app, orders, _) = app(8).await;
+    let levels: [&'static str; 3] = ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"];
+    let keys: Vec<String> = levels.iter().map(|level| unique(&level.replace(' ', "-"))).collect();
+    let runs: Vec<_> = levels
+        .iter()
+        .zip(&keys)
+        .map(|(level, key)| {
+            let (router, key) = (router.clone(), key.clone());
+            let level: &'static str = level;
+            tokio::spawn(async move { send(&router, "/isolated-orders", &key, level).await })
+        })
+        .collect();
+    // Past two leases of 0.6 s: only renewals keep the claims, so a duplicate is still refused.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for (level, key) in levels.iter().zip(&keys) {
+        let (status, body, _) = send(&router, "/isolated-orders", key, level).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{key}: the renewed claim still holds: {body}");
+        assert!(body.contains("in-progress"), "{body}");
+    }
+    for ((level, key), run) in levels.iter().zip(&keys).zip(runs) {
+        let (status, body, state) = run.await.unwrap();
+        assert_eq!((status, state.as_deref()), (StatusCode::CREATED, Some("new")), "{level}: {body}");
+        assert!(body.contains(&format!("at {}, 0 before, held true then true", level.to_lowercase())), "{body}");
+        assert_eq!(orders.count(key).await, 1, "{level}: the order committed with the record");
+        let replay = send(&router, "/isolated-orders", key, level).await;
+        assert_eq!(replay, (StatusCode::CREATED, body, Some("hit".to_owned())), "{level}");
+    }
+    assert_eq!(app.runs.load(Ordering::SeqCst), 3, "each ran once");
+}
+
+#[tokio::test]
+async fn a_handler_that_answers_its_own_failed_statement_has_that_answer_stored_and_replayed() {
+    let (router, app, orders, _) = app(4).await;
+    let email = format!("{}@example.com", unique("taken"));
+    let (status, body, _) = send(&router, "/sign-up", &unique("first"), &email).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // A second sign-up for the address hits the unique index: the transaction is aborted, the handler answers 409.
+    let key = unique("second");
+    let (status, body, state) = send(&router, "/sign-up", &key, &email).await;
+    assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CONFLICT, "e-mail taken", Some("new")));
+    for _ in 0..2 {
+        let replay = send(&router, "/sign-up", &key, &email).await;
+        assert_eq!(replay, (StatusCode::CONFLICT, "e-mail taken".to_owned(), Some("hit".to_owned())));
+    }
+    assert_eq!(app.runs.load(Ordering::SeqCst), 2, "once per key");
+    assert_eq!(orders.users(&email).await, 1);
+    // Nothing the refused sign-up wrote committed (its audit row went with the aborted transaction).
+    assert_eq!(orders.audited(&email).await, ["attempt"]);
+
+    // Under a savepoint, the transaction survives the violation: the handler's later writes commit with its 409.
+    let email = format!("{}@example.com", unique("savepoint"));
+    let (status, body, _) = send(&router, "/sign-up-with-savepoint", &unique("first"), &email).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let key = unique("second");
+    let (status, body, state) = send(&router, "/sign-up-with-savepoint", &key, &email).await;
+    assert_eq!((status, body.as_str(), state.as_deref()), (StatusCode::CONFLICT, "e-mail taken", Some("new")));
+    let replay = send(&router, "/sign-up-with-savepoint", &key, &email).await;
+    assert_eq!(replay, (StatusCode::CONFLICT, "e-mail taken".to_owned(), Some("hit".to_owned())));
+    assert_eq!(app.runs.load(Ordering::SeqCst), 4);
+    assert_eq!(orders.audited(&email).await, ["attempt", "attempt", "refused"]);
+}
+
+#[tokio::test]
+async fn once_in_a_transaction_stores_what_the_work_answered_after_its_own_failed_statement() {
+    let (_, _, orders, _) = app(4).await;
+    let idempotency = Idempotency::new(store_on(shared_server(), PostgresStore::builder()).await);
+    let email = format!("{}@example.com", unique("once-taken"));
+    sqlx::query("INSERT INTO tx_users (email) VALUES ($1)").bind(&email).execute(&orders.pool).await.unwrap();
+    let runs = AtomicU64::new(0);
+    let key = unique("once-sign-up");
+    let attempt = || {
+        let (idempotency, key, email, runs) = (&idempotency, &key, email.clone(), &runs);
+        async move {
+            idempotency
+                .once("sign-up", key)
+                .run_in_transaction(&email.clone(), |mut tx| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let inserted =
+                        sqlx::query("INSERT INTO tx_users (email) VALUES ($1)").bind(&email).execute(&mut *tx).await;
+                    match inserted {
+                        Ok(_) => Ok("registered".to_owned()),
+                        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+                            Ok("e-mail taken".to_owned())
+                        }
+                        Err(error) => Err(error),
+                    }
+                })
+                .await
+        }
+    };
+    let fresh = attempt().await.unwrap();
+    assert_eq!((fresh.is_replay(), fresh.value().as_str()), (false, "e-mail taken"));
+    let replayed = attempt().await.unwrap();
+    assert_eq!((replayed.is_replay(), replayed.value().as_str()), (true, "e-mail taken"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(orders.users(&email).await, 1);
 }

@@ -44,9 +44,19 @@ use std::time::Duration;
 /// - when the answer is to be stored (not a 5xx unless the policy stores them), the record is completed **inside
 ///   this transaction** with an owner-checked write, then the transaction commits: the handler's rows and the record
 ///   become visible together;
+/// - renewals of the lease (the keeper's, and [`Fence::is_held`](crate::Fence::is_held)) never write what this
+///   completion reads or writes, so it commits at any isolation level, however many renewals came after the
+///   transaction's snapshot (a handler may start with `SET TRANSACTION ISOLATION LEVEL SERIALIZABLE`);
 /// - if the claim was lost meanwhile (the handler ran past its lease, for instance frozen, and a retry took the key
 ///   over), the owner check fails and the transaction is **rolled back**: the stale handler's writes never land, and
-///   its client gets `409 in-progress` (a retry gets the answer of the execution that took over);
+///   its client gets `409 in-progress` (a retry gets the answer of the execution that took over; at
+///   `REPEATABLE READ` or `SERIALIZABLE` a takeover after the snapshot fails the transaction instead:
+///   `503 transaction-failed`, nothing kept);
+/// - if one of the handler's statements failed (a unique violation, say), PostgreSQL aborted the transaction and
+///   nothing the handler wrote can commit; an answer the handler gave anyway (`409 e-mail taken`) is final, so the
+///   transaction is rolled back and that answer recorded outside it, and retries replay it. A handler that wants to
+///   go on writing after a failed statement runs that statement under a savepoint (`(&mut *tx).begin()`, with
+///   [`sqlx::Acquire`], opens one): rolling the savepoint back keeps the transaction alive;
 /// - on a 5xx, a panic or an extractor rejection the transaction is rolled back first, then the key released, so a
 ///   retry runs on a clean database;
 /// - a process killed mid-handler leaves an uncommitted transaction that PostgreSQL discards, and an in-flight claim
@@ -244,8 +254,9 @@ impl TxSlot {
     }
 
     /// Completes `claim` with `stored` inside the handler's transaction and commits, when the handler opened one;
-    /// `Err(claim, stored)` back when it did not (the door completes as on any store). `Ok(Err(problem))` when the
-    /// answer cannot stand: the claim was lost (the writes were rolled back) or the commit failed.
+    /// `Err(claim, stored)` back when it did not (the door completes as on any store). An answer given over an
+    /// aborted transaction is recorded outside it (see [`PostgresStore::complete_transaction`]). `Ok(Err(problem))`
+    /// when the answer cannot stand: the claim was lost (the writes were rolled back) or the commit failed.
     pub(crate) async fn complete(
         &self,
         claim: Claim,
@@ -263,19 +274,7 @@ impl TxSlot {
         let store = self.store.clone();
         let write = claim
             .complete_with(stored, move |key, owner, record| async move {
-                let mut transaction = transaction;
-                let write = store.complete_in(&mut transaction, &key, &owner, &record, ttl).await;
-                match write {
-                    Ok(Write::Applied) => store.commit(transaction).await.map(|()| Write::Applied),
-                    Ok(Write::Fenced) => {
-                        store.roll_back(transaction).await;
-                        Ok(Write::Fenced)
-                    }
-                    Err(error) => {
-                        store.roll_back(transaction).await;
-                        Err(error)
-                    }
-                }
+                store.complete_transaction(transaction, &key, &owner, &record, ttl).await
             })
             .await;
         Ok(match write {

@@ -16,8 +16,10 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-/// How many times a claim is sent again when it raced with another claimant's insert (see [`PostgresStore::claim`]).
+/// How many times a claim is sent at most when it raced with another claimant's insert (see [`PostgresStore::claim`]);
+/// all of them within one statement timeout.
 const CLAIM_ATTEMPTS: usize = 8;
 
 /// How long a pooled connection may have sat idle before it is pinged when handed out (the store's own pool).
@@ -25,13 +27,20 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// A [`Store`] on PostgreSQL, through [`sqlx`].
 ///
-/// **One table** (default `idem_records`, see [`PostgresStoreBuilder::table`]), created by
-/// [`PostgresStore::migrate`]; [`PostgresStore::schema_sql`] shows its SQL for teams that run migrations themselves.
-/// A row is a key's in-flight claim (`owner` set) or its completed record (`owner` null, the response in `status`,
-/// `headers`, `body`), with `expires_at`: a row whose `expires_at` has passed is treated as absent by every
-/// statement, and a background sweep deletes such rows in bounded batches. Times are the database's
-/// (`statement_timestamp()`), never the application's, so the clocks of the processes sharing the table do not
-/// matter.
+/// **One table** (default `idem_records`, see [`PostgresStoreBuilder::table`]) and the renewed leases beside it
+/// (`<table>_leases`), created by [`PostgresStore::migrate`]; [`PostgresStore::schema_sql`] shows their SQL for teams
+/// that run migrations themselves. A row is a key's in-flight claim (`owner` set) or its completed record (`owner`
+/// null, the response in `status`, `headers`, `body`), with `expires_at`: a row whose `expires_at` has passed (for a
+/// claim whose owner renewed it: whose renewed lease has passed) is treated as absent by every statement, and a
+/// background sweep deletes such rows in bounded batches. Times are the database's (`statement_timestamp()`), never
+/// the application's, so the clocks of the processes sharing the table do not matter.
+///
+/// **Renewals never write the claim's row**: they write its lease in `<table>_leases`, holding the row in share
+/// mode meanwhile. So a [`Tx`](crate::Tx) handler whose transaction runs at `REPEATABLE READ` or `SERIALIZABLE`,
+/// whose snapshot predates any number of renewals (the keeper's, its own [`Fence::is_held`](crate::Fence::is_held)),
+/// still completes its claim's row inside that transaction: no renewal wrote it, and the completion reads nothing a
+/// renewal writes. A renewal only extends its owner's existing claim: it never claims a free key, so one that lands
+/// late (after the claim's release or completion, after a takeover) changes nothing.
 ///
 /// **Round trips.** Every state change is one statement: a first request costs two (the claim, the completion),
 /// a replay one (the claim finds the record and reads it in the same statement), plus one renewal per third of a
@@ -39,13 +48,20 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 /// only when there is none (or it is the caller's own, or it expired), upserts the caller's claim, taking over an
 /// expired one atomically under the row's lock; a replay writes nothing.
 ///
+/// **Tables made by an earlier version** (before `<table>_leases`): [`PostgresStore::migrate`] adds the leases
+/// table and leaves the existing one as it is; its rows stay valid (an in-flight row's `expires_at` is its lease
+/// until its owner renews it here). Until the leases table exists, calls fail with [`StoreError::Unavailable`]
+/// saying to migrate. Processes of the earlier version must not share the table with this one: they renew and
+/// take over claims through `expires_at` alone, so they would take over a claim this version keeps renewed
+/// (stop them before starting this version, or give it a new table).
+///
 /// **Waiting duplicates** are woken by `NOTIFY` (the completion, release or purge sends the key's digest on the
 /// store's channel, `<table>_done`, delivered when it commits) through one listening connection per store,
 /// opened on the first wait and replaced by itself when it dies; waits never poll and end by their own timeout
 /// whatever the database does.
 ///
 /// **Outages.** Each call is bounded by the statement timeout (default 2 s: acquiring a connection and running the
-/// statement) and fails with [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`); while the
+/// statement, every attempt of a claim included) and fails with [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`); while the
 /// database refuses connections, a call fails within the connect timeout (default 1 s). The pool reconnects by
 /// itself when the database is back, and the listening connection is replaced within a couple of seconds.
 ///
@@ -102,7 +118,7 @@ struct SweepSettings {
 /// | [`connect_timeout`](Self::connect_timeout) | 1 s | opening a connection (the store's own pool, the listener) |
 /// | [`max_connections`](Self::max_connections) | 10 | the size of the pool [`connect`](Self::connect) makes |
 /// | [`sweep_interval`](Self::sweep_interval) | 60 s | time between two sweeps of expired rows |
-/// | [`sweep_batch`](Self::sweep_batch) | 1 000 | rows one sweep statement deletes (10 statements a round at most) |
+/// | [`sweep_batch`](Self::sweep_batch) | 1 000 | rows one sweep batch deletes (10 batches a round at most) |
 /// | [`listen_heartbeat`](Self::listen_heartbeat) | 1 s | silence after which the listening connection is checked |
 /// | [`probe_interval`](Self::probe_interval) | 250 ms | time between two probes of a database found unreachable |
 ///
@@ -148,7 +164,8 @@ impl Default for PostgresStoreBuilder {
 
 impl PostgresStoreBuilder {
     /// The table holding claims and records (default `idem_records`), optionally schema-qualified
-    /// (`schema.table`). Its notification channel is named after it (`<table>_done`).
+    /// (`schema.table`). Renewed leases live beside it in `<table>_leases`, and its notification channel is named
+    /// after it (`<table>_done`).
     ///
     /// Each part must be an unquoted SQL identifier of at most 48 bytes: ASCII letters, digits and `_`, not
     /// starting with a digit; [`connect`](Self::connect) and [`pool`](Self::pool) refuse another name with
@@ -188,7 +205,7 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// Rows one sweep statement deletes at most (default 1 000); a round runs at most ten such statements.
+    /// Rows one sweep batch deletes at most (default 1 000); a round runs at most ten batches.
     pub fn sweep_batch(mut self, rows: u32) -> Self {
         self.sweep.batch = i64::from(rows.max(1));
         self
@@ -296,8 +313,9 @@ impl PostgresStore {
         Self::builder().pool(pool)
     }
 
-    /// Creates the table and its index if they do not exist (idempotent: safe to run at every start, from several
-    /// processes at once: they take turns on an advisory lock). The SQL is [`PostgresStore::schema_sql`].
+    /// Creates the tables and the index if they do not exist (idempotent: safe to run at every start, from several
+    /// processes at once: they take turns on an advisory lock). The SQL is [`PostgresStore::schema_sql`]. On a table
+    /// made by an earlier version it adds the leases table (see the type's doc).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let migrate = create_table(&self.pool, self.statements.table.as_str(), self.schema_sql());
         // DDL may wait for locks held by traffic on the table: give it longer than one call.
@@ -307,7 +325,7 @@ impl PostgresStore {
         }
     }
 
-    /// The SQL that creates this store's table and index (what [`PostgresStore::migrate`] runs), for teams that
+    /// The SQL that creates this store's tables and index (what [`PostgresStore::migrate`] runs), for teams that
     /// manage migrations themselves.
     pub fn schema_sql(&self) -> String {
         sql::schema(&self.statements.table)
@@ -335,19 +353,37 @@ impl PostgresStore {
 
     /// Runs `query` within the call timeout; fails at once while the database is known to be unreachable.
     async fn bounded<T>(&self, query: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
+        self.bounded_until(Instant::now() + self.call_timeout, query).await
+    }
+
+    /// [`bounded`](Self::bounded) for one step of a call that must end by `deadline`.
+    async fn bounded_until<T>(
+        &self,
+        deadline: Instant,
+        query: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        self.answer_by(deadline, query).await?.map_err(|error| self.failed(error))
+    }
+
+    /// The database's answer to `query` by `deadline`, its own error left for the caller to sort; `Err` when the
+    /// database is known to be unreachable or gave no answer in time.
+    async fn answer_by<T>(
+        &self,
+        deadline: Instant,
+        query: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<Result<T, sqlx::Error>, StoreError> {
         self.health.check()?;
-        match tokio::time::timeout(self.call_timeout, query).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => {
-                if self.is_outage(&error) {
-                    self.start_probe();
-                }
-                Err(unavailable(error))
-            }
-            Err(_) => {
-                Err(StoreError::Unavailable(format!("postgres: no answer within {:?}", self.call_timeout).into()))
-            }
+        tokio::time::timeout_at(deadline, query)
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("postgres: no answer within {:?}", self.call_timeout).into()))
+    }
+
+    /// The store's error for `error`, after starting a probe if it may mean the database cannot be reached.
+    fn failed(&self, error: sqlx::Error) -> StoreError {
+        if self.is_outage(&error) {
+            self.start_probe();
         }
+        unavailable(error)
     }
 
     /// Whether `error` may mean the database cannot be reached, rather than that it answered (an error of the
@@ -419,19 +455,20 @@ impl PostgresStore {
         }));
     }
 
-    /// Completes `key` for `owner` on `executor`: the owner-checked upsert and its notification in one statement,
-    /// delivered when the executor's transaction commits. Kept generic so a completion can run inside an
-    /// application's own transaction.
+    /// Completes `key` for `owner` on `executor` with `statement` (`complete` or `complete_in_transaction`): the
+    /// owner-checked upsert and its notification in one statement, delivered when the executor's transaction
+    /// commits.
     async fn complete_on<'e>(
         &self,
         executor: impl PgExecutor<'e>,
+        statement: &str,
         key: &StoreKey,
         owner: &OwnerToken,
         record: &Record,
         ttl: Duration,
     ) -> Result<Write, sqlx::Error> {
         let columns = row::completed(record);
-        let done = sqlx::query(&self.statements.complete)
+        let done = sqlx::query(statement)
             .bind(key.as_str())
             .bind(owner.as_str())
             .bind(columns.fingerprint)
@@ -455,17 +492,44 @@ impl PostgresStore {
         self.bounded(self.pool.begin()).await
     }
 
-    /// Completes `key` for `owner` inside `transaction`, within the call timeout: the record becomes visible (and
-    /// waiting duplicates are notified) when the transaction commits, together with the handler's own writes.
-    pub(crate) async fn complete_in(
+    /// Completes `key` for `owner` inside `transaction` and commits it, so the record becomes visible (and waiting
+    /// duplicates are notified) together with the handler's own writes; each step within the call timeout.
+    ///
+    /// [`Write::Fenced`] (rolled back) when the claim is no longer the owner's. When the handler left its
+    /// transaction aborted (one of its statements failed, and it answered anyway, say `409` for a unique
+    /// violation), nothing it wrote can commit, and its answer is final: the transaction is rolled back and the
+    /// answer recorded by the ordinary owner-checked completion, so a retry replays it. `Err` (rolled back) when the
+    /// completion or the commit failed otherwise.
+    pub(crate) async fn complete_transaction(
         &self,
-        transaction: &mut sqlx::PgConnection,
+        mut transaction: sqlx::Transaction<'static, sqlx::Postgres>,
         key: &StoreKey,
         owner: &OwnerToken,
         record: &Record,
         ttl: Duration,
     ) -> Result<Write, StoreError> {
-        self.bounded(self.complete_on(transaction, key, owner, record, ttl)).await
+        let statement = &self.statements.complete_in_transaction;
+        let write = self.complete_on(&mut *transaction, statement, key, owner, record, ttl);
+        match self.answer_by(Instant::now() + self.call_timeout, write).await {
+            Ok(Ok(Write::Applied)) => self.commit(transaction).await.map(|()| Write::Applied),
+            Ok(Ok(Write::Fenced)) => {
+                self.roll_back(transaction).await;
+                Ok(Write::Fenced)
+            }
+            Ok(Err(error)) if is_aborted_transaction(&error) => {
+                tracing::debug!(key = %key, "the handler's transaction was aborted: its answer is recorded outside it");
+                self.roll_back(transaction).await;
+                self.complete(key, owner, record, ttl).await
+            }
+            Ok(Err(error)) => {
+                self.roll_back(transaction).await;
+                Err(self.failed(error))
+            }
+            Err(error) => {
+                self.roll_back(transaction).await;
+                Err(error)
+            }
+        }
     }
 
     /// Commits `transaction` within the call timeout.
@@ -510,13 +574,28 @@ async fn create_table(pool: &PgPool, table: &str, schema: String) -> Result<(), 
     sqlx::raw_sql(&locked).execute(pool).await.map(drop)
 }
 
-/// One sweep round: batches of expired rows deleted until one comes back short, or the round's bound.
+/// One sweep round: batches of expired leases and rows deleted until a batch comes back short, or the round's
+/// bound; how many rows.
+///
+/// A batch is a transaction: lapsed leases are deleted, then the rows that look expired are locked, then those
+/// still expired are deleted, seen from a snapshot taken once they were locked. No renewal can be under way on a
+/// locked row (a renewal holds its claim's row while it writes the lease), so a lease renewed just before is seen
+/// and its claim kept; a renewal after finds the row gone and changes nothing.
 async fn sweep_round(pool: &PgPool, statements: &Statements, settings: SweepSettings) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     for _ in 0..settings.batches_per_round {
-        let deleted = sqlx::query(&statements.sweep).bind(settings.batch).execute(pool).await?.rows_affected();
-        total += deleted;
-        if deleted < settings.batch as u64 {
+        let mut batch = pool.begin().await?;
+        // Each statement must see what committed before it ran, whatever the pool's default isolation.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").execute(&mut *batch).await?;
+        let leases = sqlx::query(&statements.sweep_leases).bind(settings.batch).execute(&mut *batch).await?;
+        let locked: Vec<String> =
+            sqlx::query_scalar(&statements.sweep_lock).bind(settings.batch).fetch_all(&mut *batch).await?;
+        if !locked.is_empty() {
+            total += sqlx::query(&statements.sweep_delete).bind(&locked).execute(&mut *batch).await?.rows_affected();
+        }
+        batch.commit().await?;
+        let full = |rows: u64| rows >= settings.batch as u64;
+        if !full(leases.rows_affected()) && !full(locked.len() as u64) {
             break;
         }
     }
@@ -541,6 +620,12 @@ fn unavailable(error: sqlx::Error) -> StoreError {
     }
 }
 
+/// Whether `error` is PostgreSQL refusing a statement because the transaction was already aborted by an earlier
+/// one (`25P02 in_failed_sql_transaction`).
+fn is_aborted_transaction(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database) if database.code().as_deref() == Some("25P02"))
+}
+
 fn decode(row: &PgRow) -> Result<Entry, StoreError> {
     row::entry(row).map_err(|why| StoreError::Corrupt(why.into()))
 }
@@ -558,7 +643,9 @@ impl Store for PostgresStore {
         let fingerprint = fingerprint.to_hex();
         // The statement answers one row: the caller's claim, or the live row someone else holds. It answers none
         // only when its insert met a row committed after the statement's snapshot was taken (a concurrent
-        // claimant's), which the snapshot cannot show; sent again, it sees that row.
+        // claimant's), which the snapshot cannot show; sent again, it sees that row. Every attempt shares the
+        // call's one timeout.
+        let deadline = Instant::now() + self.call_timeout;
         for _ in 0..CLAIM_ATTEMPTS {
             let answer = sqlx::query(&self.statements.claim)
                 .bind(key.as_str())
@@ -566,7 +653,7 @@ impl Store for PostgresStore {
                 .bind(&fingerprint)
                 .bind(millis(lease))
                 .fetch_optional(&self.pool);
-            let Some(row) = self.bounded(answer).await? else { continue };
+            let Some(row) = self.bounded_until(deadline, answer).await? else { continue };
             let owned: bool = row.try_get("owned").map_err(unavailable)?;
             return if owned { Ok(Claimed::Owned) } else { decode(&row).map(Claimed::Existing) };
         }
@@ -582,7 +669,7 @@ impl Store for PostgresStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<Write, StoreError> {
-        self.bounded(self.complete_on(&self.pool, key, owner, record, ttl)).await
+        self.bounded(self.complete_on(&self.pool, &self.statements.complete, key, owner, record, ttl)).await
     }
 
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
@@ -601,10 +688,11 @@ impl Store for PostgresStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Write, StoreError> {
+        // The claim's row keeps the fingerprint it was claimed with: a renewal never writes it.
+        let _ = fingerprint;
         let renewed = sqlx::query(&self.statements.renew)
             .bind(key.as_str())
             .bind(owner.as_str())
-            .bind(fingerprint.to_hex())
             .bind(millis(lease))
             .fetch_optional(&self.pool);
         Ok(if self.bounded(renewed).await?.is_some() { Write::Applied } else { Write::Fenced })

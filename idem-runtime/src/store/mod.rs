@@ -247,8 +247,10 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the caller's claim so a retry can run again, and wakes waiters.
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError>;
 
-    /// Extends the caller's claim to `lease` from now. A key that is free (the lease ran out while the store could
-    /// not be reached, and nobody claimed it since) is claimed again for the caller with `fingerprint`.
+    /// Extends the caller's claim to `lease` from now. A claim whose lease ran out while the store could not be
+    /// reached, and that nobody took over since, is the caller's again. A store may answer [`Write::Fenced`] once the
+    /// claim is gone (released, or purged after it lapsed) rather than claim the free key again, which is always safe:
+    /// a renewal that lands late (its caller gave up on it) must never take a key that was freed after it was sent.
     async fn renew(
         &self,
         key: &StoreKey,

@@ -14,7 +14,7 @@ use crate::engine::{Claim, Outcome, begin_observed, beside};
 use crate::idempotency::Shared;
 use crate::layer::{Adoptable, Handoff, LayerRoutes};
 use crate::store::{StoreError, Write};
-use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
+use crate::{Event, Fingerprint, Idempotency, Metrics, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
 use axum::extract::{MatchedPath, OriginalUri, Request};
@@ -159,19 +159,29 @@ impl Idempotency {
         let parsed = key::parse(request.headers().get_all(&shared.key_header))
             .and_then(|key| key.map(|key| shared.key_format.check(&key).map(|()| key)).transpose());
         let key = match parsed {
-            Ok(Some(key)) => key,
+            Ok(Some(key)) => Some(key),
             Ok(None) if policy.is_required() => {
                 span.record("outcome", "missing-key");
                 return shared.answers.render(Problem::MissingKey { header: shared.key_header.to_string() });
             }
-            Ok(None) => {
-                span.record("outcome", "no-key");
-                return run_unprotected(shared, request, run).await;
-            }
+            Ok(None) => None,
             Err(error) => {
                 span.record("outcome", "invalid-key");
                 return shared.answers.render(Problem::InvalidKey { reason: error.to_string() });
             }
+        };
+        // Taken before the store is touched, so a refused request claimed nothing and its retry runs; held by the
+        // handler's future, so it is given back when the handler ends, or at once when no handler runs.
+        let Some(slot) = shared.handler_slots.take() else {
+            span.record("outcome", "at-capacity");
+            let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
+            shared.metrics_at(door.name(), route).record(Event::AtCapacity);
+            return shared.answers.render(Problem::AtCapacity);
+        };
+        let run = crate::capacity::holding(slot, run);
+        let Some(key) = key else {
+            span.record("outcome", "no-key");
+            return run_unprotected(shared, request, run).await;
         };
         let echo = request.headers().get(&shared.key_header).map(|value| (shared.key_header.clone(), value.clone()));
         let (parts, body) = match limit {
@@ -180,6 +190,16 @@ impl Idempotency {
                 let (parts, body) = request.into_parts();
                 (parts, Body::new(http_body_util::Limited::new(body, limit)))
             }
+        };
+        // Before the body is read: a request refused here costs nothing more.
+        let Some(principal) = (shared.principal)(&parts) else {
+            span.record("outcome", "no-principal");
+            tracing::error!(
+                "idempotency: a request with a key reached idem without the extension `principal_from_extension` \
+                 scopes records by: answering 500 no-principal, nothing ran. The app's authentication must insert \
+                 it before idem runs (layer it outside the routes or the IdempotencyLayer)"
+            );
+            return shared.answers.render(Problem::NoPrincipal);
         };
         let body = match axum::body::to_bytes(body, usize::MAX).await {
             Ok(body) => body,
@@ -193,7 +213,6 @@ impl Idempotency {
             }
         };
         let fingerprint = self.fingerprint(&parts, &body);
-        let principal = (shared.principal)(&parts);
         if principal.is_empty() {
             shared.warn_unscoped_once();
         }

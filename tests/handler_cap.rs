@@ -233,10 +233,8 @@ async fn a_flood_of_disconnecting_clients_never_runs_more_handlers_than_the_cap(
 
     let keys: Vec<String> = (0..FLOOD).map(|_| fresh_key("flood")).collect();
     let hold = format!("{}ms", HOLD.as_millis());
-    let clients: Vec<_> = keys
-        .iter()
-        .map(|key| tokio::spawn(send_and_leave(address, order_request(key, Some(&hold)))))
-        .collect();
+    let clients: Vec<_> =
+        keys.iter().map(|key| tokio::spawn(send_and_leave(address, order_request(key, Some(&hold))))).collect();
     let mut answered = 0;
     for client in clients {
         if let Some(reply) = client.await.unwrap() {

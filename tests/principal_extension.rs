@@ -62,11 +62,7 @@ async fn pay(app: &App, user: Option<&UserId>, body: &Value) -> Response {
 }
 
 #[idempotent]
-async fn annotated_pay(
-    State(app): State<App>,
-    user: Option<Extension<UserId>>,
-    Json(body): Json<Value>,
-) -> Response {
+async fn annotated_pay(State(app): State<App>, user: Option<Extension<UserId>>, Json(body): Json<Value>) -> Response {
     pay(&app, user.as_ref().map(|Extension(user)| user), &body).await
 }
 

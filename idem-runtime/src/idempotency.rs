@@ -236,7 +236,7 @@ impl IdempotencyBuilder {
     /// ```
     /// use idem_runtime::{Idempotency, MemoryStore};
     /// let idempotency = Idempotency::builder(MemoryStore::new())
-    ///     .principal(|parts| parts.headers.get("x-client-cert-fingerprint").map_or(Vec::new(), |v| v.as_bytes().to_vec()))
+    ///     .principal(|parts| parts.headers.get("x-client-cert").map_or(Vec::new(), |cert| cert.as_bytes().to_vec()))
     ///     .build();
     /// # let _ = idempotency;
     /// ```

@@ -468,8 +468,15 @@ mod facade_tests {
         let log = capture.0.clone();
         ::metrics::with_local_recorder(&capture, || {
             let site = Site { door: "handler", route: "/orders" };
-            let events =
-                [Event::New, Event::Hit, Event::Conflict, Event::Mismatch, Event::StoreError, Event::Fenced, Event::AtCapacity];
+            let events = [
+                Event::New,
+                Event::Hit,
+                Event::Conflict,
+                Event::Mismatch,
+                Event::StoreError,
+                Event::Fenced,
+                Event::AtCapacity,
+            ];
             for event in events {
                 MetricsFacade.record_at(event, &site);
             }

@@ -330,6 +330,31 @@ async fn replays_duplicates_and_unkeyed_requests_at_the_cap_are_refused_without_
     }
 }
 
+/// A client still sending its body holds no slot: with a bound of one, a request whose body never finishes arriving
+/// does not keep another from running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_its_body_holds_no_slot() {
+    let idempotency = Idempotency::builder(MemoryStore::new()).max_running_handlers(1).build();
+    let (router, seen) = app(Door::Annotated, idempotency);
+    let address = serve(router).await;
+    let mut slow = TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: 127.0.0.1\r\nidempotency-key: {}\r\ncontent-type: application/json\r\n\
+         content-length: 100\r\n\r\n{{\"item\":",
+        fresh_key("slow")
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    // Long enough for the server to have read the head and started on the body.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let key = fresh_key("quick");
+    let quick = exchange(address, &order_request(&key, None)).await;
+    assert_eq!(quick.status, StatusCode::CREATED, "{quick:?}");
+    quick.assert_new(&key);
+    assert_eq!(seen.runs.lock().unwrap().len(), 1);
+    drop(slow);
+}
+
 /// `None` lifts the bound; `retry_after_at_capacity` sets the refusal's `Retry-After`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bound_can_be_lifted_and_its_retry_after_set() {

@@ -415,8 +415,9 @@ impl IdempotencyBuilder {
     /// traffic never meets it, and it caps what such a flood can pile up. Set it to what your handlers' downstream
     /// (a connection pool, a payment provider's rate limit) can take.
     ///
-    /// What takes a slot: every request the doors process with a key, from before its claim until its handler
-    /// returns (its answer's record is written after), and every request they run unprotected (no key on a route
+    /// What takes a slot: every request the doors process with a key, from its claim (its body read: a client still
+    /// sending one holds no slot) until its handler returns (its answer's record is written after), and every
+    /// request they run unprotected (no key on a route
     /// that does not require one, or a store failure under [`StoreFailure::FailOpen`]). At the bound, replays and
     /// duplicates are refused too: telling a replay from a new key takes a store call, which claims a new key as it
     /// reads it, and a duplicate that waits may take over a released key and run; refusing them all costs one

@@ -14,7 +14,7 @@ use crate::engine::{Claim, Outcome, begin_observed, beside};
 use crate::idempotency::Shared;
 use crate::layer::{Adoptable, Handoff, LayerRoutes};
 use crate::store::{StoreError, Write};
-use crate::{Event, Fingerprint, Idempotency, Metrics, Policy, StoreFailure, Stored};
+use crate::{Event, Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
 use axum::extract::{MatchedPath, OriginalUri, Request};
@@ -159,29 +159,23 @@ impl Idempotency {
         let parsed = key::parse(request.headers().get_all(&shared.key_header))
             .and_then(|key| key.map(|key| shared.key_format.check(&key).map(|()| key)).transpose());
         let key = match parsed {
-            Ok(Some(key)) => Some(key),
+            Ok(Some(key)) => key,
             Ok(None) if policy.is_required() => {
                 span.record("outcome", "missing-key");
                 return shared.answers.render(Problem::MissingKey { header: shared.key_header.to_string() });
             }
-            Ok(None) => None,
+            Ok(None) => {
+                let Some(slot) = shared.handler_slots.take() else {
+                    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
+                    return at_capacity(shared, &shared.metrics_at(door.name(), route));
+                };
+                span.record("outcome", "no-key");
+                return run_unprotected(shared, request, crate::capacity::holding(slot, run)).await;
+            }
             Err(error) => {
                 span.record("outcome", "invalid-key");
                 return shared.answers.render(Problem::InvalidKey { reason: error.to_string() });
             }
-        };
-        // Taken before the store is touched, so a refused request claimed nothing and its retry runs; held by the
-        // handler's future, so it is given back when the handler ends, or at once when no handler runs.
-        let Some(slot) = shared.handler_slots.take() else {
-            span.record("outcome", "at-capacity");
-            let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
-            shared.metrics_at(door.name(), route).record(Event::AtCapacity);
-            return shared.answers.render(Problem::AtCapacity);
-        };
-        let run = crate::capacity::holding(slot, run);
-        let Some(key) = key else {
-            span.record("outcome", "no-key");
-            return run_unprotected(shared, request, run).await;
         };
         let echo = request.headers().get(&shared.key_header).map(|value| (shared.key_header.clone(), value.clone()));
         let (parts, body) = match limit {
@@ -222,6 +216,15 @@ impl Idempotency {
         let mut request = Request::from_parts(parts, Body::from(body));
         let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
         let metrics = shared.metrics_at(door.name(), route);
+        // Taken after the body is read (a client sending its body slowly holds no slot) and before the store is
+        // touched, so a refused request claimed nothing and its retry runs. The handler's future holds it: it is
+        // given back when the handler ends, or at once when no handler runs (a replay, a refusal).
+        let Some(slot) = shared.handler_slots.take() else {
+            let mut response = at_capacity(shared, &metrics);
+            identify(&shared.answers, &mut response, echo, fingerprint);
+            return response;
+        };
+        let run = crate::capacity::holding(slot, run);
         let begun =
             begin_observed(&shared.store, &metrics, Some(&shared.running), store_key, fingerprint, policy).await;
         if let Some(waited) = begun.waited {
@@ -340,6 +343,13 @@ fn register_annotated_route(request: &Request) {
             routes.insert(request.method(), path.as_str());
         }
     }
+}
+
+/// The answer to a request refused because the engine runs as many handlers as it may, counted in `metrics`.
+fn at_capacity(shared: &Shared, metrics: &std::sync::Arc<dyn crate::Metrics>) -> Response {
+    tracing::Span::current().record("outcome", "at-capacity");
+    metrics.record(Event::AtCapacity);
+    shared.answers.render(Problem::AtCapacity)
 }
 
 fn with_status(mut response: Response, status: &'static str) -> Response {

@@ -122,6 +122,12 @@
 //! # }
 //! ```
 //!
+//! Records are scoped per client; by default the client is the raw `Authorization` header, so a retry sent after a
+//! token refresh runs again. Behind an authentication middleware, scope by the identity it establishes with
+//! [`IdempotencyBuilder::principal_from_extension`]: `.principal_from_extension(|user: &UserId| user.0.to_string())`.
+//! Handlers keep running when their clients disconnect; [`IdempotencyBuilder::max_running_handlers`] bounds how many
+//! run at once (10,000 by default), refusing the excess with `503 at-capacity`.
+//!
 //! ## 4. Test the handler
 //!
 //! [`MemoryStore`] has the same semantics as Redis and needs nothing running, so a handler's idempotency is unit

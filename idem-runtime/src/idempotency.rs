@@ -12,6 +12,10 @@ use std::time::Duration;
 /// another's stored response.
 pub type PrincipalFn = Arc<dyn Fn(&Parts) -> Vec<u8> + Send + Sync>;
 
+/// The engine's principal, whichever way it was set: `None` when the request names no client the engine may scope
+/// it by, and is refused with `500 no-principal` (see [`IdempotencyBuilder::principal_from_extension`]).
+pub(crate) type ScopeFn = Arc<dyn Fn(&Parts) -> Option<Vec<u8>> + Send + Sync>;
+
 /// What to do when the store cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StoreFailure {
@@ -45,7 +49,7 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) key_header: HeaderName,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
-    pub(crate) principal: PrincipalFn,
+    pub(crate) principal: ScopeFn,
     pub(crate) max_record_bytes: usize,
     pub(crate) on_store_failure: StoreFailure,
     pub(crate) layer_policy: Policy,
@@ -60,6 +64,8 @@ pub(crate) struct Shared {
     pub(crate) running: Arc<crate::drain::Running>,
     /// The lease keeper of the engine's claims and the store writes it finishes in the background.
     pub(crate) background: Arc<crate::engine::Background>,
+    /// The bound on handlers running at once, which the HTTP doors take a slot of before they touch the store.
+    pub(crate) handler_slots: Arc<crate::capacity::HandlerSlots>,
     /// How the engine words its own answers.
     pub(crate) answers: crate::http::Answers,
     pub(crate) key_format: crate::http::key::KeyFormat,
@@ -133,7 +139,7 @@ impl Idempotency {
                 store,
                 key_header: HeaderName::from_static("idempotency-key"),
                 fingerprint_headers: vec![HeaderName::from_static("content-type")],
-                principal: Arc::new(authorization_principal),
+                principal: Arc::new(|parts| Some(authorization_principal(parts))),
                 max_record_bytes: 1 << 20,
                 on_store_failure: StoreFailure::FailClosed,
                 layer_policy: Policy::new().required(false),
@@ -143,6 +149,9 @@ impl Idempotency {
                 layer_unstored: LAYER_UNSTORED.to_vec(),
                 running,
                 background,
+                handler_slots: Arc::new(crate::capacity::HandlerSlots::new(
+                    crate::capacity::DEFAULT_MAX_RUNNING_HANDLERS,
+                )),
                 answers: crate::http::Answers::default(),
                 key_format: crate::http::key::KeyFormat::any(),
                 unscoped_reported: std::sync::atomic::AtomicBool::new(false),
@@ -191,6 +200,7 @@ impl std::fmt::Debug for IdempotencyBuilder {
             .field("key_format", &self.shared.key_format)
             .field("max_record_bytes", &self.shared.max_record_bytes)
             .field("on_store_failure", &self.shared.on_store_failure)
+            .field("handler_slots", &self.shared.handler_slots)
             .finish_non_exhaustive()
     }
 }
@@ -218,26 +228,20 @@ impl IdempotencyBuilder {
         self
     }
 
-    /// Who is asking (default: the `Authorization` header). Records are scoped by the returned bytes (hashed into
-    /// the store key), so one client can never receive another's stored response.
+    /// Who is asking (default: the `Authorization` header's bytes). Records are scoped by the returned bytes (hashed
+    /// into the store key), so one client can never receive another's stored response.
     ///
-    /// The default suits APIs authenticated by `Authorization`. An app that authenticates another way must name its
-    /// client here, or all its clients share one scope (idem logs a warning, once, the first time a request with a
-    /// key has an empty principal). The usual way is to read what the app's own authentication middleware put in
-    /// the request extensions; it runs before idem when it is layered outside the routes:
+    /// The default suits APIs authenticated by `Authorization` whose credentials do not change between a request and
+    /// its retry: a refreshed or rotated token is another principal, so a retry sent with it runs again. An app with
+    /// an authentication middleware should scope by the identity it establishes instead, with
+    /// [`principal_from_extension`](Self::principal_from_extension). An app that authenticates another way (cookie,
+    /// mTLS, gateway header) must name its client here, or all its clients share one scope (idem logs a warning,
+    /// once, the first time a request with a key has an empty principal):
     ///
     /// ```
     /// use idem_runtime::{Idempotency, MemoryStore};
-    ///
-    /// /// Inserted by the app's authentication middleware.
-    /// #[derive(Clone)]
-    /// struct User { id: u64 }
-    ///
     /// let idempotency = Idempotency::builder(MemoryStore::new())
-    ///     .principal(|parts| match parts.extensions.get::<User>() {
-    ///         Some(user) => user.id.to_be_bytes().to_vec(),
-    ///         None => Vec::new(),
-    ///     })
+    ///     .principal(|parts| parts.headers.get("x-client-cert").map_or(Vec::new(), |cert| cert.as_bytes().to_vec()))
     ///     .build();
     /// # let _ = idempotency;
     /// ```
@@ -245,7 +249,57 @@ impl IdempotencyBuilder {
     where
         F: Fn(&Parts) -> Vec<u8> + Send + Sync + 'static,
     {
-        self.shared.principal = Arc::new(principal);
+        self.shared.principal = Arc::new(move |parts| Some(principal(parts)));
+        self
+    }
+
+    /// Scopes records by the identity the app's authentication put in the request extensions: a user id, an API
+    /// key's id, a tenant, whatever type the app's middleware inserts. `principal` turns it into the bytes records
+    /// are scoped by (a `String`, a `Vec<u8>`, an integer's `to_be_bytes()`).
+    ///
+    /// Two requests of one identity share a scope whatever credentials they carried, so a retry sent after a token
+    /// refresh is replayed, not run again; two identities never share one, even when they pick the same key.
+    ///
+    /// A request that reaches idem **without** the extension is refused with `500 no-principal` (nothing runs and
+    /// the store is not touched) and an error is logged: it means the app's authentication did not run before idem
+    /// or let the request through unidentified, and scoping it to a shared anonymous scope would let two such
+    /// clients receive each other's answers. So the middleware must run first: layer it outside the annotated
+    /// routes, or outside [`IdempotencyLayer`](crate::IdempotencyLayer) (an extractor in the handler's arguments
+    /// runs too late, after the key is claimed). A route that serves anonymous clients on purpose needs
+    /// [`principal`](Self::principal) with its own fallback instead.
+    ///
+    /// ```
+    /// use axum::extract::Request;
+    /// use axum::middleware::{self, Next};
+    /// use axum::response::Response;
+    /// use axum::{Router, routing::post};
+    /// use idem_runtime::{Idempotency, MemoryStore};
+    ///
+    /// /// Who the request is from, as the app's authentication established it.
+    /// #[derive(Clone)]
+    /// struct UserId(u64);
+    ///
+    /// async fn authenticate(mut request: Request, next: Next) -> Response {
+    ///     // Verify the token (any of the user's valid tokens: rotation does not change the user).
+    ///     request.extensions_mut().insert(UserId(7));
+    ///     next.run(request).await
+    /// }
+    ///
+    /// let idempotency = Idempotency::builder(MemoryStore::new())
+    ///     .principal_from_extension(|user: &UserId| user.0.to_be_bytes())
+    ///     .build();
+    /// let app: Router = Router::new()
+    ///     .route("/payments", post(|| async { "paid" }))
+    ///     .layer(idempotency.layer())
+    ///     .layer(middleware::from_fn(authenticate)); // outermost: runs before idem
+    /// ```
+    pub fn principal_from_extension<T, P, F>(mut self, principal: F) -> Self
+    where
+        T: Send + Sync + 'static,
+        P: Into<Vec<u8>>,
+        F: Fn(&T) -> P + Send + Sync + 'static,
+    {
+        self.shared.principal = Arc::new(move |parts| parts.extensions.get::<T>().map(|found| principal(found).into()));
         self
     }
 
@@ -349,6 +403,51 @@ impl IdempotencyBuilder {
     pub fn retry_after(mut self, in_progress: Duration, store_unavailable: Duration) -> Self {
         self.shared.answers.set_retry_after_in_progress(in_progress);
         self.shared.answers.set_retry_after_store(store_unavailable);
+        self
+    }
+
+    /// The most handlers the HTTP doors (`#[idempotent]` and [`IdempotencyLayer`](crate::IdempotencyLayer)) run at
+    /// once (default 10,000; `None`: no bound; 0 is taken as 1). A request beyond it is answered `503 at-capacity`
+    /// with `Retry-After` (see [`retry_after_at_capacity`](Self::retry_after_at_capacity)) before the store is
+    /// touched: nothing is claimed, so its retry runs once there is room. Refusals are counted as
+    /// [`Event::AtCapacity`](crate::Event::AtCapacity).
+    ///
+    /// Why a bound by default: idem runs each handler on a task of its own, so a client that disconnects does not
+    /// cancel it halfway through its side effects. That also removes the bound a server has without idem, where a
+    /// handler lives only as long as its connection: a flood of requests whose clients leave at once would leave a
+    /// running handler (its buffered body, its downstream calls) per request. 10,000 is far above what one process
+    /// usually runs at once (handlers of 50 ms at 10,000 at once are 200,000 requests a second), so ordinary
+    /// traffic never meets it, and it caps what such a flood can pile up. Set it to what your handlers' downstream
+    /// (a connection pool, a payment provider's rate limit) can take.
+    ///
+    /// What takes a slot: every request the doors process with a key, from its claim (its body read: a client still
+    /// sending one holds no slot) until its handler returns (its answer's record is written after), and every
+    /// request they run unprotected (no key on a route
+    /// that does not require one, or a store failure under [`StoreFailure::FailOpen`]). At the bound, replays and
+    /// duplicates are refused too: telling a replay from a new key takes a store call, which claims a new key as it
+    /// reads it, and a duplicate that waits may take over a released key and run; refusing them all costs one
+    /// atomic operation and keeps a flood off the store. A refused replay is not lost: its record stays, and the
+    /// retry after `Retry-After` replays it. A waiting duplicate holds its slot while it waits. Work run with
+    /// [`Idempotency::once`] runs on the caller's own task and takes no slot.
+    ///
+    /// ```
+    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// use std::time::Duration;
+    /// let idempotency = Idempotency::builder(MemoryStore::new())
+    ///     .max_running_handlers(500)
+    ///     .retry_after_at_capacity(Duration::from_secs(2))
+    ///     .build();
+    /// # let _ = idempotency;
+    /// ```
+    pub fn max_running_handlers(mut self, limit: impl Into<Option<usize>>) -> Self {
+        let limit = limit.into().unwrap_or(usize::MAX);
+        self.shared.handler_slots = Arc::new(crate::capacity::HandlerSlots::new(limit));
+        self
+    }
+
+    /// The `Retry-After` sent with `503 at-capacity` (default 1 s), in whole seconds rounded up, at least 1.
+    pub fn retry_after_at_capacity(mut self, after: Duration) -> Self {
+        self.shared.answers.set_retry_after_at_capacity(after);
         self
     }
 

@@ -3,6 +3,7 @@
 //!
 //! Users depend on the `idem` crate, which re-exports everything here together with the `#[idempotent]` macro.
 
+mod capacity;
 mod drain;
 mod engine;
 mod fingerprint;

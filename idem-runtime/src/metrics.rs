@@ -25,11 +25,14 @@ pub enum Event {
     /// An owner-checked write (complete, release, renew) was refused because the claim had expired and the key had
     /// moved on: a stale owner was fenced off.
     Fenced,
+    /// A request refused with `503 at-capacity` because the engine already ran as many handlers as
+    /// [`max_running_handlers`](crate::IdempotencyBuilder::max_running_handlers) allows; the store was not touched.
+    AtCapacity,
 }
 
 impl Event {
     /// A stable lower-case name, usable as a metric label: `new`, `hit`, `conflict`, `mismatch`, `store_error`,
-    /// `fenced`.
+    /// `fenced`, `at_capacity`.
     pub const fn name(self) -> &'static str {
         match self {
             Event::New => "new",
@@ -38,6 +41,7 @@ impl Event {
             Event::Mismatch => "mismatch",
             Event::StoreError => "store_error",
             Event::Fenced => "fenced",
+            Event::AtCapacity => "at_capacity",
         }
     }
 }
@@ -223,6 +227,7 @@ pub struct Counters {
     mismatch: AtomicU64,
     store_errors: AtomicU64,
     fenced: AtomicU64,
+    at_capacity: AtomicU64,
     waits: AtomicU64,
     wait_micros: AtomicU64,
     wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
@@ -245,6 +250,7 @@ impl Counters {
             mismatch: load(&self.mismatch),
             store_errors: load(&self.store_errors),
             fenced: load(&self.fenced),
+            at_capacity: load(&self.at_capacity),
             wait: WaitHistogram {
                 count: load(&self.waits),
                 sum: Duration::from_micros(load(&self.wait_micros)),
@@ -263,6 +269,7 @@ impl Metrics for Counters {
             Event::Mismatch => &self.mismatch,
             Event::StoreError => &self.store_errors,
             Event::Fenced => &self.fenced,
+            Event::AtCapacity => &self.at_capacity,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -292,6 +299,8 @@ pub struct Snapshot {
     pub store_errors: u64,
     /// Stale owners fenced off ([`Event::Fenced`]).
     pub fenced: u64,
+    /// Requests refused because the engine ran as many handlers as it may ([`Event::AtCapacity`]).
+    pub at_capacity: u64,
     /// How long duplicates waited for an in-flight original.
     pub wait: WaitHistogram,
 }
@@ -311,7 +320,8 @@ pub struct WaitHistogram {
 
 /// Forwards to the [`metrics`](https://docs.rs/metrics) crate's global recorder (Prometheus, StatsD, ... exporters).
 ///
-/// Emits the counter `idem_requests_total` labelled `outcome` = `new` | `hit` | `conflict` | `mismatch`, the
+/// Emits the counter `idem_requests_total` labelled `outcome` = `new` | `hit` | `conflict` | `mismatch` |
+/// `at_capacity`, the
 /// counters `idem_store_errors_total` and `idem_fenced_writes_total` (each also labelled `door` and `route`, see
 /// [`Site`]), the histogram `idem_wait_seconds`, and the histogram `idem_store_seconds` of store calls labelled
 /// `operation` (see [`StoreOperation`]) and `outcome` = `answered` | `failed`.
@@ -369,11 +379,14 @@ mod tests {
             counters.record(event);
         }
         counters.record(Event::Fenced);
+        counters.record(Event::AtCapacity);
+        counters.record(Event::AtCapacity);
         let snapshot = counters.snapshot();
         assert_eq!(
             (snapshot.new, snapshot.hit, snapshot.conflict, snapshot.mismatch, snapshot.store_errors, snapshot.fenced),
             (2, 1, 1, 1, 1, 1)
         );
+        assert_eq!(snapshot.at_capacity, 2);
     }
 
     #[test]
@@ -455,7 +468,16 @@ mod facade_tests {
         let log = capture.0.clone();
         ::metrics::with_local_recorder(&capture, || {
             let site = Site { door: "handler", route: "/orders" };
-            for event in [Event::New, Event::Hit, Event::Conflict, Event::Mismatch, Event::StoreError, Event::Fenced] {
+            let events = [
+                Event::New,
+                Event::Hit,
+                Event::Conflict,
+                Event::Mismatch,
+                Event::StoreError,
+                Event::Fenced,
+                Event::AtCapacity,
+            ];
+            for event in events {
                 MetricsFacade.record_at(event, &site);
             }
             MetricsFacade.observe_wait(Duration::from_millis(250));
@@ -471,6 +493,7 @@ mod facade_tests {
                 ("idem_requests_total{outcome=mismatch,door=handler,route=/orders}".to_owned(), 1.0),
                 ("idem_store_errors_total{door=handler,route=/orders}".to_owned(), 1.0),
                 ("idem_fenced_writes_total{door=handler,route=/orders}".to_owned(), 1.0),
+                ("idem_requests_total{outcome=at_capacity,door=handler,route=/orders}".to_owned(), 1.0),
                 ("idem_wait_seconds".to_owned(), 0.25),
                 ("idem_store_seconds{operation=claim,outcome=answered}".to_owned(), 0.002),
             ]

@@ -49,3 +49,15 @@
 //! could not be committed, so none of its effects were kept, unless the database committed and only its reply was
 //! lost, in which case its effects and its answer were kept together. Retry with the same key: the retry gets the
 //! committed answer, or runs the request again on a clean database.
+//!
+//! # no-principal
+//! **500.** The server scopes idempotency records by the client its authentication identified, and this request
+//! reached idem without an identity (its authentication did not run first, or let the request through
+//! unidentified). Nothing ran and the store was not touched. Authenticate; if the request was authenticated, the
+//! server is misconfigured.
+//!
+//! # at-capacity
+//! **503**, with `Retry-After`. The server is running as many handlers at once as it allows (handlers keep running
+//! after their clients disconnect, so it bounds them). Nothing ran and nothing was recorded for the key, whether it
+//! was new, completed or in flight. Retry with the same key after the delay: the retry runs it, or replays its
+//! answer.

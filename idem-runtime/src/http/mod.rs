@@ -14,7 +14,7 @@ use crate::engine::{Claim, Outcome, begin_observed};
 use crate::idempotency::Shared;
 use crate::layer::{Adoptable, Handoff, LayerRoutes};
 use crate::store::{StoreError, Write};
-use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored};
+use crate::{Event, Fingerprint, Idempotency, Policy, StoreFailure, Stored};
 use axum::RequestExt;
 use axum::body::Body;
 use axum::extract::{MatchedPath, OriginalUri, Request};
@@ -165,8 +165,12 @@ impl Idempotency {
                 return shared.answers.render(Problem::MissingKey { header: shared.key_header.to_string() });
             }
             Ok(None) => {
+                let Some(slot) = shared.handler_slots.take() else {
+                    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
+                    return at_capacity(shared, &shared.metrics_at(door.name(), route));
+                };
                 span.record("outcome", "no-key");
-                return run_unprotected(shared, request, run).await;
+                return run_unprotected(shared, request, crate::capacity::holding(slot, run)).await;
             }
             Err(error) => {
                 span.record("outcome", "invalid-key");
@@ -181,6 +185,16 @@ impl Idempotency {
                 (parts, Body::new(http_body_util::Limited::new(body, limit)))
             }
         };
+        // Before the body is read: a request refused here costs nothing more.
+        let Some(principal) = (shared.principal)(&parts) else {
+            span.record("outcome", "no-principal");
+            tracing::error!(
+                "idempotency: a request with a key reached idem without the extension `principal_from_extension` \
+                 scopes records by: answering 500 no-principal, nothing ran. The app's authentication must insert \
+                 it before idem runs (layer it outside the routes or the IdempotencyLayer)"
+            );
+            return shared.answers.render(Problem::NoPrincipal);
+        };
         let body = match axum::body::to_bytes(body, usize::MAX).await {
             Ok(body) => body,
             Err(error) if is_length_limit(&error) => {
@@ -193,7 +207,6 @@ impl Idempotency {
             }
         };
         let fingerprint = self.fingerprint(&parts, &body);
-        let principal = (shared.principal)(&parts);
         if principal.is_empty() {
             shared.warn_unscoped_once();
         }
@@ -203,6 +216,15 @@ impl Idempotency {
         let mut request = Request::from_parts(parts, Body::from(body));
         let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
         let metrics = shared.metrics_at(door.name(), route);
+        // Taken after the body is read (a client sending its body slowly holds no slot) and before the store is
+        // touched, so a refused request claimed nothing and its retry runs. The handler's future holds it: it is
+        // given back when the handler ends, or at once when no handler runs (a replay, a refusal).
+        let Some(slot) = shared.handler_slots.take() else {
+            let mut response = at_capacity(shared, &metrics);
+            identify(&shared.answers, &mut response, echo, fingerprint);
+            return response;
+        };
+        let run = crate::capacity::holding(slot, run);
         let begun = begin_observed(&shared.background, &metrics, store_key, fingerprint, policy).await;
         if let Some(waited) = begun.waited {
             span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
@@ -320,6 +342,13 @@ fn register_annotated_route(request: &Request) {
             routes.insert(request.method(), path.as_str());
         }
     }
+}
+
+/// The answer to a request refused because the engine runs as many handlers as it may, counted in `metrics`.
+fn at_capacity(shared: &Shared, metrics: &std::sync::Arc<dyn crate::Metrics>) -> Response {
+    tracing::Span::current().record("outcome", "at-capacity");
+    metrics.record(Event::AtCapacity);
+    shared.answers.render(Problem::AtCapacity)
 }
 
 fn with_status(mut response: Response, status: &'static str) -> Response {

@@ -53,6 +53,14 @@ pub enum Problem {
     /// not be committed, so its effects were not kept (or, if only the commit's reply was lost, they were
     /// kept together with the answer). The key is released: a retry replays what committed or runs again.
     TransactionFailed,
+    /// `no-principal` (500): the engine scopes records by an identity the app's authentication puts in the request
+    /// extensions ([`principal_from_extension`](crate::IdempotencyBuilder::principal_from_extension)), and this
+    /// request reached it without one. Nothing ran and the store was not touched.
+    NoPrincipal,
+    /// `at-capacity` (503, with `Retry-After`): the engine already runs as many handlers as
+    /// [`max_running_handlers`](crate::IdempotencyBuilder::max_running_handlers) allows. Nothing ran and the store
+    /// was not touched.
+    AtCapacity,
 }
 
 /// How the engine words the answers it makes itself; set on the [`IdempotencyBuilder`](crate::IdempotencyBuilder).
@@ -61,6 +69,7 @@ pub(crate) struct Answers {
     type_base: Arc<str>,
     retry_after_in_progress: HeaderValue,
     retry_after_store: HeaderValue,
+    retry_after_at_capacity: HeaderValue,
     pub(crate) signature_header: bool,
 }
 
@@ -70,6 +79,7 @@ impl Default for Answers {
             type_base: DEFAULT_PROBLEM_TYPE_BASE.into(),
             retry_after_in_progress: HeaderValue::from_static("1"),
             retry_after_store: HeaderValue::from_static("5"),
+            retry_after_at_capacity: HeaderValue::from_static("1"),
             signature_header: true,
         }
     }
@@ -86,6 +96,10 @@ impl Answers {
 
     pub(crate) fn set_retry_after_store(&mut self, after: Duration) {
         self.retry_after_store = retry_after(after);
+    }
+
+    pub(crate) fn set_retry_after_at_capacity(&mut self, after: Duration) {
+        self.retry_after_at_capacity = retry_after(after);
     }
 
     /// `problem` as a response, with this app's `type` URIs and `Retry-After` values.
@@ -105,6 +119,9 @@ impl Answers {
             }
             Problem::StoreUnavailable | Problem::TransactionFailed => {
                 headers.insert(header::RETRY_AFTER, self.retry_after_store.clone());
+            }
+            Problem::AtCapacity => {
+                headers.insert(header::RETRY_AFTER, self.retry_after_at_capacity.clone());
             }
             _ => {}
         }
@@ -134,6 +151,8 @@ impl Problem {
             Problem::NotConfigured => "not-configured",
             Problem::CorruptRecord => "corrupt-record",
             Problem::TransactionFailed => "transaction-failed",
+            Problem::NoPrincipal => "no-principal",
+            Problem::AtCapacity => "at-capacity",
         }
     }
 
@@ -145,9 +164,11 @@ impl Problem {
             }
             Problem::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::InProgress | Problem::NotReplayable { .. } => StatusCode::CONFLICT,
-            Problem::StoreUnavailable | Problem::TransactionFailed => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::StoreUnavailable | Problem::TransactionFailed | Problem::AtCapacity => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Problem::HandlerPanicked | Problem::NotConfigured | Problem::CorruptRecord => {
+            Problem::HandlerPanicked | Problem::NotConfigured | Problem::CorruptRecord | Problem::NoPrincipal => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
@@ -167,6 +188,8 @@ impl Problem {
             Problem::NotConfigured => "Idempotency not configured",
             Problem::CorruptRecord => "Idempotency record unreadable",
             Problem::TransactionFailed => "Transaction not committed",
+            Problem::NoPrincipal => "Client not identified",
+            Problem::AtCapacity => "Server at capacity",
         }
     }
 
@@ -201,6 +224,12 @@ impl Problem {
             Problem::TransactionFailed => "The request's database transaction could not be committed, so none of its \
                  effects were kept (unless the database committed it and only its reply was lost). Retry with the same \
                  key: the retry returns the committed answer, or runs the request again."
+                .to_owned(),
+            Problem::NoPrincipal => "The server could not tell which client sent this request, so it did not process \
+                 it. Authenticate and retry; if you did, the server's authentication is misconfigured."
+                .to_owned(),
+            Problem::AtCapacity => "The server is running as many requests as it allows at once; this one was not \
+                 processed. Retry with the same key after the delay."
                 .to_owned(),
         }
     }

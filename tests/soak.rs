@@ -279,8 +279,18 @@ async fn two_instances_on_a_restarted_durable_redis_run_every_key_at_most_once()
     let mut order_ids: HashMap<u64, &str> = HashMap::new();
     for (key, answers) in &per_key {
         let ran = by_key.get(*key).copied().unwrap_or(0);
-        if ran > 1 {
-            violations.push(format!("{key}: ran {ran} times"));
+        // A handler whose counter call failed answered 500, which releases its key: the retry runs again, as the
+        // contract says of every 5xx. Its increment may still have landed (Redis applied it, the reply was lost to
+        // the restart), so each such 500 may account for one counted run.
+        let failed_runs = answers
+            .iter()
+            .filter(|answer| {
+                answer.status == 500 && answer.kind != Kind::Mismatch && answer.body == COUNTER_UNAVAILABLE
+            })
+            .count() as u64;
+        let allowed_runs = 1 + failed_runs;
+        if ran > allowed_runs {
+            violations.push(format!("{key}: ran {ran} times ({failed_runs} answered 500 counter unavailable)"));
         }
         for answer in answers {
             let allowed: &[u16] = match answer.kind {
@@ -296,7 +306,7 @@ async fn two_instances_on_a_restarted_durable_redis_run_every_key_at_most_once()
         }
         let created: Vec<&Bytes> = answers.iter().filter(|a| a.status / 100 == 2).map(|a| &a.body).collect();
         let Some(first) = created.first() else { continue };
-        if ran != 1 {
+        if ran == 0 || ran > allowed_runs {
             violations.push(format!("{key}: answered 201 but ran {ran} times"));
         }
         if let Some(other) = created.iter().find(|body| *body != first) {

@@ -44,6 +44,12 @@ impl Background {
     }
 }
 
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.renewals.wake();
+    }
+}
+
 /// Claims `key` for a request with `fingerprint`, waiting up to the policy's `wait_timeout` for an in-flight
 /// original. Waiting is woken by the store's notification; after each wake-up the key is claimed again, so a
 /// released claim (the original failed) is taken over rather than waited on forever.

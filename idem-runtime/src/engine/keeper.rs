@@ -224,6 +224,15 @@ impl Renewals {
         self.wake_or_spawn(queue, earliest);
     }
 
+    /// Wakes the task, so that it sees its engine is gone (it then ends instead of sleeping until entries of claims
+    /// that ended come due).
+    pub(crate) fn wake(&self) {
+        let waker = lock(&self.queue).waker.take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
     /// Forgets a lease that stopped.
     fn leave(&self, slot: SlotId) {
         lock(&self.queue).free(slot);
@@ -284,7 +293,15 @@ impl Future for Driver {
                     }
                 }
                 let next = queue.due.peek().map(|first| first.at);
-                if ready.is_empty() && next.is_none() && this.renewing.is_empty() {
+                // Its engine and every claim of it are gone (only this task holds the keeper): what is left to renew
+                // can never be completed or released by anyone.
+                let orphaned = Arc::strong_count(&this.keeper) == 1;
+                if orphaned {
+                    queue.due.clear();
+                    queue.live.clear();
+                    queue.free.clear();
+                }
+                if orphaned || (ready.is_empty() && next.is_none() && this.renewing.is_empty()) {
                     queue.driven = false;
                     queue.waker = None;
                     return Poll::Ready(());

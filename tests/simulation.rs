@@ -1,0 +1,246 @@
+//! A deterministic simulator of idem's engine: seeded schedules of clients, handlers and store faults, run through
+//! the real front doors and the real engine, with the protocol's invariants checked after every step.
+//!
+//! # What one seed runs
+//!
+//! A seed draws a plan (`sim/plan.rs`): one or two processes (each an `Idempotency` and an axum `Router`) sharing
+//! one store; clients at random times, each with a key (reused across and within principals, sometimes none) and a
+//! route: `#[idempotent]` handlers with three policies, a plain handler under the `IdempotencyLayer`, annotated
+//! handlers under the layer (the handoff), and `Idempotency::once`. Each client sends attempts (retries with the same
+//! or a changed body, concurrent duplicates, malformed, unlabelled or oversized bodies), and gives up on some of them
+//! at a random moment, the claim included (its future is dropped). Handlers are quick, slow past their lease,
+//! blocking their thread, panicking, answering 4xx or 5xx, or answering large or streamed bodies. The store
+//! (`sim/store.rs`) is the real `MemoryStore` behind a simulated network and server: latency, lost replies after the
+//! write landed, resent commands, hangs, outages that start and end, corrupt records, entries expiring early (the
+//! store's clock jumps), and a store that fills up. At a random moment the clients stop and the processes drain; after
+//! a quiet period every key is probed once more.
+//!
+//! # The invariants (`sim/world.rs`), by the names failures print
+//!
+//! - `overlapping_executions`: no two executions of one key overlap, unless the store took the earlier one's lease
+//!   away (it expired early, or the store was down, frozen or slow while it was to be renewed); a blocked thread or a
+//!   handoff is no excuse. `ran_without_its_claim`: a handler body starts only while its token holds the key.
+//!   `stale_owner_fenced`: a write by a token that no longer holds the key never lands over a newer one.
+//! - `replay_is_byte_for_byte`, `replayed_only_to_its_principal`, `replayed_only_for_its_request`,
+//!   `replayed_only_what_was_stored`: a replay is the stored answer of an execution of the same request (same
+//!   principal, route, key and body), status and body byte for byte, whose completion landed. `fresh_answer_is_its_own`:
+//!   a `new` answer comes from the request's own execution. `mismatch_only_for_another_request` and
+//!   `not_replayable_only_when_unstorable`: those refusals only when they are true.
+//! - `answered_within_bound`: every request is answered within its route's wait, its handler's own time, a lease and
+//!   a handful of store timeouts (checked when answered, and while it waits).
+//! - `orphaned_claim`: no key stays in flight with nobody owning it (its request gone, its execution over) for longer
+//!   than the engine needs to free it once the store answers (a few seconds), and `claimable_after_quiet`: after the
+//!   drain and a quiet period longer than any lease, no key answers `409 in-progress`.
+//! - `nothing_running_after_drain`: `drain` returns `Ok`, `running_handlers()` is 0 and no handler body runs;
+//!   `tasks_left_behind`: the runtime's alive tasks are back to where they started (one per engine allowed).
+//! - `refused_requests_leave_no_tasks`, `refused_requests_leave_no_background_writes`: a flood of requests refused
+//!   during an outage leaves a constant number of tasks and later store commands, not one per request.
+//! - `simulator_shadow_agrees_with_store`: the simulator's own model of the store agrees with the store.
+//!
+//! # Determinism
+//!
+//! Each seed runs on a fresh current-thread Tokio runtime with the paused clock: time moves only when every task
+//! waits, straight to the next timer, so a run of minutes of virtual time takes milliseconds, and the order in which
+//! tasks run depends only on what they do. One random source (`sim/rng.rs`, SplitMix64 seeded by the seed) makes every
+//! choice, the plan first, then each store call's latency and fate in the order calls are made. What stays
+//! nondeterministic, and why it does not matter:
+//! - owner tokens are random (the engine draws them from the OS-seeded `ThreadRng`): the store only compares them,
+//!   and the trace names them by order of first appearance;
+//! - task ids come from a process-wide counter: named by order of first appearance too;
+//! - `HashMap`s in the engine and the store use random hash seeds: `MemoryStore` iterates its map only to rebuild its
+//!   expiry heap, whose pop order is a total order on (instant, key), and the registry of annotated routes is only
+//!   looked up;
+//! - `tokio::select!` picks branches at random unless `biased`: the engine uses none on these paths, and the
+//!   simulator's own are `biased`.
+//! `a_seed_replays_the_same_schedule` runs seeds twice and compares the whole traces.
+//!
+//! # Modelling a blocked thread on one thread
+//!
+//! A handler that "blocks its thread" for `d` records its task and `[now, now + d)` in the world and awaits a sleep
+//! of `d`. Anything driven on that task meanwhile could not run on a real blocked thread, so the simulated store holds
+//! every call made from a blocked task until the block ends (the call is not sent; a caller that gives up meanwhile
+//! sends nothing), and a client cannot cancel a call whose work blocks the client's own task. A lease keeper driven
+//! on the handler's own task thus renews nothing during the block, as on a real runtime.
+//!
+//! # Why no simulation crate
+//!
+//! The engine is real Tokio code (timers, `Notify`, spawned tasks, `tokio::time::Instant` in the store), and the
+//! point is to run that code unchanged. Tokio's own paused clock on a current-thread runtime already gives a
+//! deterministic scheduler and virtual time for it. `turmoil` simulates hosts and a network of sockets: idem's
+//! faults live at the `Store` trait, one layer up, where a wrapper injects them exactly (a reply lost after the write
+//! landed; a frozen server releasing its queue in order). `madsim` replaces tokio at build time with its own runtime,
+//! which would test a different runtime from the one users run. `shuttle` and `loom` explore thread interleavings of
+//! `std`/`loom` primitives, not an async program on Tokio's timers (the engine's registries are small and lock-based;
+//! the interesting interleavings here are of timers and store calls). A model checker (`stateright`) checks a model
+//! written beside the code, not the code. So: Tokio's paused clock, a 20-line SplitMix64, and a fault-injecting store.
+//!
+//! # Running it
+//!
+//! - `cargo test --test simulation`: the CI budget (`CI_SEEDS` seeds, about a minute in a debug build on two cores).
+//! - `SIM_SEED=<n> cargo test --test simulation seeds_hold_every_invariant -- --nocapture`: replays one seed
+//!   (`SIM_TRACE=1` prints all of its events).
+//! - `SIM_SEEDS=<count>`, `SIM_SECONDS=<budget>`, `SIM_START=<first seed>`, `SIM_THREADS=<n>`, `SIM_KEEP_GOING=1`
+//!   (report every failing seed, not only the first): a longer search; `bench/sim.sh` wraps it.
+
+mod sim;
+
+use sim::{Outcome, run_seed};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Seeds CI runs: about a minute in a debug build on two cores.
+const CI_SEEDS: u64 = 2000;
+
+/// The failure's trace lines printed.
+const TRACE_LINES: usize = 40;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|value| value.trim().parse().ok())
+}
+
+/// Handlers and once-work panic on purpose; their messages (`sim: ...`) would drown the output.
+fn quiet_sim_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|text| text.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            if !message.starts_with("sim: ") {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// Runs one seed and fails with its report if an invariant broke.
+fn assert_seed_holds(seed: u64) -> Outcome {
+    quiet_sim_panics();
+    let outcome = run_seed(seed);
+    assert!(outcome.violation.is_none(), "{}", outcome.report(TRACE_LINES));
+    outcome
+}
+
+#[test]
+fn seeds_hold_every_invariant() {
+    quiet_sim_panics();
+    if let Some(seed) = env_u64("SIM_SEED") {
+        let outcome = run_seed(seed);
+        if std::env::var("SIM_TRACE").is_ok() {
+            println!("plan: {}", outcome.plan);
+            for line in &outcome.trace {
+                println!("{line}");
+            }
+        }
+        assert!(outcome.violation.is_none(), "{}", outcome.report(TRACE_LINES));
+        println!("seed {seed}: every invariant held; {:?}", outcome.stats);
+        return;
+    }
+    let first = env_u64("SIM_START").unwrap_or(0);
+    let seconds = env_u64("SIM_SECONDS");
+    let count = env_u64("SIM_SEEDS").unwrap_or(if seconds.is_some() { u64::MAX } else { CI_SEEDS });
+    let budget = seconds.map(Duration::from_secs);
+    let keep_going = std::env::var("SIM_KEEP_GOING").is_ok();
+    let threads = env_u64("SIM_THREADS")
+        .map(|threads| threads as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
+
+    let started = Instant::now();
+    let next = AtomicU64::new(first);
+    let done = AtomicU64::new(0);
+    let checks = AtomicUsize::new(0);
+    let executions = AtomicUsize::new(0);
+    let requests = AtomicUsize::new(0);
+    let failures: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
+    let last_progress = Mutex::new(Instant::now());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    if budget.is_some_and(|budget| started.elapsed() >= budget) {
+                        return;
+                    }
+                    if !keep_going && !failures.lock().unwrap().is_empty() {
+                        return;
+                    }
+                    let seed = next.fetch_add(1, Ordering::SeqCst);
+                    if seed >= first.saturating_add(count) {
+                        return;
+                    }
+                    let outcome = run_seed(seed);
+                    checks.fetch_add(outcome.stats.checks, Ordering::Relaxed);
+                    executions.fetch_add(outcome.stats.executions, Ordering::Relaxed);
+                    requests.fetch_add(outcome.stats.requests, Ordering::Relaxed);
+                    let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
+                    if let Some(violation) = &outcome.violation {
+                        eprintln!(
+                            "seed {seed}: `{}` broke at {:?} ({} events in its trace, found {:.1}s into the search)",
+                            violation.name,
+                            violation.at,
+                            outcome.trace.len(),
+                            started.elapsed().as_secs_f64()
+                        );
+                        failures.lock().unwrap().push(outcome);
+                    }
+                    let mut last = last_progress.lock().unwrap();
+                    if last.elapsed() >= Duration::from_secs(5) {
+                        *last = Instant::now();
+                        let elapsed = started.elapsed().as_secs_f64();
+                        eprintln!(
+                            "sim: {finished} seeds in {elapsed:.0}s ({:.0} seeds/s), {} requests, {} executions, {} \
+                             invariant checks, {} failing",
+                            finished as f64 / elapsed,
+                            requests.load(Ordering::Relaxed),
+                            executions.load(Ordering::Relaxed),
+                            checks.load(Ordering::Relaxed),
+                            failures.lock().unwrap().len()
+                        );
+                    }
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let finished = done.load(Ordering::SeqCst);
+    let failures = failures.into_inner().unwrap();
+    println!(
+        "sim: {finished} seeds from {first} in {elapsed:.1}s on {threads} threads: {:.1} seeds/s, {} requests, {} \
+         handler executions, {} invariant checks, {} failing seeds",
+        finished as f64 / elapsed,
+        requests.load(Ordering::Relaxed),
+        executions.load(Ordering::Relaxed),
+        checks.load(Ordering::Relaxed),
+        failures.len()
+    );
+    if let Some(first_failure) = failures.iter().min_by_key(|outcome| outcome.seed) {
+        let mut by_invariant = std::collections::BTreeMap::<&str, Vec<u64>>::new();
+        for outcome in &failures {
+            by_invariant.entry(outcome.violation.as_ref().unwrap().name).or_default().push(outcome.seed);
+        }
+        panic!("failing seeds by invariant: {by_invariant:?}\n{}", first_failure.report(TRACE_LINES));
+    }
+}
+
+/// Two runs of one seed make the same schedule: the same events, in the same order, at the same virtual times.
+#[test]
+fn a_seed_replays_the_same_schedule() {
+    quiet_sim_panics();
+    for seed in [3, 17, 4242, 90_001] {
+        let first = run_seed(seed);
+        let second = run_seed(seed);
+        assert!(first.trace.len() > 50, "seed {seed} ran too little to compare: {:?}", first.stats);
+        if let Some(at) = first.trace.iter().zip(&second.trace).position(|(a, b)| a != b) {
+            panic!(
+                "seed {seed}: the runs part at event {at}:\n  first:  {}\n  second: {}",
+                first.trace[at], second.trace[at]
+            );
+        }
+        assert_eq!(first.trace.len(), second.trace.len(), "seed {seed}");
+        assert_eq!(first.stats, second.stats, "seed {seed}");
+    }
+}

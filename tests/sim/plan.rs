@@ -24,7 +24,6 @@ pub enum Route {
 }
 
 impl Route {
-    pub const HTTP: [Route; 7] = [Route::M1, Route::M2, Route::M3, Route::L1, Route::H1, Route::H2, Route::H3];
 
     pub fn path(self) -> &'static str {
         match self {

@@ -103,6 +103,8 @@ struct Grant {
     at: Instant,
     lease: Duration,
     early: bool,
+    /// The lease the key was claimed with (a handoff renews it with the annotation's).
+    claimed_for: Duration,
 }
 
 #[derive(Default)]
@@ -149,6 +151,8 @@ pub struct Stats {
     pub excused_overlaps: usize,
     pub early_expiries: usize,
     pub flood_requests: usize,
+    /// Executions of annotated handlers that adopted the layer's claim.
+    pub handoffs: usize,
     pub checks: usize,
 }
 
@@ -620,6 +624,12 @@ impl World {
         ));
         let (Some(token), Some(key)) = (token, key) else { return id };
         state.stats.checks += 1;
+        let route = state.reqs[req].route;
+        if route.is_handoff()
+            && state.grants.get(&token).is_some_and(|grant| grant.claimed_for != super::app::policies::H_LEASE)
+        {
+            state.stats.handoffs += 1;
+        }
         let held = state.held(&key, now);
         let holds = matches!(held, Some(Held::InFlight { token: holder, .. }) if holder == token);
         if !holds && !self.excused(&state, token, now) {
@@ -746,7 +756,7 @@ impl World {
         let token = state.token(owner);
         if let Ok(Claimed::Owned) = result {
             state.shadow.insert(key.clone(), Held::InFlight { token, expires: now + lease });
-            state.grants.insert(token, Grant { key: key.clone(), at: now, lease, early: false });
+            state.grants.insert(token, Grant { key: key.clone(), at: now, lease, early: false, claimed_for: lease });
         }
         self.note_applied(&mut state, "claim", key, token, &claimed(result));
     }
@@ -783,7 +793,9 @@ impl World {
                 }
                 _ => {
                     state.shadow.insert(key.clone(), Held::InFlight { token, expires: now + lasts });
-                    state.grants.insert(token, Grant { key: key.clone(), at: now, lease: lasts, early: false });
+                    let claimed_for = state.grants.get(&token).map_or(lasts, |grant| grant.claimed_for);
+                    let grant = Grant { key: key.clone(), at: now, lease: lasts, early: false, claimed_for };
+                    state.grants.insert(token, grant);
                 }
             }
         }

@@ -118,7 +118,10 @@ fn quiet_sim_panics() {
     });
 }
 
-/// Runs one seed and fails with its report if an invariant broke.
+/// Runs one seed and fails with its report if an invariant broke. Each regression case below also checks that its
+/// seed still plays its scenario (a witness counted by the world), so a change to the generator that moves the
+/// scenario elsewhere fails the case instead of letting it pass vacuously: then pick the seed again with
+/// `SIM_KEEP_GOING=1` on the commit before the fix.
 fn assert_seed_holds(seed: u64) -> Outcome {
     quiet_sim_panics();
     let outcome = run_seed(seed);
@@ -243,4 +246,85 @@ fn a_seed_replays_the_same_schedule() {
         assert_eq!(first.trace.len(), second.trace.len(), "seed {seed}");
         assert_eq!(first.stats, second.stats, "seed {seed}");
     }
+}
+
+// --- holes the simulator found: each its seed, found on the commit before its fix --------------------------------
+
+/// Issue 16 item 1: a handler that blocks its thread past its lease (the keeper driven beside it on its own task
+/// renews nothing meanwhile), and a duplicate claims the key: the handler ran twice. Seed 41: the layer's plain
+/// handler (lease 2 s) blocks for 5.5 s; a retry at 11.76 s claims and runs (`overlapping_executions`).
+#[test]
+fn a_blocked_layer_handler_keeps_its_lease_seed_41() {
+    let outcome = assert_seed_holds(41);
+    assert!(outcome.stats.contested_blocks > 0, "{:?}", outcome.stats);
+}
+
+/// The same through `#[idempotent]` (lease 1 s, blocked 2.2 s).
+#[test]
+fn a_blocked_annotated_handler_keeps_its_lease_seed_131() {
+    let outcome = assert_seed_holds(131);
+    assert!(outcome.stats.contested_blocks > 0, "{:?}", outcome.stats);
+}
+
+/// The same through `Idempotency::once` (the work runs on the caller's task).
+#[test]
+fn a_blocked_once_work_keeps_its_lease_seed_105() {
+    let outcome = assert_seed_holds(105);
+    assert!(outcome.stats.contested_blocks > 0, "{:?}", outcome.stats);
+}
+
+/// The same through the layer's handoff to an annotated handler (lease 3 s, blocked 9 s).
+#[test]
+fn a_blocked_adopting_handler_keeps_its_lease_seed_74() {
+    let outcome = assert_seed_holds(74);
+    assert!(outcome.stats.contested_blocks > 0, "{:?}", outcome.stats);
+}
+
+/// Issue 16 item 5: a request cancelled while its claim is in flight (here sent into a frozen store, which applies
+/// it when it resumes) leaves the key in flight with nobody owning it for a whole lease (`orphaned_claim`). Seed 1:
+/// the once door, lease 10 s.
+#[test]
+fn a_cancelled_once_claim_frees_its_key_seed_1() {
+    let outcome = assert_seed_holds(1);
+    assert!(outcome.stats.claims_after_cancel > 0, "{:?}", outcome.stats);
+}
+
+/// The same through `#[idempotent]` (lease 5 s).
+#[test]
+fn a_cancelled_annotated_claim_frees_its_key_seed_7() {
+    let outcome = assert_seed_holds(7);
+    assert!(outcome.stats.claims_after_cancel > 0, "{:?}", outcome.stats);
+}
+
+/// The same through the layer, on a route whose annotated handler would adopt the claim (a slow store: the claim
+/// lands 39 ms after it was sent, 14 ms after the client gave up).
+#[test]
+fn a_cancelled_layer_claim_frees_its_key_seed_18() {
+    let outcome = assert_seed_holds(18);
+    assert!(outcome.stats.claims_after_cancel > 0, "{:?}", outcome.stats);
+}
+
+/// The same through the layer on a plain route.
+#[test]
+fn a_cancelled_plain_layer_claim_frees_its_key_seed_27() {
+    let outcome = assert_seed_holds(27);
+    assert!(outcome.stats.claims_after_cancel > 0, "{:?}", outcome.stats);
+}
+
+/// Issue 16 item 4: during an outage each refused request left a background release task behind
+/// (`refused_requests_leave_no_tasks`: 73 requests, 73 more tasks). Seed 0.
+#[test]
+fn refused_requests_leave_no_tasks_behind_seed_0() {
+    let outcome = assert_seed_holds(0);
+    assert!(outcome.stats.flood_requests >= 40, "{:?}", outcome.stats);
+}
+
+/// The layer's handoff (an earlier hole, fixed before the simulator existed, re-introduced to prove the simulator
+/// finds it): the layer's keeper stopped at the handoff and the adopting handler's keeper renewed the annotation's
+/// lease only a third of it later, so a layer lease shorter than that lapsed while the handler ran, and a waiting
+/// duplicate ran it again (`overlapping_executions`). Seed 55: layer lease 300 ms, annotation lease 3 s.
+#[test]
+fn an_adopted_claim_is_never_unowned_seed_55() {
+    let outcome = assert_seed_holds(55);
+    assert!(outcome.stats.contested_handoffs > 0, "{:?}", outcome.stats);
 }

@@ -309,6 +309,7 @@ async fn send(
         shape,
         sent: Instant::now(),
         bound: bound(&world.plan, route, attempt),
+        lease: if route == Route::Once { attempt.once_lease } else { world.plan.route_lease(route) },
         done: false,
         probe,
     };

@@ -24,7 +24,6 @@ pub enum Route {
 }
 
 impl Route {
-
     pub fn path(self) -> &'static str {
         match self {
             Route::M1 => "/m1",

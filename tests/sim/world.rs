@@ -54,6 +54,8 @@ pub struct Req {
     pub shape: BodyShape,
     pub sent: Instant,
     pub bound: Duration,
+    /// The lease its claim starts with.
+    pub lease: Duration,
     pub done: bool,
     pub probe: bool,
 }
@@ -79,6 +81,9 @@ pub struct Exec {
     pub start: Instant,
     pub end: Option<Instant>,
     pub answer: Option<(u16, Bytes)>,
+    pub task: Option<TaskId>,
+    /// It adopted the layer's claim.
+    pub handoff: bool,
 }
 
 /// What the shadow knows of a key.
@@ -153,6 +158,12 @@ pub struct Stats {
     pub flood_requests: usize,
     /// Executions of annotated handlers that adopted the layer's claim.
     pub handoffs: usize,
+    /// Claims sent for a key while an execution holding it was blocked past its lease.
+    pub contested_blocks: usize,
+    /// Claims sent for a key while an execution that adopted the layer's claim had outlived the layer's lease.
+    pub contested_handoffs: usize,
+    /// Claims that landed after their request was cancelled.
+    pub claims_after_cancel: usize,
     pub checks: usize,
 }
 
@@ -327,10 +338,6 @@ impl World {
         state.trace.push((at, format!("req{req} cancelled by its client")));
     }
 
-    pub fn req(&self, req: usize) -> Req {
-        self.lock().reqs[req].clone()
-    }
-
     /// Every (route, principal, key) that a request used: what the end-of-run probes ask again.
     pub fn scopes(&self) -> Vec<(Route, Option<u8>, Option<u16>)> {
         let state = self.lock();
@@ -437,12 +444,13 @@ impl World {
         state.stats.checks += 1;
         let at = now - self.start;
         let shown = match &reply {
-            OnceReply::Fresh(body) | OnceReply::Replayed(body) => {
-                format!("{:?} exec{:?}", std::mem::discriminant(&reply), exec_of(body))
+            OnceReply::Fresh(body) => format!("fresh exec{}", exec_of(body).map_or("?".to_owned(), |e| e.to_string())),
+            OnceReply::Replayed(body) => {
+                format!("replayed exec{}", exec_of(body).map_or("?".to_owned(), |e| e.to_string()))
             }
+            OnceReply::Store(error) => format!("store error: {error}"),
             other => format!("{other:?}"),
         };
-        let shown = shown.replace("Discriminant(0)", "fresh").replace("Discriminant(1)", "replayed");
         state.trace.push((at, format!("req{req} once answered {shown}")));
         if !matches!(reply, OnceReply::Panicked) {
             self.check_bound(&mut state, &this, now);
@@ -610,7 +618,15 @@ impl World {
         };
         let key = token.and_then(|token| state.grants.get(&token).map(|grant| grant.key.clone()));
         let id = state.execs.len();
-        state.execs.push(Exec { id, req, token, key: key.clone(), start: now, end: None, answer: None });
+        let handoff = state.reqs[req].route.is_handoff()
+            && token
+                .and_then(|token| state.grants.get(&token))
+                .is_some_and(|grant| grant.claimed_for == self.plan.layer.lease)
+            && self.plan.layer.lease != super::app::policies::H_LEASE;
+        state.execs.push(Exec { id, req, token, key: key.clone(), start: now, end: None, answer: None, task, handoff });
+        if handoff {
+            state.stats.handoffs += 1;
+        }
         state.stats.executions += 1;
         let at = now - self.start;
         let key_name = key.as_ref().map_or("-".to_owned(), |key| format!("k{}", state.key(key)));
@@ -624,12 +640,7 @@ impl World {
         ));
         let (Some(token), Some(key)) = (token, key) else { return id };
         state.stats.checks += 1;
-        let route = state.reqs[req].route;
-        if route.is_handoff()
-            && state.grants.get(&token).is_some_and(|grant| grant.claimed_for != super::app::policies::H_LEASE)
-        {
-            state.stats.handoffs += 1;
-        }
+
         let held = state.held(&key, now);
         let holds = matches!(held, Some(Held::InFlight { token: holder, .. }) if holder == token);
         if !holds && !self.excused(&state, token, now) {
@@ -713,6 +724,19 @@ impl World {
         let key_name = state.key(key);
         state.stats.store_calls += 1;
         if operation == "claim" && sent {
+            let now = Instant::now();
+            let (mut blocks, mut handoffs) = (0, 0);
+            for exec in state.execs.iter().filter(|exec| exec.end.is_none() && exec.key.as_ref() == Some(key)) {
+                let blocked = exec.task.and_then(|task| state.blocks.get(&task)).is_some_and(|until| *until > now);
+                if blocked && now > exec.start + state.reqs[exec.req].lease {
+                    blocks += 1;
+                }
+                if exec.handoff && now > exec.start + self.plan.layer.lease {
+                    handoffs += 1;
+                }
+            }
+            state.stats.contested_blocks += blocks;
+            state.stats.contested_handoffs += handoffs;
             if let Some(task) = task {
                 let req = state.live.get(&task).copied().unwrap_or(usize::MAX);
                 state.claimers.insert(token, (task, req));
@@ -755,6 +779,12 @@ impl World {
         let now = Instant::now();
         let token = state.token(owner);
         if let Ok(Claimed::Owned) = result {
+            let cancelled = state.claimers.get(&token).is_some_and(|(task, req)| {
+                state.live.get(task) != Some(req) && state.reqs.get(*req).is_some_and(|req| req.done)
+            });
+            if cancelled {
+                state.stats.claims_after_cancel += 1;
+            }
             state.shadow.insert(key.clone(), Held::InFlight { token, expires: now + lease });
             state.grants.insert(token, Grant { key: key.clone(), at: now, lease, early: false, claimed_for: lease });
         }
@@ -943,12 +973,6 @@ impl World {
                 return;
             }
         }
-    }
-
-    /// The run's summary line for a failure report.
-    pub fn summary(&self) -> String {
-        let state = self.lock();
-        format!("{:?}", state.stats)
     }
 }
 

@@ -9,6 +9,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request};
 use futures_util::FutureExt;
+use idem::store::StoreKey;
 use idem::{Completed, Idempotency, OnceError, Policy};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -310,10 +311,11 @@ async fn send(
         sent: Instant::now(),
         bound: bound(&world.plan, route, attempt),
         lease: if route == Route::Once { attempt.once_lease } else { world.plan.route_lease(route) },
+        store_key: None,
         done: false,
         probe,
     };
-    let id = world.request(req, task);
+    let id = world.request(Req { store_key: store_key(engine, route, principal, key), ..req }, task);
     let cancel_at = attempt.cancel_after.map(|after| Instant::now() + after);
     if route == Route::Once {
         let call = once_call(world, engine, principal, key, attempt, id);
@@ -334,6 +336,23 @@ async fn send(
         }
     }
     world.attempt_over(task, id);
+}
+
+/// Where the engine keeps the request's key: the scope (method, path and principal, or the once door's scope) and
+/// the key, as `http_request` and `once_call` send them.
+fn store_key(engine: &Idempotency, route: Route, principal: Option<u8>, key: Option<u16>) -> Option<StoreKey> {
+    if route == Route::Once {
+        let (scope, key) = once_names(principal, key);
+        return Some(engine.once_store_key(&scope, &key));
+    }
+    let principal = principal.map_or(String::new(), |principal| format!("Bearer p{principal}"));
+    Some(engine.http_store_key(&Method::POST, route.path(), principal.as_bytes(), &format!("key-{}", key?)))
+}
+
+/// The once door's scope (its principal) and key.
+fn once_names(principal: Option<u8>, key: Option<u16>) -> (String, String) {
+    let scope = format!("p{}", principal.map_or("-".to_owned(), |principal| principal.to_string()));
+    (scope, format!("key-{}", key.map_or("-".to_owned(), |key| key.to_string())))
 }
 
 fn http_request(
@@ -387,8 +406,7 @@ async fn once_call(
     attempt: &Attempt,
     id: usize,
 ) -> OnceReply {
-    let scope = format!("p{}", principal.map_or("-".to_owned(), |principal| principal.to_string()));
-    let key = format!("key-{}", key.map_or("-".to_owned(), |key| key.to_string()));
+    let (scope, key) = once_names(principal, key);
     let policy = Policy::new().lease(attempt.once_lease).wait_timeout(attempt.once_wait).ttl(Duration::from_secs(600));
     let cmd = attempt.cmd.clone();
     let work = || app::once_work(world.clone(), id, cmd.clone());

@@ -166,15 +166,15 @@ impl SimStore {
         };
         match reply {
             Ok(reply) => {
-                let (shown, won) = match &reply {
-                    Reply::Claimed(result) => (claimed(result), matches!(result, Ok(Claimed::Owned))),
-                    Reply::Write(result) => (written(result), false),
+                let shown = match &reply {
+                    Reply::Claimed(result) => claimed(result),
+                    Reply::Write(result) => written(result),
                 };
-                world.call_answered(operation, key, owner, &shown, won);
+                world.call_answered(operation, key, owner, &shown);
                 reply
             }
             Err(why) => {
-                world.call_answered(operation, key, owner, why, false);
+                world.call_answered(operation, key, owner, why);
                 let error = unavailable(why);
                 if is_claim { Reply::Claimed(Err(error)) } else { Reply::Write(Err(error)) }
             }

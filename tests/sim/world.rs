@@ -56,6 +56,8 @@ pub struct Req {
     pub bound: Duration,
     /// The lease its claim starts with.
     pub lease: Duration,
+    /// Where the engine keeps its key (none without a key).
+    pub store_key: Option<StoreKey>,
     pub done: bool,
     pub probe: bool,
 }
@@ -126,8 +128,6 @@ struct State {
     claimers: BTreeMap<usize, (TaskId, usize)>,
     /// Attempts whose future is still alive: task → request.
     live: BTreeMap<TaskId, usize>,
-    /// The last claim each task won: the once door's work runs on the task that claimed.
-    won: BTreeMap<TaskId, (StoreKey, usize)>,
     /// Tokens whose completion landed.
     completed: BTreeSet<usize>,
     blocks: BTreeMap<TaskId, Instant>,
@@ -612,9 +612,13 @@ impl World {
         let mut state = self.lock();
         let now = Instant::now();
         let task = tokio::task::try_id();
+        // The once door's work has no fence: its token is the one holding its key now (the claim it just won).
         let token = match token {
             Some(token) => Some(state.token(token)),
-            None => task.and_then(|task| state.won.get(&task).map(|(_, token)| *token)),
+            None => state.reqs[req].store_key.clone().and_then(|key| match state.held(&key, now) {
+                Some(Held::InFlight { token, .. }) => Some(token),
+                _ => None,
+            }),
         };
         let key = token.and_then(|token| state.grants.get(&token).map(|grant| grant.key.clone()));
         let id = state.execs.len();
@@ -754,14 +758,11 @@ impl World {
     }
 
     /// The caller's answer (after latency, a lost reply or a timeout).
-    pub fn call_answered(&self, operation: &str, key: &StoreKey, owner: &OwnerToken, answer: &str, won: bool) {
+    pub fn call_answered(&self, operation: &str, key: &StoreKey, owner: &OwnerToken, answer: &str) {
         let mut state = self.lock();
         let task = tokio::task::try_id();
         let token = state.token(owner);
         let key_name = state.key(key);
-        if won && let Some(task) = task {
-            state.won.insert(task, (key.clone(), token));
-        }
         let task_name = task.map_or("-".to_owned(), |task| format!("t{}", state.task(task)));
         let at = Instant::now() - self.start;
         state.trace.push((at, format!("  {task_name} {operation} k{key_name} o{token} -> {answer}")));
@@ -924,7 +925,12 @@ impl World {
         let held: BTreeSet<StoreKey> = in_flight.iter().map(|(key, _, _)| key.clone()).collect();
         state.orphans.retain(|key, _| held.contains(key));
         for (key, token, expires) in in_flight {
-            let claimer_alive = state.claimers.get(&token).is_some_and(|(task, req)| state.live.get(task) == Some(req));
+            // The attempt that sent the claim; or, for a claim sent from a task of the engine's own (no attempt's),
+            // any attempt for the same key.
+            let claimer_alive = match state.claimers.get(&token) {
+                Some((task, req)) if *req != usize::MAX => state.live.get(task) == Some(req),
+                _ => state.live.values().any(|req| state.reqs[*req].store_key.as_ref() == Some(&key)),
+            };
             let running = state.execs.iter().any(|exec| exec.end.is_none() && exec.token == Some(token));
             if claimer_alive || running {
                 state.orphans.remove(&key);

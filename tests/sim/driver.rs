@@ -312,6 +312,7 @@ async fn send(
         bound: bound(&world.plan, route, attempt),
         lease: if route == Route::Once { attempt.once_lease } else { world.plan.route_lease(route) },
         store_key: None,
+        cancelled_at: None,
         done: false,
         probe,
     };

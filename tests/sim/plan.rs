@@ -398,7 +398,17 @@ impl Plan {
     /// Whether the store's calls may fail or lag at `at` (outage, hang, slow period): a lease lost then is the
     /// store's doing, not the engine's.
     pub fn degraded_between(&self, from: Duration, to: Duration) -> bool {
-        self.windows.iter().any(|window| window.from <= to && from < window.to)
+        self.windows.iter().any(|window| window.from <= to && from < Self::felt_until(window))
+    }
+
+    /// When a window's effect ends: a call sent in a slow period may take its latency each way after it, and the
+    /// replies to commands a hang held land just after it.
+    fn felt_until(window: &Window) -> Duration {
+        let margin = Duration::from_millis(2 * super::store::BASE_LATENCY_MS + 1);
+        match window.kind {
+            FaultKind::Slow(most) => window.to + 2 * most + margin,
+            FaultKind::Outage | FaultKind::Hang => window.to + margin,
+        }
     }
 
     /// The end of the last degraded period that started before `at` (`at` itself while one lasts).
@@ -406,7 +416,7 @@ impl Plan {
         let mut since = Duration::ZERO;
         for window in &self.windows {
             if window.from <= at {
-                since = since.max(window.to.min(at));
+                since = since.max(Self::felt_until(window).min(at));
             }
         }
         since

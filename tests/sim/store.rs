@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 /// Base one-way latency of a call, in milliseconds, outside slow periods.
-const BASE_LATENCY_MS: u64 = 3;
+pub const BASE_LATENCY_MS: u64 = 3;
 
 pub struct SimStore {
     inner: Arc<MemoryStore>,

@@ -58,6 +58,7 @@ pub struct Req {
     pub lease: Duration,
     /// Where the engine keeps its key (none without a key).
     pub store_key: Option<StoreKey>,
+    pub cancelled_at: Option<Instant>,
     pub done: bool,
     pub probe: bool,
 }
@@ -128,6 +129,12 @@ struct State {
     claimers: BTreeMap<usize, (TaskId, usize)>,
     /// Attempts whose future is still alive: task → request.
     live: BTreeMap<TaskId, usize>,
+    /// The last claim each task sent: its key and token.
+    sent_claims: BTreeMap<TaskId, (StoreKey, usize)>,
+    /// When each token's claim was first sent.
+    claim_sent_at: BTreeMap<usize, Instant>,
+    /// The last token to win each key.
+    last_winner: BTreeMap<StoreKey, usize>,
     /// Tokens whose completion landed.
     completed: BTreeSet<usize>,
     blocks: BTreeMap<TaskId, Instant>,
@@ -162,7 +169,7 @@ pub struct Stats {
     pub contested_blocks: usize,
     /// Claims sent for a key while an execution that adopted the layer's claim had outlived the layer's lease.
     pub contested_handoffs: usize,
-    /// Claims that landed after their request was cancelled.
+    /// Claims that landed after a request for their key was cancelled (sent before it was).
     pub claims_after_cancel: usize,
     pub checks: usize,
 }
@@ -334,6 +341,7 @@ impl World {
     pub fn cancelled(&self, req: usize) {
         let mut state = self.lock();
         state.stats.cancelled += 1;
+        state.reqs[req].cancelled_at = Some(Instant::now());
         let at = Instant::now() - self.start;
         state.trace.push((at, format!("req{req} cancelled by its client")));
     }
@@ -612,13 +620,16 @@ impl World {
         let mut state = self.lock();
         let now = Instant::now();
         let task = tokio::task::try_id();
-        // The once door's work has no fence: its token is the one holding its key now (the claim it just won).
+        // The once door's work has no fence: its token is the one its task last claimed its key with, or (a claim
+        // sent from a task of the engine's own) the last one to win its key.
         let token = match token {
             Some(token) => Some(state.token(token)),
-            None => state.reqs[req].store_key.clone().and_then(|key| match state.held(&key, now) {
-                Some(Held::InFlight { token, .. }) => Some(token),
-                _ => None,
-            }),
+            None => {
+                let key = state.reqs[req].store_key.clone();
+                let own =
+                    task.and_then(|task| state.sent_claims.get(&task)).filter(|(sent, _)| Some(sent) == key.as_ref());
+                own.map(|(_, token)| *token).or_else(|| key.and_then(|key| state.last_winner.get(&key).copied()))
+            }
         };
         let key = token.and_then(|token| state.grants.get(&token).map(|grant| grant.key.clone()));
         let id = state.execs.len();
@@ -744,7 +755,9 @@ impl World {
             if let Some(task) = task {
                 let req = state.live.get(&task).copied().unwrap_or(usize::MAX);
                 state.claimers.insert(token, (task, req));
+                state.sent_claims.insert(task, (key.clone(), token));
             }
+            state.claim_sent_at.entry(token).or_insert(now);
             if state.flooding {
                 state.flood_keys.insert(key.clone());
             }
@@ -780,12 +793,16 @@ impl World {
         let now = Instant::now();
         let token = state.token(owner);
         if let Ok(Claimed::Owned) = result {
-            let cancelled = state.claimers.get(&token).is_some_and(|(task, req)| {
-                state.live.get(task) != Some(req) && state.reqs.get(*req).is_some_and(|req| req.done)
+            // A request for this key was cancelled after this claim was sent: this is its claim landing (or a
+            // duplicate's, as good a witness).
+            let sent = state.claim_sent_at.get(&token).copied().unwrap_or(now);
+            let cancelled = state.reqs.iter().any(|req| {
+                req.store_key.as_ref() == Some(key) && req.cancelled_at.is_some_and(|at| sent <= at && at <= now)
             });
             if cancelled {
                 state.stats.claims_after_cancel += 1;
             }
+            state.last_winner.insert(key.clone(), token);
             state.shadow.insert(key.clone(), Held::InFlight { token, expires: now + lease });
             state.grants.insert(token, Grant { key: key.clone(), at: now, lease, early: false, claimed_for: lease });
         }

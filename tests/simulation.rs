@@ -220,6 +220,7 @@ fn seeds_hold_every_invariant() {
         checks.load(Ordering::Relaxed),
         failures.len()
     );
+    println!("sim: invariants checked: {}", sim::world::INVARIANTS.join(", "));
     if let Some(first_failure) = failures.iter().min_by_key(|outcome| outcome.seed) {
         let mut by_invariant = std::collections::BTreeMap::<&str, Vec<u64>>::new();
         for outcome in &failures {

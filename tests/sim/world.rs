@@ -21,6 +21,29 @@ use tokio::time::Instant;
 /// finished detached, then its release).
 const ORPHAN_SLACK: Duration = Duration::from_millis(1500);
 
+/// Every invariant the world checks, by the name a failure prints.
+pub const INVARIANTS: [&str; 19] = [
+    "overlapping_executions",
+    "ran_without_its_claim",
+    "stale_owner_fenced",
+    "replay_is_byte_for_byte",
+    "replayed_only_to_its_principal",
+    "replayed_only_for_its_request",
+    "replayed_only_what_was_stored",
+    "fresh_answer_is_its_own",
+    "mismatch_only_for_another_request",
+    "not_replayable_only_when_unstorable",
+    "answered_within_bound",
+    "orphaned_claim",
+    "claimable_after_quiet",
+    "nothing_running_after_drain",
+    "tasks_left_behind",
+    "refused_requests_leave_no_tasks",
+    "refused_requests_leave_no_background_writes",
+    "simulator_shadow_agrees_with_store",
+    "run_ends",
+];
+
 /// An invariant that failed.
 #[derive(Debug, Clone)]
 pub struct Violation {
@@ -241,6 +264,7 @@ impl World {
     }
 
     fn fail(&self, state: &mut State, name: &'static str, detail: String) {
+        assert!(INVARIANTS.contains(&name), "`{name}` is missing from INVARIANTS");
         if state.violation.is_some() {
             return;
         }

@@ -10,6 +10,7 @@
 //! - a lost reply: the command landed, the caller gets an error; a resent command lands twice;
 //! - the store's clock jumps (an in-flight entry expires early), a record turns corrupt, the store fills up (the
 //!   `MemoryStore`'s own bounds).
+//!
 //! Every command the server applies is reported to the world, which keeps a shadow of who holds each key.
 
 use super::plan::FaultKind;

@@ -313,6 +313,17 @@ fn a_cancelled_plain_layer_claim_frees_its_key_seed_27() {
     assert!(outcome.stats.claims_after_cancel > 0, "{:?}", outcome.stats);
 }
 
+/// Found by the simulator (on the engine with issue 16's holes fixed roughly): a `once` call cancelled while its work
+/// runs drops its claim, whose `Drop` sends one release and gives up if the store cannot be reached then; the key
+/// stays in flight with nobody owning it for the rest of its lease (`orphaned_claim`). `Claim::release` retries in
+/// the background; the drop's release must too. Seed 3236: the store is down for 300 ms when the caller gives up, and
+/// the key stays blocked for 9.5 s. (On today's main this seed first finds a blocked handler's lost lease.)
+#[test]
+fn a_dropped_once_claim_is_released_after_a_short_outage_seed_3236() {
+    let outcome = assert_seed_holds(3236);
+    assert!(outcome.stats.work_dropped_while_down > 0, "{:?}", outcome.stats);
+}
+
 /// Issue 16 item 4: during an outage each refused request left a background release task behind
 /// (`refused_requests_leave_no_tasks`: 73 requests, 73 more tasks). Seed 0.
 #[test]

@@ -192,6 +192,8 @@ pub struct Stats {
     pub contested_blocks: usize,
     /// Claims sent for a key while an execution that adopted the layer's claim had outlived the layer's lease.
     pub contested_handoffs: usize,
+    /// Once calls cancelled while their work ran and the store was down.
+    pub work_dropped_while_down: usize,
     /// Claims that landed after a request for their key was cancelled (sent before it was).
     pub claims_after_cancel: usize,
     pub checks: usize,
@@ -364,8 +366,16 @@ impl World {
 
     pub fn cancelled(&self, req: usize) {
         let mut state = self.lock();
+        let now = Instant::now();
         state.stats.cancelled += 1;
-        state.reqs[req].cancelled_at = Some(Instant::now());
+        state.reqs[req].cancelled_at = Some(now);
+        // The once door's work is dropped with its caller: its claim must still be released.
+        let work_dropped =
+            state.execs.iter().any(|exec| exec.req == req && exec.end == Some(now) && exec.answer.is_none());
+        let down = self.plan.window_at(now - self.start, |kind| kind == super::plan::FaultKind::Outage).is_some();
+        if work_dropped && down {
+            state.stats.work_dropped_while_down += 1;
+        }
         let at = Instant::now() - self.start;
         state.trace.push((at, format!("req{req} cancelled by its client")));
     }

@@ -3,7 +3,7 @@
 use super::app;
 use super::plan::{Attempt, BodyShape, Cmd, FaultKind, Kind, Plan, Route, Script};
 use super::rng::Rng;
-use super::store::{SimStore, expire_early};
+use super::store::SimStore;
 use super::world::{OnceReply, Reply, Req, Stats, Violation, World};
 use axum::Router;
 use axum::body::Body;
@@ -67,8 +67,8 @@ pub fn run_seed(seed: u64) -> Outcome {
     let world = runtime.block_on(async move {
         let mut rng = Rng::new(seed);
         let plan = Plan::generate(seed, &mut rng);
-        let world = Arc::new(World::new(plan, rng));
-        let (store, serving) = SimStore::new(world.clone());
+        let world = Arc::new(World::new(plan, rng, true));
+        let (store, serving) = SimStore::memory(world.clone());
         let store = Arc::new(store);
         tokio::spawn(serving);
         // The driver is a task too: the requests it sends itself (the probes) need a task id.
@@ -453,7 +453,7 @@ async fn faults(world: Arc<World>, store: Arc<SimStore>) {
         match event {
             Event::Early => {
                 if let Some((key, owner)) = world.pick_early_expiry() {
-                    expire_early(store.inner(), &key, &owner);
+                    store.expire_early(&key, &owner).await;
                 }
             }
             Event::Corrupt(length) => world.corrupt_one(Instant::now() + length),

@@ -1,4 +1,5 @@
-//! The store of a run: the real `MemoryStore` behind a simulated network and server.
+//! The store of a run: a real store (the `MemoryStore`, or a real Redis or PostgreSQL) behind a simulated network
+//! and server queue.
 //!
 //! A call leaves its caller (unless the caller's thread is blocked: then it cannot be sent until the block ends),
 //! travels for a latency, and joins one FIFO queue at the server, which applies commands in the order they arrive
@@ -11,11 +12,13 @@
 //! - the store's clock jumps (an in-flight entry expires early), a record turns corrupt, the store fills up (the
 //!   `MemoryStore`'s own bounds).
 //!
-//! Every command the server applies is reported to the world, which keeps a shadow of who holds each key.
+//! Every command the server applies is reported to the world, which keeps a shadow of who holds each key. With the
+//! `MemoryStore` a command is applied at the virtual instant the server takes it, and the shadow is checked against
+//! the store after each one; with a real store it is applied one round trip later, and the shadow follows its
+//! answers (the queue sends one command at a time, so their order is the store's).
 
 use super::plan::FaultKind;
 use super::world::{World, claimed, written};
-use futures_util::FutureExt;
 use idem::store::{
     Cause, Claimed, Entry, Fingerprint, Forgotten, MemoryStore, OwnerToken, Record, Store, StoreError, StoreKey, Write,
 };
@@ -28,7 +31,7 @@ use tokio::time::Instant;
 pub const BASE_LATENCY_MS: u64 = 3;
 
 pub struct SimStore {
-    inner: Arc<MemoryStore>,
+    inner: Arc<dyn Store>,
     world: Arc<World>,
     server: mpsc::UnboundedSender<Command>,
     /// When the last command sent arrives: later ones arrive after it (FIFO).
@@ -73,18 +76,28 @@ fn unavailable(message: &str) -> StoreError {
 }
 
 impl SimStore {
-    /// The store and its server's future (spawn it: it ends when the store is dropped).
-    pub fn new(world: Arc<World>) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+    /// A `MemoryStore` with the plan's bounds behind the simulated network, and its server's future (spawn it: it
+    /// ends when the store is dropped).
+    pub fn memory(world: Arc<World>) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let plan = &world.plan;
-        let inner = Arc::new(MemoryStore::builder().max_entries(plan.max_entries).max_bytes(plan.max_bytes).build());
+        let inner = MemoryStore::builder().max_entries(plan.max_entries).max_bytes(plan.max_bytes).build();
+        Self::over(world, Arc::new(inner))
+    }
+
+    /// `inner` behind the simulated network, and its server's future.
+    pub fn over(
+        world: Arc<World>,
+        inner: Arc<dyn Store>,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (server, queue) = mpsc::unbounded_channel();
         let serving = serve(inner.clone(), world.clone(), queue);
         let store = Self { inner, world, server, last_arrival: Mutex::new(Instant::now()) };
         (store, serving)
     }
 
-    pub fn inner(&self) -> &Arc<MemoryStore> {
-        &self.inner
+    /// The store's clock jumps: `key`'s in-flight entry (held by `owner`) expires now.
+    pub async fn expire_early(&self, key: &StoreKey, owner: &OwnerToken) {
+        let _ = self.inner.release(key, owner).await;
     }
 
     /// A one-way latency drawn for a call made now.
@@ -191,7 +204,7 @@ impl SimStore {
 }
 
 /// The server: applies commands in arrival order, frozen during hangs, refusing during outages.
-async fn serve(inner: Arc<MemoryStore>, world: Arc<World>, mut queue: mpsc::UnboundedReceiver<Command>) {
+async fn serve(inner: Arc<dyn Store>, world: Arc<World>, mut queue: mpsc::UnboundedReceiver<Command>) {
     while let Some(command) = queue.recv().await {
         tokio::time::sleep_until(command.arrival).await;
         // Frozen: the command waits for the server to resume (hangs may follow one another).
@@ -215,56 +228,48 @@ async fn serve(inner: Arc<MemoryStore>, world: Arc<World>, mut queue: mpsc::Unbo
         }
         let mut reply = None;
         for _ in 0..command.copies {
-            reply = Some(apply(&inner, &world, &command));
+            reply = Some(apply(&*inner, &world, &command).await);
         }
         let _ = command.reply.send(reply.expect("applied at least once"));
     }
 }
 
-fn apply(inner: &MemoryStore, world: &World, command: &Command) -> Reply {
+/// Applies `command` to the store. The `MemoryStore`'s calls never wait (they are ready at the first poll), so the
+/// command lands at the instant the server takes it.
+async fn apply(inner: &dyn Store, world: &World, command: &Command) -> Reply {
     let Command { key, owner, .. } = command;
     let reply = match &command.op {
         Op::Claim { fingerprint, lease } => {
             let result = if world.is_corrupt(key) {
                 Err(StoreError::Corrupt(Cause::new("simulated corrupt record")))
             } else {
-                ready(inner.claim(key, fingerprint, owner, *lease))
+                inner.claim(key, fingerprint, owner, *lease).await
             };
             world.applied_claim(key, owner, *lease, &result);
             Reply::Claimed(result)
         }
         Op::Complete { record, ttl } => {
-            let before = ready(inner.inspect(key)).ok().flatten();
-            let result = ready(inner.complete(key, owner, record, *ttl));
-            world.applied_write("complete", key, owner, *ttl, before, &result);
+            let result = inner.complete(key, owner, record, *ttl).await;
+            world.applied_write("complete", key, owner, *ttl, &result);
             Reply::Write(result)
         }
         Op::Release => {
-            let before = ready(inner.inspect(key)).ok().flatten();
-            let result = ready(inner.release(key, owner));
-            world.applied_write("release", key, owner, Duration::ZERO, before, &result);
+            let result = inner.release(key, owner).await;
+            world.applied_write("release", key, owner, Duration::ZERO, &result);
             Reply::Write(result)
         }
         Op::Renew { fingerprint, lease } => {
-            let before = ready(inner.inspect(key)).ok().flatten();
-            let result = ready(inner.renew(key, owner, fingerprint, *lease));
-            world.applied_write("renew", key, owner, *lease, before, &result);
+            let result = inner.renew(key, owner, fingerprint, *lease).await;
+            world.applied_write("renew", key, owner, *lease, &result);
             Reply::Write(result)
         }
     };
-    let entry: Option<Entry> = ready(inner.inspect(key)).ok().flatten();
-    world.agrees(key, &entry);
+    // Exact only where the command lands at a known instant: with a real store an entry may expire in between.
+    if world.exact {
+        let entry: Option<Entry> = inner.inspect(key).await.ok().flatten();
+        world.agrees(key, &entry);
+    }
     reply
-}
-
-/// The memory store never waits inside these calls: they are ready at the first poll.
-fn ready<T>(future: impl std::future::Future<Output = T>) -> T {
-    future.now_or_never().expect("MemoryStore answers at once")
-}
-
-/// The store's clock jumps: `key`'s in-flight entry expires now.
-pub fn expire_early(inner: &MemoryStore, key: &StoreKey, owner: &OwnerToken) {
-    let _ = inner.release(key, owner).now_or_never();
 }
 
 #[idem::async_trait]

@@ -64,6 +64,9 @@ pub struct World {
     pub draining: AtomicBool,
     /// The run is over: the watcher and the fault driver stop.
     pub done: AtomicBool,
+    /// The store is the `MemoryStore` on the paused clock: commands land at known instants, and the shadow can be
+    /// checked against the store after each.
+    pub exact: bool,
 }
 
 /// A request sent by a client (one copy of an attempt).
@@ -224,7 +227,7 @@ pub enum OnceReply {
 }
 
 impl World {
-    pub fn new(plan: Plan, rng: Rng) -> Self {
+    pub fn new(plan: Plan, rng: Rng, exact: bool) -> Self {
         Self {
             plan,
             start: Instant::now(),
@@ -233,6 +236,7 @@ impl World {
             violated: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
             done: AtomicBool::new(false),
+            exact,
         }
     }
 
@@ -849,7 +853,6 @@ impl World {
         key: &StoreKey,
         owner: &OwnerToken,
         lasts: Duration,
-        before: Option<Entry>,
         result: &Result<Write, StoreError>,
     ) {
         let mut state = self.lock();
@@ -862,7 +865,7 @@ impl World {
                 self.fail(
                     &mut state,
                     "stale_owner_fenced",
-                    format!("{operation} by o{token} applied while the store held {held:?} (before: {before:?})"),
+                    format!("{operation} by o{token} applied while the store held {held:?}"),
                 );
             }
             match operation {

@@ -82,10 +82,23 @@
 //!   (`SIM_TRACE=1` prints all of its events).
 //! - `SIM_SEEDS=<count>`, `SIM_SECONDS=<budget>`, `SIM_START=<first seed>`, `SIM_THREADS=<n>`, `SIM_KEEP_GOING=1`
 //!   (report every failing seed, not only the first): a longer search; `bench/sim.sh` wraps it.
+//! - `SIM_REAL_SEEDS=<count>`, `SIM_REAL_START=<first seed>`: the real-store runs below.
+//!
+//! # The real stores
+//!
+//! `the_workload_holds_every_invariant_on_a_real_redis` and `..._postgres` run the same plans (compressed to a
+//! quarter of their length, handlers and pauses capped at a few seconds) against a real `redis-server` and a real
+//! PostgreSQL, in real time, with the same invariants. The faults are injected on the client's side of the store
+//! (the same simulated network and FIFO queue in front of the real store). Not deterministic: round trips and the
+//! machine's load move the schedule, so a failing seed there is a lead to follow in the simulator, not a replay. The
+//! shadow follows the store's answers (a round trip after the command landed) and is not checked against the store
+//! (an entry may expire in between); the quiet period before the probes is the orphan grace, not a whole lease.
 
+mod postgres_server;
+mod redis_server;
 mod sim;
 
-use sim::{Outcome, run_seed};
+use sim::{Backend, Outcome, run_real, run_seed};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -93,6 +106,9 @@ use std::time::{Duration, Instant};
 /// Seeds CI runs: about 68 ms of CPU each in a debug build (measured on the fixed engine), so about 50 s on two
 /// idle cores.
 const CI_SEEDS: u64 = 1500;
+
+/// Seeds each real store runs in CI, at once (a real-time run takes 5 to 15 seconds).
+const REAL_SEEDS: u64 = 4;
 
 /// The failure's trace lines printed.
 const TRACE_LINES: usize = 40;
@@ -230,6 +246,45 @@ fn seeds_hold_every_invariant() {
         }
         panic!("failing seeds by invariant: {by_invariant:?}\n{}", first_failure.report(TRACE_LINES));
     }
+}
+
+/// The workload against a real store: `SIM_REAL_SEEDS` seeds (default `REAL_SEEDS`) from `SIM_REAL_START` (default
+/// 0), run at once, each on its own key prefix or table.
+fn real_store_holds_every_invariant(backend: Backend) {
+    quiet_sim_panics();
+    let first = env_u64("SIM_REAL_START").unwrap_or(0);
+    let count = env_u64("SIM_REAL_SEEDS").unwrap_or(REAL_SEEDS);
+    let started = Instant::now();
+    let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+        let runs: Vec<_> = (first..first + count).map(|seed| scope.spawn(move || run_real(seed, backend))).collect();
+        runs.into_iter().map(|run| run.join().expect("a run")).collect()
+    });
+    let requests: usize = outcomes.iter().map(|outcome| outcome.stats.requests).sum();
+    let checks: usize = outcomes.iter().map(|outcome| outcome.stats.checks).sum();
+    println!(
+        "sim on {backend:?}: {count} seeds in {:.1}s, {requests} requests, {checks} invariant checks",
+        started.elapsed().as_secs_f64()
+    );
+    let failures: Vec<&Outcome> = outcomes.iter().filter(|outcome| outcome.violation.is_some()).collect();
+    if let Some(failure) = failures.first() {
+        let seeds: Vec<String> =
+            failures.iter().map(|f| format!("{} (`{}`)", f.seed, f.violation.as_ref().unwrap().name)).collect();
+        panic!(
+            "on a real {backend:?} (not deterministic: a seed's schedule differs from run to run), failing seeds: {}\n{}",
+            seeds.join(", "),
+            failure.report(TRACE_LINES)
+        );
+    }
+}
+
+#[test]
+fn the_workload_holds_every_invariant_on_a_real_redis() {
+    real_store_holds_every_invariant(Backend::Redis);
+}
+
+#[test]
+fn the_workload_holds_every_invariant_on_a_real_postgres() {
+    real_store_holds_every_invariant(Backend::Postgres);
 }
 
 /// Two runs of one seed make the same schedule: the same events, in the same order, at the same virtual times.

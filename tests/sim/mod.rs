@@ -7,4 +7,4 @@ pub mod rng;
 pub mod store;
 pub mod world;
 
-pub use driver::{Outcome, run_seed};
+pub use driver::{Backend, Outcome, run_real, run_seed};

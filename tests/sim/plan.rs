@@ -370,6 +370,41 @@ impl Plan {
         Cmd { kind, ms, status, salt: rng.below(1_000_000) as u32, check: rng.percent(15), pad: String::new() }
     }
 
+    /// The plan, run in real time against a real store: every moment of the run a quarter as far from its start,
+    /// handlers, pauses and give-ups at most a few seconds, and no store bounds (a real store has its own). Draws
+    /// nothing, so the seed's plan is otherwise the simulator's.
+    pub fn for_real_store(mut self) -> Plan {
+        let quarter = |at: Duration| at / 4;
+        let at_most = |at: Duration, most: u64| at.min(Duration::from_millis(most));
+        self.drain_at = quarter(self.drain_at);
+        for window in &mut self.windows {
+            let length = window.to - window.from;
+            window.from = quarter(window.from);
+            window.to = window.from + quarter(length);
+        }
+        for at in &mut self.early_expiries {
+            *at = quarter(*at);
+        }
+        for (at, length) in &mut self.corruptions {
+            *at = quarter(*at);
+            *length = quarter(*length);
+        }
+        if let Some((at, _)) = &mut self.flood {
+            *at = quarter(*at);
+        }
+        for script in &mut self.scripts {
+            script.at = quarter(script.at);
+            for attempt in &mut script.attempts {
+                attempt.then_wait = at_most(quarter(attempt.then_wait), 2000);
+                attempt.cancel_after = attempt.cancel_after.map(|after| at_most(after, 3000));
+                attempt.cmd.ms = attempt.cmd.ms.min(3000);
+            }
+        }
+        self.max_entries = 100_000;
+        self.max_bytes = 256 << 20;
+        self
+    }
+
     /// The lease a route's claims start with (a handoff route's is the layer's until the handler adopts it).
     pub fn route_lease(&self, route: Route) -> Duration {
         use super::app::policies;

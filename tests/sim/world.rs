@@ -960,13 +960,18 @@ impl World {
         self.lock().corrupt.get(key).is_some_and(|until| *until > now)
     }
 
+    /// How long a key may stay in flight with nobody owning it once the store answers again.
+    pub fn orphan_grace(&self) -> Duration {
+        ORPHAN_SLACK + 2 * self.plan.store_timeout
+    }
+
     /// Checks that no key stays in flight with nobody to finish it: held by a token whose attempt is gone and whose
     /// execution (if any) ended, for longer than the engine needs to free it once the store answers.
     pub fn check_orphans(&self) {
         let mut state = self.lock();
         let now = Instant::now();
         state.stats.checks += 1;
-        let grace = ORPHAN_SLACK + 2 * self.plan.store_timeout;
+        let grace = self.orphan_grace();
         let healthy_since = self.start + self.plan.healthy_since(now - self.start);
         let in_flight: Vec<(StoreKey, usize, Instant)> = state
             .shadow

@@ -32,7 +32,8 @@
 //!   than the engine needs to free it once the store answers (a few seconds), and `claimable_after_quiet`: after the
 //!   drain and a quiet period longer than any lease, no key answers `409 in-progress`.
 //! - `nothing_running_after_drain`: `drain` returns `Ok`, `running_handlers()` is 0 and no handler body runs;
-//!   `tasks_left_behind`: the runtime's alive tasks are back to where they started (one per engine allowed).
+//!   `tasks_left_behind`: the runtime's alive tasks are back to where they started (two per engine allowed: a
+//!   shared renewal scheduler, a queue of background writes).
 //! - `refused_requests_leave_no_tasks`, `refused_requests_leave_no_background_writes`: a flood of requests refused
 //!   during an outage leaves a constant number of tasks and later store commands, not one per request.
 //! - `simulator_shadow_agrees_with_store`: the simulator's own model of the store agrees with the store.

@@ -182,15 +182,15 @@ impl SimStore {
         };
         match reply {
             Ok(reply) => {
-                let shown = match &reply {
-                    Reply::Claimed(result) => claimed(result),
-                    Reply::Write(result) => written(result),
+                let (shown, owned) = match &reply {
+                    Reply::Claimed(result) => (claimed(result), matches!(result, Ok(Claimed::Owned))),
+                    Reply::Write(result) => (written(result), false),
                 };
-                world.call_answered(operation, key, owner, &shown);
+                world.call_answered(operation, key, owner, &shown, owned);
                 reply
             }
             Err(why) => {
-                world.call_answered(operation, key, owner, why);
+                world.call_answered(operation, key, owner, why, false);
                 let error = unavailable(why);
                 if is_claim { Reply::Claimed(Err(error)) } else { Reply::Write(Err(error)) }
             }

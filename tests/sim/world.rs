@@ -159,8 +159,8 @@ struct State {
     sent_claims: BTreeMap<TaskId, (StoreKey, usize)>,
     /// When each token's claim was first sent.
     claim_sent_at: BTreeMap<usize, Instant>,
-    /// The last token to win each key.
-    last_winner: BTreeMap<StoreKey, usize>,
+    /// The last token whose claim of each key was answered `owned` (to whichever task sent it).
+    last_answered_owned: BTreeMap<StoreKey, usize>,
     /// Tokens whose completion landed.
     completed: BTreeSet<usize>,
     blocks: BTreeMap<TaskId, Instant>,
@@ -659,14 +659,15 @@ impl World {
         let now = Instant::now();
         let task = tokio::task::try_id();
         // The once door's work has no fence: its token is the one its task last claimed its key with, or (a claim
-        // sent from a task of the engine's own) the last one to win its key.
+        // sent from a task of the engine's own) the last one whose claim of its key was answered `owned`.
         let token = match token {
             Some(token) => Some(state.token(token)),
             None => {
                 let key = state.reqs[req].store_key.clone();
                 let own =
                     task.and_then(|task| state.sent_claims.get(&task)).filter(|(sent, _)| Some(sent) == key.as_ref());
-                own.map(|(_, token)| *token).or_else(|| key.and_then(|key| state.last_winner.get(&key).copied()))
+                own.map(|(_, token)| *token)
+                    .or_else(|| key.and_then(|key| state.last_answered_owned.get(&key).copied()))
             }
         };
         let key = token.and_then(|token| state.grants.get(&token).map(|grant| grant.key.clone()));
@@ -809,11 +810,14 @@ impl World {
     }
 
     /// The caller's answer (after latency, a lost reply or a timeout).
-    pub fn call_answered(&self, operation: &str, key: &StoreKey, owner: &OwnerToken, answer: &str) {
+    pub fn call_answered(&self, operation: &str, key: &StoreKey, owner: &OwnerToken, answer: &str, owned: bool) {
         let mut state = self.lock();
         let task = tokio::task::try_id();
         let token = state.token(owner);
         let key_name = state.key(key);
+        if owned {
+            state.last_answered_owned.insert(key.clone(), token);
+        }
         let task_name = task.map_or("-".to_owned(), |task| format!("t{}", state.task(task)));
         let at = Instant::now() - self.start;
         state.trace.push((at, format!("  {task_name} {operation} k{key_name} o{token} -> {answer}")));
@@ -840,7 +844,6 @@ impl World {
             if cancelled {
                 state.stats.claims_after_cancel += 1;
             }
-            state.last_winner.insert(key.clone(), token);
             state.shadow.insert(key.clone(), Held::InFlight { token, expires: now + lease });
             state.grants.insert(token, Grant { key: key.clone(), at: now, lease, early: false, claimed_for: lease });
         }

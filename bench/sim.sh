@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The simulator's long search (tests/simulation.rs): any number of seeds, for as long as asked, with a progress line
 # every 5 seconds; at the end, seeds/s, the invariants checked and every failing seed with the invariant it broke.
-# About 220 seeds per second per core in release (each seed a few dozen requests over a minute of virtual time).
+# About 220 seeds per second per core in release (each seed about a hundred requests over a minute of virtual time).
 #
 #   bash bench/sim.sh                          # 10 minutes from seed 0, release build, one thread per cpu
 #   BUDGET=3600 START=1000000 bash bench/sim.sh   # an hour, from seed 1 000 000

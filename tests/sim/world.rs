@@ -254,7 +254,7 @@ impl World {
 
     pub fn log(&self, text: impl Into<String>) {
         let at = self.elapsed();
-        self.lock().trace.push((at, text.into()));
+        self.lock().note((at, text.into()));
     }
 
     pub fn violation(&self) -> Option<Violation> {
@@ -275,7 +275,7 @@ impl World {
             return;
         }
         let at = Instant::now() - self.start;
-        state.trace.push((at, format!("VIOLATION {name}: {detail}")));
+        state.note((at, format!("VIOLATION {name}: {detail}")));
         state.violation = Some(Violation { name, detail, at });
         self.violated.notify_one();
     }
@@ -338,7 +338,7 @@ impl World {
         let id = state.reqs.len();
         let task_name = state.task(task);
         let at = Instant::now() - self.start;
-        state.trace.push((
+        state.note((
             at,
             format!(
                 "req{id} t{task_name} {} p{} key{} {} {:?}{}",
@@ -381,7 +381,7 @@ impl World {
             state.stats.work_dropped_while_down += 1;
         }
         let at = Instant::now() - self.start;
-        state.trace.push((at, format!("req{req} cancelled by its client")));
+        state.note((at, format!("req{req} cancelled by its client")));
     }
 
     /// Every (route, principal, key) that a request used: what the end-of-run probes ask again.
@@ -414,7 +414,7 @@ impl World {
         let this = state.reqs[req].clone();
         state.stats.checks += 1;
         let at = now - self.start;
-        state.trace.push((
+        state.note((
             at,
             format!(
                 "req{req} answered {} {}{}{}",
@@ -497,7 +497,7 @@ impl World {
             OnceReply::Store(error) => format!("store error: {error}"),
             other => format!("{other:?}"),
         };
-        state.trace.push((at, format!("req{req} once answered {shown}")));
+        state.note((at, format!("req{req} once answered {shown}")));
         if !matches!(reply, OnceReply::Panicked) {
             self.check_bound(&mut state, &this, now);
         }
@@ -685,7 +685,7 @@ impl World {
         let at = now - self.start;
         let key_name = key.as_ref().map_or("-".to_owned(), |key| format!("k{}", state.key(key)));
         let task_name = task.map_or("-".to_owned(), |task| format!("t{}", state.task(task)));
-        state.trace.push((
+        state.note((
             at,
             format!(
                 "exec{id} starts for req{req} on {task_name}, {key_name} o{}",
@@ -764,7 +764,7 @@ impl World {
         let at = now - self.start;
         let shown =
             answer.as_ref().map_or("no answer (panicked or dropped)".to_owned(), |(status, _)| status.to_string());
-        state.trace.push((at, format!("exec{exec} ends: {shown}")));
+        state.note((at, format!("exec{exec} ends: {shown}")));
         state.execs[exec].answer = answer;
     }
 
@@ -806,7 +806,7 @@ impl World {
         }
         let task_name = task.map_or("-".to_owned(), |task| format!("t{}", state.task(task)));
         let at = Instant::now() - self.start;
-        state.trace.push((at, format!("  {task_name} {operation} k{key_name} o{token} {fate}")));
+        state.note((at, format!("  {task_name} {operation} k{key_name} o{token} {fate}")));
     }
 
     /// The caller's answer (after latency, a lost reply or a timeout).
@@ -820,7 +820,7 @@ impl World {
         }
         let task_name = task.map_or("-".to_owned(), |task| format!("t{}", state.task(task)));
         let at = Instant::now() - self.start;
-        state.trace.push((at, format!("  {task_name} {operation} k{key_name} o{token} -> {answer}")));
+        state.note((at, format!("  {task_name} {operation} k{key_name} o{token} -> {answer}")));
     }
 
     /// The store applied a command: the shadow follows, and checks the store's answer against what it held.
@@ -893,7 +893,7 @@ impl World {
     fn note_applied(&self, state: &mut State, operation: &str, key: &StoreKey, token: usize, result: &str) {
         let key_name = state.key(key);
         let at = Instant::now() - self.start;
-        state.trace.push((at, format!("    store applies {operation} k{key_name} o{token}: {result}")));
+        state.note((at, format!("    store applies {operation} k{key_name} o{token}: {result}")));
     }
 
     /// Checks the shadow against what the store holds after a command (a check of the simulator itself).
@@ -934,7 +934,7 @@ impl World {
         state.stats.early_expiries += 1;
         let key_name = state.key(&key);
         let at = now - self.start;
-        state.trace.push((at, format!("FAULT the store's clock jumps: k{key_name} (o{token}) expires early")));
+        state.note((at, format!("FAULT the store's clock jumps: k{key_name} (o{token}) expires early")));
         Some((key, state.token_objects[token].clone()))
     }
 
@@ -954,7 +954,7 @@ impl World {
         let key = completed[self.rng().below(completed.len() as u64) as usize].clone();
         let key_name = state.key(&key);
         let at = now - self.start;
-        state.trace.push((at, format!("FAULT k{key_name}'s record is corrupt until {:?}", until - self.start)));
+        state.note((at, format!("FAULT k{key_name}'s record is corrupt until {:?}", until - self.start)));
         state.corrupt.insert(key, until);
     }
 
@@ -1051,6 +1051,14 @@ pub fn exec_of(body: &[u8]) -> Option<usize> {
 }
 
 impl State {
+    /// Records an event, until the first violation: what follows it is the run being torn down (its runtime drops
+    /// tasks in an order that depends on process-wide task ids), not part of the schedule.
+    fn note(&mut self, event: (Duration, String)) {
+        if self.violation.is_none() {
+            self.trace.push(event);
+        }
+    }
+
     fn token(&mut self, token: &OwnerToken) -> usize {
         if let Some(id) = self.tokens.get(token.as_str()) {
             return *id;

@@ -134,9 +134,9 @@ impl SimStore {
         let at = world.elapsed();
         if self.outage(at) {
             world.call_sent(operation, key, owner, "refused: the store is down (not sent)", false);
-            // Provably unsent. `refused_requests_leave_no_background_writes` expects the engine to send nothing
-            // later for a claim refused this way: if the `Store` API gains a way to say "not sent", say it here.
-            let error = unavailable("connection refused (simulated outage)");
+            // Provably unsent, and said so: the engine then sends nothing later for a claim refused this way
+            // (`refused_requests_leave_no_background_writes`).
+            let error = StoreError::Unavailable(Cause::unsent("connection refused (simulated outage)"));
             return if is_claim { Reply::Claimed(Err(error)) } else { Reply::Write(Err(error)) };
         }
         let there = self.latency(at);

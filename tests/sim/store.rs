@@ -134,8 +134,7 @@ impl SimStore {
         let at = world.elapsed();
         if self.outage(at) {
             world.call_sent(operation, key, owner, "refused: the store is down (not sent)", false);
-            // Provably unsent, and said so: the engine then sends nothing later for a claim refused this way
-            // (`refused_requests_leave_no_background_writes`).
+            // Provably unsent: the engine has nothing to undo (`refused_requests_leave_no_background_writes`).
             let error = StoreError::Unavailable(Cause::unsent("connection refused (simulated outage)"));
             return if is_claim { Reply::Claimed(Err(error)) } else { Reply::Write(Err(error)) };
         }
@@ -317,7 +316,7 @@ impl Store for SimStore {
         self.unblocked("wait").await;
         let at = self.world.elapsed();
         if self.outage(at) {
-            return Err(unavailable("connection refused (simulated outage)"));
+            return Err(StoreError::Unavailable(Cause::unsent("connection refused (simulated outage)")));
         }
         // A frozen server publishes nothing: the waiter hears of nothing until its timeout.
         if self.world.plan.window_at(at, |kind| kind == FaultKind::Hang).is_some() {

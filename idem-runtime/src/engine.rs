@@ -133,7 +133,16 @@ async fn claim_or_wait(
             owner: &owner,
             lease,
         };
+        let sent_at = Instant::now();
         let claimed = match call.await {
+            Ok(claimed) if matches!(claimed, Claimed::Owned) && sent_at.elapsed() >= lease => {
+                // The store took a whole lease to answer: the claim may have lapsed before its answer came, and
+                // the key been claimed by another since. Running now could run the work beside that owner.
+                let error = StoreError::Unavailable("the claim's answer came after its lease had run out".into());
+                let owned = Owned { store: store.clone(), metrics: metrics.clone(), key, owner };
+                background.writes.release_failed_claim(owned, &error, lease);
+                return Err(error);
+            }
             Ok(claimed) => claimed,
             Err(error) => {
                 // The claim may have taken effect with only its reply lost: give it up rather than leave the key
@@ -861,5 +870,30 @@ mod tests {
         assert_eq!(store.renewals.load(Ordering::SeqCst), sent, "not sent");
         assert_eq!(store.store.inspect(&key).await.unwrap(), None, "the key stays free");
         drop(claim);
+    }
+
+    /// A claim whose answer came after its whole lease (a store slower than the lease) may have lapsed before it
+    /// was answered and been taken by another caller since: the work does not run on it, the caller gets a store
+    /// error (a retry claims again), and the claim is released.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_answered_after_its_lease_ran_out_does_not_run() {
+        let store = Arc::new(Remote::default());
+        *store.claim_takes.lock().unwrap() = Duration::from_secs(4);
+        let idempotency = crate::Idempotency::new(store.clone());
+        let policy = Policy::new().lease(Duration::from_secs(3)).wait_timeout(Duration::ZERO);
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        let work = || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, ()>(1)
+        };
+        let answer = idempotency.once("slow", "k").policy(policy).run(&1, work).await;
+        assert!(matches!(answer, Err(crate::OnceError::Store(_))), "{answer:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "the work did not run on a claim that may have lapsed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let key = idempotency.once_store_key("slow", "k");
+        assert_eq!(store.store.inspect(&key).await.unwrap(), None, "the claim was released");
+        *store.claim_takes.lock().unwrap() = Duration::ZERO;
+        assert_eq!(idempotency.once("slow", "k").policy(policy).run(&1, work).await.unwrap(), 1);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }

@@ -862,7 +862,7 @@ mod tests {
         store.store.release(&key, fence.token()).await.unwrap();
         assert_eq!(store.store.claim(&key, &fingerprint, &other, lease).await.unwrap(), Claimed::Owned);
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert_eq!(fence.is_held().await.unwrap(), false, "the renewal at 1 s was fenced");
+        assert!(!fence.is_held().await.unwrap(), "the renewal at 1 s was fenced");
         // The new owner gives the key up; the old claim must not take it back.
         store.store.release(&key, &other).await.unwrap();
         let sent = store.renewals.load(Ordering::SeqCst);

@@ -183,8 +183,21 @@ impl Writes {
     }
 }
 
+/// How a resent write reports a fenced answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    /// A write of a claim known to have landed: fenced means it came too late (warned).
+    Reported,
+    /// The release of a claim that most likely never landed: fenced is the usual answer (not reported).
+    Quiet,
+}
+
 /// Sends `write` again, backing off, until the store takes or fences it, or `give_up` has passed.
 async fn resend(owned: &Owned, write: &Pending, give_up: Instant) {
+    resend_as(owned, write, give_up, Lost::Reported).await;
+}
+
+async fn resend_as(owned: &Owned, write: &Pending, give_up: Instant, lost: Lost) {
     let operation = write.operation();
     let mut pause = WRITE_RETRY_FIRST;
     loop {
@@ -197,6 +210,7 @@ async fn resend(owned: &Owned, write: &Pending, give_up: Instant) {
                 tracing::info!(key = %owned.key, operation, "write retried: it landed");
                 return;
             }
+            Ok(Write::Fenced) if lost == Lost::Quiet => return,
             Ok(Write::Fenced) => {
                 tracing::warn!(
                     key = %owned.key,
@@ -218,25 +232,9 @@ async fn resend(owned: &Owned, write: &Pending, give_up: Instant) {
 
 /// Releases a claim that may or may not have landed, retried while the store is out of reach (a claim that sat in
 /// a frozen server's socket takes effect when the server resumes). A release deletes nothing but the owner's own
-/// claim, so it is harmless when the claim never landed (the usual case: that is not reported).
+/// claim, so it is harmless when the claim never landed: that usual case (fenced) is not reported.
 async fn release_lost(owned: &Owned, give_up: Instant) {
-    let mut pause = WRITE_RETRY_FIRST;
-    loop {
-        match owned.store.release(&owned.key, &owned.owner).await {
-            Ok(Write::Applied) => {
-                tracing::info!(key = %owned.key, "released a claim whose caller or reply was lost");
-                return;
-            }
-            Ok(Write::Fenced) => return,
-            Err(StoreError::Unavailable(_)) if Instant::now() < give_up => {}
-            Err(error) => {
-                tracing::debug!(key = %owned.key, %error, "could not release a claim whose call failed");
-                return;
-            }
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(WRITE_RETRY_LAST);
-    }
+    resend_as(owned, &Pending::Release, give_up, Lost::Quiet).await;
 }
 
 /// The task sending an engine's background writes; ends when none is left.

@@ -64,8 +64,8 @@ fn owned_by(held: &Held, owner: &OwnerToken) -> bool {
     matches!(&held.slot, Slot::InFlight { owner: holder, .. } if holder == owner)
 }
 
-// `idem::async_trait` is the attribute `Store` is declared with: no version of your own to keep in step.
-#[idem::async_trait]
+// `idem::store::async_trait` is the attribute `Store` is declared with: no version of your own to keep in step.
+#[idem::store::async_trait]
 impl Store for HashMapStore {
     async fn claim(
         &self,

@@ -15,7 +15,7 @@
 
 use futures_util::StreamExt;
 use idem::metrics::Counters;
-use idem::{Idempotency, MemoryStore, OnceError, Policy};
+use idem::{Idempotency, MemoryStore, Policy, once::OnceError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -248,7 +248,7 @@
 //!
 //! # Your own store
 //!
-//! Implement [`store::Store`] with [`#[idem::async_trait]`](async_trait) (the same version idem uses), and check
+//! Implement [`store::Store`] with [`#[idem::store::async_trait]`](async_trait) (the same version idem uses), and check
 //! it with the test kit: one line under `tests/` runs every conformance case on it, one `#[test]` per case.
 //!
 //! ```toml
@@ -265,68 +265,19 @@
 //! `examples/custom_store.rs` in the repository is a complete store written from the contract, checked this way.
 
 pub use idem_macros::idempotent;
-
-pub use idem_runtime::http::key::KeyFormat;
-pub use idem_runtime::{
-    Completed, Fence, Idempotency, IdempotencyBuilder, IdempotencyKey, IdempotencyLayer, IdempotencyService,
-    MemoryStore, MemoryStoreBuilder, Once, OnceError, Policy, PrincipalFn, Problem, StoreFailure, Undrained,
-};
-#[cfg(feature = "postgres")]
-pub use idem_runtime::{PostgresStore, PostgresStoreBuilder, Tx, TxRejection};
-#[cfg(feature = "redis")]
-pub use idem_runtime::{RedisStore, RedisStoreBuilder};
-
-/// Writing a store of your own: the [`Store`](store::Store) trait and what it keeps.
-///
-/// The built-in stores are here too ([`MemoryStore`], and `RedisStore` with the `redis`
-/// feature).
-pub mod store {
-    pub use idem_runtime::{
-        Cause, Claimed, Entry, Fingerprint, FingerprintBuilder, Forgotten, MemoryStore, MemoryStoreBuilder, OwnerToken,
-        Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write,
-    };
-    #[cfg(feature = "redis")]
-    pub use idem_runtime::{InvalidPrefix, RedisStore, RedisStoreBuilder};
-    #[cfg(feature = "postgres")]
-    pub use idem_runtime::{PostgresStore, PostgresStoreBuilder};
-}
-
-/// Building another front door on the engine: the bare claim / wait / replay protocol.
-pub mod engine {
-    pub use idem_runtime::{Claim, Execution, Outcome, begin};
-}
-
-/// Counting what the engine decides: the [`Metrics`](metrics::Metrics) trait and ready-made implementations.
-pub mod metrics {
-    #[cfg(feature = "metrics")]
-    pub use idem_runtime::MetricsFacade;
-    pub use idem_runtime::{Counters, Event, Metrics, Site, Snapshot, StoreOperation, WAIT_BUCKETS, WaitHistogram};
-}
-
-/// Reading the `Idempotency-Key` header: the rules a key must follow and the formats a server can require.
-pub mod key {
-    pub use idem_runtime::http::key::{Key, KeyError, KeyFormat, MAX_KEY_LEN, parse};
-}
-
-/// The headers idem adds to its answers.
-pub mod headers {
-    pub use idem_runtime::http::{REPLAYED_HEADER, SIGNATURE_HEADER, STATUS_HEADER};
-}
-
-pub use idem_runtime::http::DEFAULT_PROBLEM_TYPE_BASE;
-pub use idem_runtime::problems;
-
-pub use idem_runtime::async_trait;
-#[cfg(feature = "test-kit")]
-pub use idem_runtime::test_kit;
+// Everything public in the engine, at the same paths: the handle and its builder, the stores, `Policy`, the
+// extractors and `Problem` at the root; the rest in named modules (`store`, `layer`, `once`, `protocol`, `metrics`,
+// `key`, `headers`, `problems`, `drain`).
+pub use idem_runtime::*;
 
 /// What `#[idempotent]` expands to use. Not a public API.
 #[doc(hidden)]
 pub mod __private {
     pub use axum::extract::{FromRequest, FromRequestParts, Request, State};
     pub use axum::response::{IntoResponse, Response};
+    pub use idem_runtime::Policy;
     pub use idem_runtime::macro_support::*;
-    pub use idem_runtime::{Execution, Policy};
+    pub use idem_runtime::protocol::Execution;
 }
 
 /// The README's code blocks, compiled and run as doc-tests.

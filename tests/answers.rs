@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use idem::KeyFormat;
+use idem::key::KeyFormat;
 use idem::{Idempotency, IdempotencyBuilder, MemoryStore, idempotent};
 use serde_json::{Value, json};
 use std::sync::Arc;

@@ -12,7 +12,7 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use idem::{Idempotency, IdempotencyLayer, OnceError, Policy, idempotent};
+use idem::{Idempotency, Policy, idempotent, layer::IdempotencyLayer, once::OnceError};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

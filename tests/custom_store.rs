@@ -38,7 +38,7 @@ impl Broken {
     }
 }
 
-#[idem::async_trait]
+#[idem::store::async_trait]
 impl Store for Broken {
     async fn claim(
         &self,

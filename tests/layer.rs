@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use idem::metrics::Counters;
 use idem::store::Store;
 use idem::test_kit::Outage;
-use idem::{Idempotency, IdempotencyLayer, Policy, idempotent};
+use idem::{Idempotency, Policy, idempotent, layer::IdempotencyLayer};
 use probe::Probe;
 use serde_json::{Value, json};
 use std::sync::Arc;

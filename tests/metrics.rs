@@ -15,7 +15,7 @@ use axum::{Extension, Json, Router};
 use idem::metrics::{Counters, Snapshot, WAIT_BUCKETS};
 use idem::store::{Store, Write};
 use idem::test_kit::{Fault, Faulty, Operation, Outage};
-use idem::{Idempotency, OnceError, Policy, idempotent};
+use idem::{Idempotency, Policy, idempotent, once::OnceError};
 use probe::Probe;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -10,9 +10,7 @@ use axum::http::{Method, Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use idem::metrics::{Event, Metrics, Site, StoreOperation};
-use idem::store::{
-    Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, Stored, StoredResponse, Write,
-};
+use idem::store::{Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, Stored, StoredResponse, Write};
 use idem::{Idempotency, MemoryStore, idempotent};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,10 +5,7 @@
 mod postgres_server;
 
 use idem::PostgresStore;
-use idem::store::{
-    Claimed, Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, StoreKey, Stored, StoredResponse,
-    Write,
-};
+use idem::store::{Claimed, Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write};
 use postgres_server::{PostgresServer, fresh_table, shared_server, shared_store, store_on};
 use sqlx::{PgPool, Row};
 use std::sync::Arc;

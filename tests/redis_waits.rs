@@ -5,9 +5,9 @@
 mod proxy;
 mod redis_server;
 
-use idem::engine::Outcome;
+use idem::protocol::Outcome;
 use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreKey, Stored, Write};
-use idem::{Policy, RedisStore, RedisStoreBuilder};
+use idem::{Policy, RedisStore, store::RedisStoreBuilder};
 use proxy::Proxy;
 use redis::Client;
 use redis_server::{RedisServer, command_calls};
@@ -180,7 +180,7 @@ async fn an_in_flight_record_without_a_ttl_is_waited_on_not_spun_on() {
     server.cli(&["CONFIG", "RESETSTAT"]);
     let policy = Policy::new().wait_timeout(Duration::from_secs(1));
     let started = Instant::now();
-    let outcome = idem::engine::begin(&store, key, fp("a"), &policy).await.unwrap();
+    let outcome = idem::protocol::begin(&store, key, fp("a"), &policy).await.unwrap();
     let waited = started.elapsed();
     assert!(matches!(outcome, Outcome::InFlight), "{outcome:?}");
     assert!(waited >= Duration::from_millis(990), "{waited:?}");

@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::extract::{FromRef, State};
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use idem::{Fence, Idempotency, OnceError, Policy, PostgresStore, Tx, idempotent};
+use idem::{Idempotency, Policy, PostgresStore, Tx, idempotent, once::OnceError, protocol::Fence};
 use postgres_server::{shared_server, store_on};
 use sqlx::PgPool;
 use std::sync::Arc;

@@ -3,6 +3,7 @@
 
 use crate::args::Args;
 use crate::policy;
+use crate::spans::{respan, span_range};
 use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::parse::Parser;
@@ -148,7 +149,7 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
             #[allow(unused_variables)]
             let __idem_state = #state_value;
             __idem_engine
-                .serve(&__IDEM_POLICY, __idem_request, move |__idem_request: #private::Request| async move {
+                .handle(&__IDEM_POLICY, __idem_request, move |__idem_request: #private::Request| async move {
                     #[allow(unused_mut, unused_variables)]
                     let (mut __idem_parts, __idem_body) = __idem_request.into_parts();
                     #(#extractions)*
@@ -201,32 +202,4 @@ fn state_inner(ty: &Type) -> Option<&Type> {
         GenericArgument::Type(inner) if generics.args.len() == 1 => Some(inner),
         _ => None,
     }
-}
-
-/// The spans of the first and the last token of `tokens`. An expression whose first token carries one and whose
-/// last token carries the other is reported by rustc on the whole of `tokens`, which a proc macro on stable cannot
-/// express with one `Span`.
-pub fn span_range(tokens: &impl ToTokens) -> (Span, Span) {
-    let mut tokens = tokens.to_token_stream().into_iter();
-    let first = tokens.next().map_or_else(Span::call_site, |token| token.span());
-    let last = tokens.last().map_or(first, |token| token.span());
-    (first, last)
-}
-
-/// `tokens` with every span, groups included, set to `span`.
-pub fn respan(tokens: TokenStream, span: Span) -> TokenStream {
-    tokens
-        .into_iter()
-        .map(|token| match token {
-            TokenTree::Group(group) => {
-                let mut respanned = Group::new(group.delimiter(), respan(group.stream(), span));
-                respanned.set_span(span);
-                TokenTree::Group(respanned)
-            }
-            mut token => {
-                token.set_span(span);
-                token
-            }
-        })
-        .collect()
 }

@@ -1,10 +1,11 @@
 #![warn(missing_docs)]
-//! The `#[idempotent]` attribute of [idem](https://docs.rs/idem). Use it through the `idem` crate:
+//! The `#[idempotent]` attribute of [idem](https://docs.rs/axum-idem). Use it through the `axum-idem` crate (library `idem`):
 //! `use idem::idempotent;`. This crate only parses and generates; all behaviour lives in `idem-runtime`.
 
 mod args;
 mod expand;
 mod policy;
+mod spans;
 
 use proc_macro::TokenStream;
 

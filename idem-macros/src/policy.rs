@@ -4,7 +4,7 @@
 //! user's expression like a literal's.
 
 use crate::args::{self, Args, DEFAULT_LEASE_NANOS, DEFAULT_TTL_NANOS, MAX_SECONDS, Seconds, Zero};
-use crate::expand::{respan, span_range};
+use crate::spans::{respan, span_range};
 use proc_macro2::{Delimiter, Group, Ident, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote};
 

@@ -2,7 +2,7 @@
 //! disconnects does not cancel its handler: without a bound, a flood of requests whose clients leave at once would
 //! leave behind as many running handlers as it sent requests.
 
-use crate::http::Execution;
+use crate::http::execution::Execution;
 use axum::extract::Request;
 use std::future::Future;
 use std::pin::Pin;

@@ -4,11 +4,11 @@
 use crate::store::redis::codec;
 
 /// Decodes a Redis record as the store does after a claim finds one.
-pub fn decode_record(raw: &[u8]) -> Result<crate::Entry, String> {
+pub fn decode_record(raw: &[u8]) -> Result<crate::record::Entry, String> {
     codec::decode(raw)
 }
 
 /// Encodes a completed record as the store writes it.
-pub fn encode_record(record: &crate::Record) -> String {
+pub fn encode_record(record: &crate::record::Record) -> String {
     codec::completed(record)
 }

@@ -1,6 +1,7 @@
 //! What `#[idempotent]` expands to call. Not a public API: its shape follows the macro's.
 
-use crate::Idempotency;
+use crate::engine::Idempotency;
+use crate::http::problem::Problem;
 use axum::extract::{FromRef, Request};
 
 /// Finds the app's engine: in the state when `Idempotency: FromRef<S>`, else in the request extensions.
@@ -47,7 +48,11 @@ pub fn not_configured(handler: &str) -> axum::response::Response {
         handler,
         "#[idempotent] handler called but no `Idempotency` is in the app state or the request extensions"
     );
-    crate::Problem::NotConfigured.into_response()
+    Problem::NotConfigured {
+        reason: "The server has no idempotency engine for this route: add `Idempotency` to the app state (with \
+                 `FromRef`) or install it with `.layer(Extension(idempotency))`.",
+    }
+    .into_response()
 }
 
 /// The largest duration `#[idempotent]` accepts, in seconds: the macro's bound on literals, kept equal to it.

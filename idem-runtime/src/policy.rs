@@ -12,7 +12,7 @@ use std::time::Duration;
 /// use idem_runtime::Policy;
 /// use std::time::Duration;
 /// const ORDERS: Policy = Policy::new().ttl(Duration::from_secs(60)).wait_timeout(Duration::from_secs(3));
-/// assert!(ORDERS.validates_signature());
+/// assert!(ORDERS.get_validate_signature());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
@@ -100,32 +100,42 @@ impl Policy {
     }
 
     /// See [`Policy::ttl`].
-    pub const fn ttl_duration(&self) -> Duration {
+    pub const fn get_ttl(&self) -> Duration {
         self.ttl
     }
 
     /// See [`Policy::wait_timeout`].
-    pub const fn wait_timeout_duration(&self) -> Duration {
+    pub const fn get_wait_timeout(&self) -> Duration {
         self.wait_timeout
     }
 
     /// See [`Policy::lease`].
-    pub const fn lease_duration(&self) -> Duration {
+    pub const fn get_lease(&self) -> Duration {
         self.lease
     }
 
     /// See [`Policy::validate_signature`].
-    pub const fn validates_signature(&self) -> bool {
+    pub const fn get_validate_signature(&self) -> bool {
         self.validate_signature
     }
 
     /// See [`Policy::required`].
-    pub const fn is_required(&self) -> bool {
+    pub const fn get_required(&self) -> bool {
         self.required
     }
 
     /// See [`Policy::store_server_errors`].
-    pub const fn stores_server_errors(&self) -> bool {
+    pub const fn get_store_server_errors(&self) -> bool {
         self.store_server_errors
     }
+}
+
+/// What to do when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreFailure {
+    /// Answer `503 store-unavailable` with `Retry-After`; the handler does not run (the default).
+    #[default]
+    FailClosed,
+    /// Run the handler unprotected and log an error: availability over exactly-once.
+    FailOpen,
 }

@@ -61,3 +61,7 @@
 //! after their clients disconnect, so it bounds them). Nothing ran and nothing was recorded for the key, whether it
 //! was new, completed or in flight. Retry with the same key after the delay: the retry runs it, or replays its
 //! answer.
+
+/// The start of every problem `type` URI, unless the app sets its own with
+/// [`IdempotencyBuilder::problem_type_base`](crate::IdempotencyBuilder::problem_type_base).
+pub use crate::http::problem::DEFAULT_PROBLEM_TYPE_BASE;

@@ -1,6 +1,6 @@
 //! What a store keeps for a key: in-flight claims and completed records.
 
-use crate::Fingerprint;
+use crate::fingerprint::Fingerprint;
 use bytes::Bytes;
 use std::fmt;
 

@@ -232,7 +232,7 @@ pub async fn shared_store() -> idem::PostgresStore {
 }
 
 /// A store on `server` made by `builder` (which may set timeouts), on a fresh migrated table.
-pub async fn store_on(server: &PostgresServer, builder: idem::PostgresStoreBuilder) -> idem::PostgresStore {
+pub async fn store_on(server: &PostgresServer, builder: idem::store::PostgresStoreBuilder) -> idem::PostgresStore {
     let store = builder
         .table(&fresh_table())
         .max_connections(4)

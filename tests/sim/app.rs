@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use idem::{Fence, Idempotency, idempotent};
+use idem::{Idempotency, idempotent, protocol::Fence};
 use policies::*;
 use std::sync::Arc;
 use std::time::Duration;

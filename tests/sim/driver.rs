@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{Method, Request};
 use futures_util::FutureExt;
 use idem::store::{Store, StoreKey};
-use idem::{Completed, Idempotency, OnceError, Policy};
+use idem::{Idempotency, Policy, once::{Completed, OnceError}};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;

@@ -409,11 +409,11 @@ impl Plan {
     pub fn route_lease(&self, route: Route) -> Duration {
         use super::app::policies;
         match route {
-            Route::M1 => policies::M1.lease_duration(),
-            Route::M2 => policies::M2.lease_duration(),
-            Route::M3 => policies::M3.lease_duration(),
+            Route::M1 => policies::M1.get_lease(),
+            Route::M2 => policies::M2.get_lease(),
+            Route::M3 => policies::M3.get_lease(),
             Route::L1 => self.layer.lease,
-            Route::H1 | Route::H2 | Route::H3 => policies::H.lease_duration().max(self.layer.lease),
+            Route::H1 | Route::H2 | Route::H3 => policies::H.get_lease().max(self.layer.lease),
             Route::Once => Duration::from_secs(10),
         }
     }
@@ -421,11 +421,11 @@ impl Plan {
     pub fn route_wait(&self, route: Route, attempt: &Attempt) -> Duration {
         use super::app::policies;
         match route {
-            Route::M1 => policies::M1.wait_timeout_duration(),
-            Route::M2 => policies::M2.wait_timeout_duration(),
-            Route::M3 => policies::M3.wait_timeout_duration(),
+            Route::M1 => policies::M1.get_wait_timeout(),
+            Route::M2 => policies::M2.get_wait_timeout(),
+            Route::M3 => policies::M3.get_wait_timeout(),
             Route::L1 => self.layer.wait,
-            Route::H1 | Route::H2 | Route::H3 => policies::H.wait_timeout_duration().max(self.layer.wait),
+            Route::H1 | Route::H2 | Route::H3 => policies::H.get_wait_timeout().max(self.layer.wait),
             Route::Once => attempt.once_wait,
         }
     }

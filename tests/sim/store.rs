@@ -19,9 +19,7 @@
 
 use super::plan::FaultKind;
 use super::world::{World, claimed, written};
-use idem::store::{
-    Cause, Claimed, Entry, Fingerprint, Forgotten, MemoryStore, OwnerToken, Record, Store, StoreError, StoreKey, Write,
-};
+use idem::{MemoryStore, store::{Cause, Claimed, Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, StoreKey, Write}};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -273,7 +271,7 @@ async fn apply(inner: &dyn Store, world: &World, command: &Command) -> Reply {
     reply
 }
 
-#[idem::async_trait]
+#[idem::store::async_trait]
 impl Store for SimStore {
     async fn claim(
         &self,

@@ -1,7 +1,7 @@
 //! Extractors for protected handlers: the request's idempotency key and its claim's fence.
 
-use super::Problem;
-use crate::Fence;
+use crate::http::problem::Problem;
+use crate::protocol::claim::Fence;
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -57,7 +57,11 @@ pub struct NotProtected;
 impl IntoResponse for NotProtected {
     fn into_response(self) -> Response {
         tracing::error!("IdempotencyKey or Fence extracted in a handler that idem does not protect");
-        Problem::NotConfigured.into_response()
+        Problem::NotConfigured {
+            reason: "This handler asks for its idempotency key or fence, but idem does not protect it: annotate it \
+                     with `#[idempotent]` or put its route under an `IdempotencyLayer`.",
+        }
+        .into_response()
     }
 }
 

@@ -6,12 +6,12 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 /// Where the default problem `type` URIs point: the page documenting every problem, one anchor per name.
-pub const DEFAULT_PROBLEM_TYPE_BASE: &str = "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#";
+pub const DEFAULT_PROBLEM_TYPE_BASE: &str = "https://docs.rs/axum-idem/latest/idem/problems/index.html#";
 
 /// Every answer the engine makes itself, as an RFC 9457 problem.
 ///
 /// The `type` of each is a stable URI ending in the name listed on each variant: by default
-/// `https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#<name>`, a link to its documentation in
+/// `https://docs.rs/axum-idem/latest/idem/problems/index.html#<name>`, a link to its documentation in
 /// [`crate::problems`], as the IETF idempotency-key draft asks; an app can point them at its own documentation with
 /// [`IdempotencyBuilder::problem_type_base`](crate::IdempotencyBuilder::problem_type_base).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,8 +43,13 @@ pub enum Problem {
     },
     /// `handler-panicked` (500): the handler panicked; nothing was stored, a retry runs again.
     HandlerPanicked,
-    /// `not-configured` (500): an annotated handler found no `Idempotency` in the app state or extensions.
-    NotConfigured,
+    /// `not-configured` (500): a server misconfiguration: an annotated handler found no `Idempotency` in the app
+    /// state or extensions, a handler asked for its key or fence where idem does not protect it, or took `Tx` on an
+    /// engine whose store is not PostgreSQL.
+    NotConfigured {
+        /// What is misconfigured, sent as the problem's `detail`.
+        reason: &'static str,
+    },
     /// `corrupt-record` (500): the store holds something under this key that is not a record idem can read
     /// (damaged, of another type, or written by a newer version). Nothing ran and nothing is replayed; the key stays
     /// unusable until the entry expires or an operator removes it.
@@ -148,7 +153,7 @@ impl Problem {
             Problem::UnreadableBody => "unreadable-body",
             Problem::NotReplayable { .. } => "not-replayable",
             Problem::HandlerPanicked => "handler-panicked",
-            Problem::NotConfigured => "not-configured",
+            Problem::NotConfigured { .. } => "not-configured",
             Problem::CorruptRecord => "corrupt-record",
             Problem::TransactionFailed => "transaction-failed",
             Problem::NoPrincipal => "no-principal",
@@ -168,7 +173,7 @@ impl Problem {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Problem::HandlerPanicked | Problem::NotConfigured | Problem::CorruptRecord | Problem::NoPrincipal => {
+            Problem::HandlerPanicked | Problem::NotConfigured { .. } | Problem::CorruptRecord | Problem::NoPrincipal => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
@@ -185,7 +190,7 @@ impl Problem {
             Problem::UnreadableBody => "Unreadable request body",
             Problem::NotReplayable { .. } => "Response not replayable",
             Problem::HandlerPanicked => "Handler failed",
-            Problem::NotConfigured => "Idempotency not configured",
+            Problem::NotConfigured { .. } => "Idempotency not configured",
             Problem::CorruptRecord => "Idempotency record unreadable",
             Problem::TransactionFailed => "Transaction not committed",
             Problem::NoPrincipal => "Client not identified",
@@ -215,9 +220,7 @@ impl Problem {
                  to be stored; it will not be run again."
             ),
             Problem::HandlerPanicked => "The request failed; nothing was recorded, so it can be retried.".to_owned(),
-            Problem::NotConfigured => "The server has no idempotency store configured: add `Idempotency` to the app \
-                 state (with `FromRef`) or install it with `.layer(Extension(idempotency))`."
-                .to_owned(),
+            Problem::NotConfigured { reason } => (*reason).to_owned(),
             Problem::CorruptRecord => "The idempotency store holds an unreadable entry for this key; the request was \
                  not processed and nothing was replayed. Use a new key, or ask the operator to remove the entry."
                 .to_owned(),

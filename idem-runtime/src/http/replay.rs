@@ -1,6 +1,6 @@
 //! Turning a handler's response into a stored one, and a stored one back into a response.
 
-use crate::{Stored, StoredResponse};
+use crate::record::{Stored, StoredResponse};
 use axum::body::Body;
 use axum::body::HttpBody;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};

@@ -1,9 +1,20 @@
 //! The plain async API: run a piece of work at most once per key, for callers that are not HTTP handlers (queue
 //! and webhook consumers, jobs).
 
-use crate::engine::{Outcome, begin_observed};
-use crate::store::{StoreError, StoreKey};
-use crate::{Fingerprint, Idempotency, Policy, StoreFailure, Stored, StoredResponse};
+use crate::engine::Idempotency;
+use crate::fingerprint::Fingerprint;
+use crate::policy::Policy;
+use crate::protocol::begin::begin_observed;
+use crate::protocol::claim::Claim;
+use crate::protocol::decision::{Decision, Refusal, decide};
+use crate::record::{Stored, StoredResponse};
+use crate::store::contract::StoreKey;
+use crate::store_key;
+use crate::store::error::StoreError;
+#[cfg(feature = "postgres")]
+use crate::store::postgres::PostgresStore;
+#[cfg(feature = "postgres")]
+use crate::tx::transaction::{Tx, TxRejection, TxSlot};
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -60,15 +71,10 @@ pub struct Once<'a> {
     policy: Policy,
 }
 
-impl Idempotency {
-    /// Work to run at most once per `key` within `scope`, with [`Policy::new`]'s settings unless
-    /// [`Once::policy`] says otherwise.
-    ///
-    /// `scope` names the kind of work (`"refunds"`, `"stripe-webhooks"`): records are namespaced by it, so one key
-    /// used by two kinds of work never mixes them up. `key` is the caller's idempotency key, such as an event id.
-    /// Both are hashed before they reach the store.
-    pub fn once<'a>(&'a self, scope: &'a str, key: &'a str) -> Once<'a> {
-        Once { idempotency: self, scope, key, policy: Policy::new() }
+impl<'a> Once<'a> {
+    /// Made by [`Idempotency::once`].
+    pub(crate) fn new(idempotency: &'a Idempotency, scope: &'a str, key: &'a str) -> Self {
+        Once { idempotency, scope, key, policy: Policy::new() }
     }
 }
 
@@ -141,7 +147,7 @@ impl Once<'_> {
     {
         let input = canonical_json(input).map_err(OnceError::Encode)?;
         let fingerprint = Fingerprint::builder().field(b"once").field(self.scope.as_bytes()).field(&input).finish();
-        let store_key = self.idempotency.once_store_key(self.scope, self.key);
+        let store_key = store_key::once(self.scope, self.key);
         let span = tracing::info_span!(
             "idempotency",
             door = "once",
@@ -153,60 +159,29 @@ impl Once<'_> {
         Ok((store_key, fingerprint, span))
     }
 
-    /// Claims the key, or answers without running anything (a replay, a conflict, a store failure).
-    async fn decide<T, E>(&self, store_key: StoreKey, fingerprint: Fingerprint) -> Decision<T, E>
+    /// Claims the key, or answers without running anything (a replay, a conflict, a store failure), as the
+    /// protocol's one decision says.
+    async fn decide<T, E>(&self, store_key: StoreKey, fingerprint: Fingerprint) -> Step<T, E>
     where
         T: DeserializeOwned,
     {
-        let shared = &*self.idempotency.shared;
-        let span = tracing::Span::current();
-        let metrics = shared.metrics_at("once", self.scope);
-        let begun = begin_observed(&shared.background, &metrics, store_key, fingerprint, &self.policy).await;
-        if let Some(waited) = begun.waited {
-            span.record("wait_ms", u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
-        }
-        let answer = match begun.result {
-            Ok(Outcome::Execute(claim)) => {
-                span.record("outcome", "new");
-                return Decision::Run(claim);
-            }
-            Ok(Outcome::Replay(record)) => {
-                span.record("outcome", "hit");
-                match record.stored {
-                    Stored::Response(stored) => {
-                        serde_json::from_slice(&stored.body).map(Completed::Replayed).map_err(OnceError::Decode)
-                    }
-                    Stored::NotReplayable { .. } => Err(OnceError::NotReplayable),
+        let engine = &*self.idempotency.engine;
+        let metrics = engine.metrics_at("once", self.scope);
+        let begun = begin_observed(&engine.background, &metrics, store_key, fingerprint, &self.policy).await;
+        let answer = match decide(begun, engine.on_store_failure) {
+            Decision::Execute(claim) => return Step::Run(claim),
+            Step::RunUnprotected => return Step::RunUnprotected,
+            Decision::Replay(record) => match record.stored {
+                Stored::Response(stored) => {
+                    serde_json::from_slice(&stored.body).map(Completed::Replayed).map_err(OnceError::Decode)
                 }
-            }
-            Ok(Outcome::InFlight) => {
-                span.record("outcome", "conflict");
-                Err(OnceError::InFlight)
-            }
-            Ok(Outcome::Mismatch) => {
-                span.record("outcome", "mismatch");
-                Err(OnceError::Mismatch)
-            }
-            // Not an outage: running the work would ignore what the store holds, so even fail-open refuses.
-            Err(error @ StoreError::Corrupt(_)) => {
-                span.record("outcome", "corrupt-record");
-                tracing::error!(%error, "idempotency record unreadable: the work did not run");
-                Err(OnceError::Store(error))
-            }
-            Err(error) => match shared.on_store_failure {
-                StoreFailure::FailClosed => {
-                    span.record("outcome", "store-error");
-                    tracing::error!(%error, "idempotency store failed: the work did not run (fail closed)");
-                    Err(OnceError::Store(error))
-                }
-                StoreFailure::FailOpen => {
-                    span.record("outcome", "store-error-fail-open");
-                    tracing::error!(%error, "idempotency store failed: running the work unprotected (fail open)");
-                    return Decision::RunUnprotected;
-                }
+                Stored::NotReplayable { .. } => Err(OnceError::NotReplayable),
             },
+            Decision::Refuse(Refusal::InFlight) => Err(OnceError::InFlight),
+            Decision::Refuse(Refusal::Mismatch) => Err(OnceError::Mismatch),
+            Decision::Refuse(Refusal::Corrupt(error) | Refusal::StoreUnavailable(error)) => Err(OnceError::Store(error)),
         };
-        Decision::Answer(answer)
+        Step::Answer(answer)
     }
 
     async fn run_claimed<T, E, F, Fut>(
@@ -221,14 +196,14 @@ impl Once<'_> {
         Fut: Future<Output = Result<T, E>>,
     {
         let claim = match self.decide(store_key, fingerprint).await {
-            Decision::Run(claim) => claim,
-            Decision::Answer(answer) => return answer,
-            Decision::RunUnprotected => return work().await.map(Completed::Fresh).map_err(OnceError::Work),
+            Step::Run(claim) => claim,
+            Step::Answer(answer) => return answer,
+            Step::RunUnprotected => return work().await.map(Completed::Fresh).map_err(OnceError::Work),
         };
         // The engine's lease keeper renews the lease (on a task of its own: work that blocks its thread keeps it)
         // until the claim is completed or released.
         claim.start_keeping();
-        let ttl = self.policy.ttl_duration();
+        let ttl = self.policy.get_ttl();
         {
             let value = match work().await {
                 Ok(value) => value,
@@ -245,7 +220,7 @@ impl Once<'_> {
     /// The record of a result: its JSON, or not replayable when too large or not serializable.
     fn stored<T: Serialize>(&self, value: &T) -> Stored {
         match serde_json::to_vec(value) {
-            Ok(body) if body.len() <= self.idempotency.shared.max_record_bytes => Stored::Response(StoredResponse {
+            Ok(body) if body.len() <= self.idempotency.engine.max_record_bytes => Stored::Response(StoredResponse {
                 status: 200,
                 headers: vec![("content-type".to_owned(), Bytes::from_static(b"application/json"))],
                 body: body.into(),
@@ -262,10 +237,10 @@ impl Once<'_> {
     }
 }
 
-/// What [`Once::decide`] found.
-enum Decision<T, E> {
+/// What [`Once::decide`] found, in `once`'s terms.
+enum Step<T, E> {
     /// The key is this call's: run the work.
-    Run(crate::engine::Claim),
+    Run(Claim),
     /// Answered without running the work.
     Answer(Result<Completed<T>, OnceError<E>>),
     /// The store failed under fail-open: run the work without a claim.
@@ -301,10 +276,10 @@ impl Once<'_> {
     where
         I: Serialize + ?Sized,
         T: Serialize + DeserializeOwned,
-        F: FnOnce(crate::Tx) -> Fut,
+        F: FnOnce(Tx) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let Some(store) = self.idempotency.shared.transactions.clone() else {
+        let Some(store) = self.idempotency.engine.transactions.clone() else {
             let why = "run_in_transaction needs an Idempotency built on a PostgresStore";
             return Err(OnceError::Store(StoreError::Unavailable(why.into())));
         };
@@ -316,21 +291,20 @@ impl Once<'_> {
         self,
         store_key: StoreKey,
         fingerprint: Fingerprint,
-        store: std::sync::Arc<crate::PostgresStore>,
+        store: std::sync::Arc<PostgresStore>,
         work: F,
     ) -> Result<Completed<T>, OnceError<E>>
     where
         T: Serialize + DeserializeOwned,
-        F: FnOnce(crate::Tx) -> Fut,
+        F: FnOnce(Tx) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        use crate::TxRejection;
         let claim = match self.decide(store_key, fingerprint).await {
-            Decision::Run(claim) => Some(claim),
-            Decision::Answer(answer) => return answer,
-            Decision::RunUnprotected => None,
+            Step::Run(claim) => Some(claim),
+            Step::Answer(answer) => return answer,
+            Step::RunUnprotected => None,
         };
-        let slot = crate::transaction::TxSlot::new(store);
+        let slot = TxSlot::new(store);
         let tx = match slot.clone().lend().await {
             Ok(tx) => tx,
             Err(rejection) => {
@@ -354,7 +328,7 @@ impl Once<'_> {
             };
         };
         claim.start_keeping();
-        let ttl = self.policy.ttl_duration();
+        let ttl = self.policy.get_ttl();
         {
             let value = match work(tx).await {
                 Ok(value) => value,

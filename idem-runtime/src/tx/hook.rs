@@ -1,27 +1,29 @@
-//! The doors' side of [`Tx`](crate::Tx): offer a transaction slot to the handler, then commit it with the record
+//! The doors' side of [`Tx`](crate::tx::transaction::Tx): offer a transaction slot to the handler, then commit it with the record
 //! or roll it back. Without the `postgres` feature (or on another store) every step is a no-op.
 
-use super::Problem;
-use crate::Stored;
-use crate::engine::Claim;
-use crate::idempotency::Shared;
+use crate::engine::Engine;
+use crate::protocol::claim::Claim;
+use crate::record::Stored;
+#[cfg(feature = "postgres")]
+use crate::tx::transaction::TxSlot;
+use crate::tx::unkept::Unkept;
 use axum::extract::Request;
 use std::time::Duration;
 
-/// The transaction slot of one request, when the engine's store is a [`PostgresStore`](crate::PostgresStore).
+/// The transaction slot of one request, when the engine's store is a [`PostgresStore`](crate::store::postgres::PostgresStore).
 #[derive(Default)]
-pub(super) struct HandlerTransaction {
+pub(crate) struct HandlerTransaction {
     #[cfg(feature = "postgres")]
-    slot: Option<std::sync::Arc<crate::transaction::TxSlot>>,
+    slot: Option<std::sync::Arc<TxSlot>>,
 }
 
 impl HandlerTransaction {
-    /// Puts a slot in `request`'s extensions, where [`Tx`](crate::Tx) finds it.
+    /// Puts a slot in `request`'s extensions, where [`Tx`](crate::tx::transaction::Tx) finds it.
     #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
-    pub(super) fn offer(shared: &Shared, request: &mut Request) -> Self {
+    pub(crate) fn offer(shared: &Engine, request: &mut Request) -> Self {
         #[cfg(feature = "postgres")]
         if let Some(store) = &shared.transactions {
-            let slot = crate::transaction::TxSlot::new(store.clone());
+            let slot = TxSlot::new(store.clone());
             request.extensions_mut().insert(slot.clone());
             return Self { slot: Some(slot) };
         }
@@ -29,7 +31,7 @@ impl HandlerTransaction {
     }
 
     /// Rolls back what the handler wrote, if it opened a transaction: before its key is released.
-    pub(super) async fn roll_back(&self) {
+    pub(crate) async fn roll_back(&self) {
         #[cfg(feature = "postgres")]
         if let Some(slot) = &self.slot {
             slot.roll_back().await;
@@ -39,14 +41,14 @@ impl HandlerTransaction {
     /// Completes `claim` inside the handler's transaction and commits (see [`TxSlot::complete`]); gives the claim
     /// back when the handler opened none.
     ///
-    /// [`TxSlot::complete`]: crate::transaction::TxSlot::complete
+    /// [`TxSlot::complete`]: crate::tx::transaction::TxSlot::complete
     #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
-    pub(super) async fn complete(
+    pub(crate) async fn complete(
         &self,
         claim: Claim,
         stored: Stored,
         ttl: Duration,
-    ) -> Result<Result<(), Problem>, (Claim, Stored)> {
+    ) -> Result<Result<(), Unkept>, (Claim, Stored)> {
         #[cfg(feature = "postgres")]
         if let Some(slot) = &self.slot {
             return slot.complete(claim, stored, ttl).await;
@@ -56,7 +58,7 @@ impl HandlerTransaction {
 
     /// Finishes a request run without a claim: commits when `keep`, else rolls back.
     #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
-    pub(super) async fn finish_unclaimed(&self, keep: bool) -> Result<(), Problem> {
+    pub(crate) async fn finish_unclaimed(&self, keep: bool) -> Result<(), Unkept> {
         #[cfg(feature = "postgres")]
         if let Some(slot) = &self.slot {
             return slot.finish_unclaimed(keep).await;

@@ -1,13 +1,13 @@
-//! Transactional exactly-once on PostgreSQL: the handler's own writes and its idempotency record commit in one
-//! transaction, so both land or neither does.
+//! The database transaction lent to a handler ([`Tx`]) and the slot it lives in between the door and the handler.
+//! Doors finish it through [`hook`](crate::tx::hook); PostgreSQL's own steps (begin, complete inside, commit, roll
+//! back) are the store's, in `store/postgres/tx.rs`.
 
-use crate::engine::Claim;
-use crate::http::Problem;
-use crate::store::{StoreError, Write};
-use crate::{PostgresStore, Stored};
-use axum::extract::{FromRequestParts, OptionalFromRequestParts};
-use axum::http::request::Parts;
-use axum::response::{IntoResponse, Response};
+use crate::protocol::claim::Claim;
+use crate::record::Stored;
+use crate::store::contract::Write;
+use crate::store::error::StoreError;
+use crate::store::postgres::PostgresStore;
+use crate::tx::unkept::Unkept;
 use sqlx::{PgConnection, Postgres, Transaction};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -122,47 +122,6 @@ pub enum TxRejection {
     Unavailable(StoreError),
 }
 
-impl IntoResponse for TxRejection {
-    fn into_response(self) -> Response {
-        match self {
-            TxRejection::NotTransactional => {
-                tracing::error!("Tx extracted in a handler that idem does not serve on a PostgresStore");
-                Problem::NotConfigured.into_response()
-            }
-            TxRejection::AlreadyTaken => {
-                tracing::error!("Tx extracted twice in one request");
-                Problem::NotConfigured.into_response()
-            }
-            TxRejection::Unavailable(error) => {
-                tracing::error!(%error, "could not open the handler's transaction");
-                Problem::StoreUnavailable.into_response()
-            }
-        }
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for Tx {
-    type Rejection = TxRejection;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let slot = parts.extensions.get::<Arc<TxSlot>>().cloned().ok_or(TxRejection::NotTransactional)?;
-        slot.lend().await
-    }
-}
-
-impl<S: Send + Sync> OptionalFromRequestParts<S> for Tx {
-    type Rejection = TxRejection;
-
-    /// `None` when the engine's store is not a [`PostgresStore`] (or idem does not serve the handler): for handlers
-    /// shared by apps on several stores.
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Option<Self>, Self::Rejection> {
-        match parts.extensions.get::<Arc<TxSlot>>().cloned() {
-            Some(slot) => slot.lend().await.map(Some),
-            None => Ok(None),
-        }
-    }
-}
-
 /// Where one request's transaction lives between the door that finishes it and the handler that borrows it.
 pub(crate) struct TxSlot {
     store: Arc<PostgresStore>,
@@ -238,13 +197,13 @@ impl TxSlot {
 
     /// Finishes a request that ran without a claim: commits on `keep`, rolls back otherwise. `Err` when a commit
     /// failed (the answer must not claim success).
-    pub(crate) async fn finish_unclaimed(&self, keep: bool) -> Result<(), Problem> {
+    pub(crate) async fn finish_unclaimed(&self, keep: bool) -> Result<(), Unkept> {
         match self.take() {
             Taken::Unopened => Ok(()),
-            Taken::Escaped => Err(Problem::TransactionFailed),
+            Taken::Escaped => Err(Unkept::Failed),
             Taken::Open(transaction) if keep => self.store.commit(transaction).await.map_err(|error| {
                 tracing::error!(%error, "committing the handler's transaction failed");
-                Problem::TransactionFailed
+                Unkept::Failed
             }),
             Taken::Open(transaction) => {
                 self.store.roll_back(transaction).await;
@@ -255,20 +214,20 @@ impl TxSlot {
 
     /// Completes `claim` with `stored` inside the handler's transaction and commits, when the handler opened one;
     /// `Err(claim, stored)` back when it did not (the door completes as on any store). An answer given over an
-    /// aborted transaction is recorded outside it (see [`PostgresStore::complete_transaction`]). `Ok(Err(problem))`
+    /// aborted transaction is recorded outside it (see [`PostgresStore::complete_transaction`]). `Ok(Err(unkept))`
     /// when the answer cannot stand: the claim was lost (the writes were rolled back) or the commit failed.
     pub(crate) async fn complete(
         &self,
         claim: Claim,
         stored: Stored,
         ttl: Duration,
-    ) -> Result<Result<(), Problem>, (Claim, Stored)> {
+    ) -> Result<Result<(), Unkept>, (Claim, Stored)> {
         let transaction = match self.take() {
             Taken::Unopened => return Err((claim, stored)),
             Taken::Open(transaction) => transaction,
             Taken::Escaped => {
                 let _ = claim.release().await;
-                return Ok(Err(Problem::TransactionFailed));
+                return Ok(Err(Unkept::Failed));
             }
         };
         let store = self.store.clone();
@@ -279,8 +238,8 @@ impl TxSlot {
             .await;
         Ok(match write {
             Ok(Write::Applied) => Ok(()),
-            Ok(Write::Fenced) => Err(Problem::InProgress),
-            Err(_) => Err(Problem::TransactionFailed),
+            Ok(Write::Fenced) => Err(Unkept::ClaimLost),
+            Err(_) => Err(Unkept::Failed),
         })
     }
 }

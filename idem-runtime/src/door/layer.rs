@@ -1,17 +1,19 @@
 //! The tower layer: app-wide idempotency for every unsafe method of a router.
 
-use crate::engine::Claim;
-use crate::http::{BodyLimit, Door, Execution, request_span};
-use crate::{Idempotency, Policy};
+use crate::door::handoff::{AnnotatedRoutes, Handoff, LayerRoutes};
+use crate::door::pipeline::{BodyLimit, process};
+use crate::http::execution::Execution;
+use crate::door::span::{Door, request_span};
+use crate::engine::Idempotency;
+use crate::policy::Policy;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -21,33 +23,32 @@ use tracing::Instrument;
 ///
 /// Built with [`Idempotency::layer`] (or [`IdempotencyLayer::new`]) and applied with `Router::layer`. The layer
 /// uses the engine's settings (store, key header, principal, fingerprint headers, record size, store-failure
-/// policy, metrics) plus:
-/// - [`IdempotencyBuilder::layer_policy`](crate::IdempotencyBuilder::layer_policy): ttl, `wait_timeout`,
-///   signature validation, lease, `store_server_errors`, and `required`, which defaults to **false** on the layer
-///   (a request without a key runs unprotected), unlike on `#[idempotent]`;
-/// - [`IdempotencyBuilder::layer_body_limit`](crate::IdempotencyBuilder::layer_body_limit): how much of a body the
-///   layer buffers to fingerprint it (default 2 MiB; over it, `413 payload-too-large`). The layer runs before
-///   route-level `DefaultBodyLimit`s, so it has its own.
+/// policy, metrics) plus its own, each with a setter here:
+/// - [`policy`](Self::policy): ttl, `wait_timeout`, signature validation, lease, `store_server_errors`, and
+///   `required`, which defaults to **false** on a layer (a request without a key runs unprotected), unlike on
+///   `#[idempotent]`;
+/// - [`body_limit`](Self::body_limit): how much of a body the layer buffers to fingerprint it (default 2 MiB; over
+///   it, `413 payload-too-large`). The layer runs before route-level `DefaultBodyLimit`s, so it has its own;
+/// - [`methods`](Self::methods) and [`unstored_statuses`](Self::unstored_statuses), below.
 ///
 /// It also puts the `Idempotency` in the request extensions, so `#[idempotent]` handlers under it find the engine
 /// without `FromRef`.
 ///
 /// On a route that is not annotated the layer cannot tell a handler's answer from a rejection by an extractor, the
 /// router or a middleware further in, so it never stores the statuses such rejections use
-/// ([`IdempotencyBuilder::layer_unstored_statuses`](crate::IdempotencyBuilder::layer_unstored_statuses); default
-/// 400, 401, 403, 404, 405, 408, 409, 413, 415, 422 and 429): they are sent, the key is released, a retry runs.
+/// ([`unstored_statuses`](Self::unstored_statuses); default 400, 401, 403, 404, 405, 408, 409, 413, 415, 422 and
+/// 429): they are sent, the key is released, a retry runs.
 ///
 /// ```
+/// # use idem_runtime as idem;
 /// use axum::{Router, routing::post};
-/// use idem_runtime::{Idempotency, MemoryStore, Policy};
+/// use idem::{Idempotency, MemoryStore, Policy};
 /// use std::time::Duration;
 ///
-/// let idempotency = Idempotency::builder(MemoryStore::new())
-///     .layer_policy(Policy::new().required(false).ttl(Duration::from_secs(3600)))
-///     .build();
+/// let idempotency = Idempotency::new(MemoryStore::new());
 /// let app: Router = Router::new()
 ///     .route("/transfers", post(|| async { "moved" }))
-///     .layer(idempotency.layer());
+///     .layer(idempotency.layer().policy(Policy::new().required(false).ttl(Duration::from_secs(3600))));
 /// # let _ = app;
 /// ```
 ///
@@ -89,7 +90,7 @@ use tracing::Instrument;
 ///
 /// # One policy per route or per router
 ///
-/// Each layer carries its own settings, starting from the engine's `layer_*` defaults: [`IdempotencyLayer::policy`],
+/// Each layer carries its own settings: [`IdempotencyLayer::policy`],
 /// [`IdempotencyLayer::methods`], [`IdempotencyLayer::body_limit`] and [`IdempotencyLayer::unstored_statuses`]. Put
 /// one on a single route (`post(handler).layer(..)`) or on a nested router to give those routes their own `ttl` or
 /// `wait_timeout`, the tower way, instead of one policy for the whole app:
@@ -117,7 +118,7 @@ pub struct IdempotencyLayer {
     settings: Arc<LayerSettings>,
 }
 
-/// What one layer applies: the engine's `layer_*` defaults unless the layer was given its own.
+/// What one layer applies.
 #[derive(Debug, Clone)]
 struct LayerSettings {
     policy: Policy,
@@ -129,18 +130,16 @@ struct LayerSettings {
 impl IdempotencyLayer {
     /// A layer over `idempotency`'s store and settings.
     pub fn new(idempotency: Idempotency) -> Self {
-        let shared = &idempotency.shared;
         let settings = LayerSettings {
-            policy: shared.layer_policy,
-            body_limit: shared.layer_body_limit,
-            unstored: shared.layer_unstored.clone(),
+            policy: Policy::new().required(false),
+            body_limit: DEFAULT_BODY_LIMIT,
+            unstored: UNSTORED.to_vec(),
             methods: vec![Method::POST, Method::PUT, Method::PATCH, Method::DELETE],
         };
         Self { idempotency, settings: Arc::new(settings) }
     }
 
-    /// This layer's policy (default: the engine's
-    /// [`layer_policy`](crate::IdempotencyBuilder::layer_policy)).
+    /// This layer's policy (default: [`Policy::new`] with `required(false)`).
     pub fn policy(mut self, policy: Policy) -> Self {
         Arc::make_mut(&mut self.settings).policy = policy;
         self
@@ -152,25 +151,31 @@ impl IdempotencyLayer {
         self
     }
 
-    /// How much of a body this layer buffers to fingerprint it (default: the engine's
-    /// [`layer_body_limit`](crate::IdempotencyBuilder::layer_body_limit)).
+    /// How much of a body this layer buffers to fingerprint it (default 2 MiB, axum's default body limit); a larger
+    /// one is answered `413 payload-too-large`. Annotated handlers keep using axum's `DefaultBodyLimit` instead.
     pub fn body_limit(mut self, bytes: usize) -> Self {
         Arc::make_mut(&mut self.settings).body_limit = bytes;
         self
     }
 
-    /// Statuses this layer sends but never stores (default: the engine's
-    /// [`layer_unstored_statuses`](crate::IdempotencyBuilder::layer_unstored_statuses)).
+    /// Statuses this layer sends through but never stores, where it cannot tell a handler's answer from a rejection
+    /// by an extractor, the router or a middleware further in; a retry then runs again. Default: 400, 401, 403, 404,
+    /// 405, 408, 409, 413, 415, 422 and 429 (5xx follow the policy's `store_server_errors`). Annotated routes tell
+    /// the two apart and store every answer their handler gives.
+    ///
+    /// ```
+    /// # use idem_runtime as idem;
+    /// use axum::http::StatusCode;
+    /// use idem::Idempotency;
+    /// // A plain handler whose own 409 is a final answer worth replaying:
+    /// let layer = Idempotency::in_memory()
+    ///     .layer()
+    ///     .unstored_statuses([StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND, StatusCode::TOO_MANY_REQUESTS]);
+    /// # let _ = layer;
+    /// ```
     pub fn unstored_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
         Arc::make_mut(&mut self.settings).unstored = statuses.into_iter().collect();
         self
-    }
-}
-
-impl Idempotency {
-    /// The router-wide [`IdempotencyLayer`] over this engine.
-    pub fn layer(&self) -> IdempotencyLayer {
-        IdempotencyLayer::new(self.clone())
     }
 }
 
@@ -266,7 +271,7 @@ where
                     }
                 }
             };
-            let response = idempotency.process(&policy, limit, request, run, Door::Layer).instrument(span).await;
+            let response = process(&idempotency.engine, &policy, limit, request, run, Door::Layer).instrument(span).await;
             match failed.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 Some(error) => Err(error),
                 None => Ok(response),
@@ -275,51 +280,26 @@ where
     }
 }
 
-/// The routes whose handlers are annotated, as `#[idempotent]` handlers report them on first contact.
-#[derive(Debug, Default)]
-pub(crate) struct AnnotatedRoutes(RwLock<HashMap<Box<str>, Vec<Method>>>);
+/// How much of a body a layer buffers by default: axum's own default body limit, 2 MiB.
+const DEFAULT_BODY_LIMIT: usize = 2 << 20;
 
-/// The registries of every layer a request passed, for an annotated handler to report its route to.
-#[derive(Clone)]
-pub(crate) struct LayerRoutes(pub(crate) Vec<Arc<AnnotatedRoutes>>);
+/// What a layer never stores by default: answers that routing, extractors and middleware give without the handler
+/// running (a malformed body, an unknown route, a rate limit, missing credentials), which a retry must be able to
+/// get past. The same set `axum-idempotent` and Stripe leave unstored.
+const UNSTORED: [StatusCode; 11] = [
+    StatusCode::BAD_REQUEST,
+    StatusCode::UNAUTHORIZED,
+    StatusCode::FORBIDDEN,
+    StatusCode::NOT_FOUND,
+    StatusCode::METHOD_NOT_ALLOWED,
+    StatusCode::REQUEST_TIMEOUT,
+    StatusCode::CONFLICT,
+    StatusCode::PAYLOAD_TOO_LARGE,
+    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    StatusCode::UNPROCESSABLE_ENTITY,
+    StatusCode::TOO_MANY_REQUESTS,
+];
 
-impl AnnotatedRoutes {
-    pub(crate) fn contains(&self, method: &Method, path: &str) -> bool {
-        let routes = self.0.read().unwrap_or_else(PoisonError::into_inner);
-        routes.get(path).is_some_and(|methods| methods.contains(method))
-    }
-
-    pub(crate) fn insert(&self, method: &Method, path: &str) {
-        if self.contains(method, path) {
-            return;
-        }
-        let mut routes = self.0.write().unwrap_or_else(PoisonError::into_inner);
-        let methods = routes.entry(path.into()).or_default();
-        if !methods.contains(method) {
-            methods.push(method.clone());
-        }
-    }
-}
-
-/// A claim the layer made, offered to an annotated handler further in: taken at most once.
-#[derive(Clone)]
-pub(crate) struct Handoff(Arc<Mutex<Option<Adoptable>>>);
-
-/// What an adopting handler needs: the claim (its key and fingerprint) and the key header to echo.
-pub(crate) struct Adoptable {
-    pub(crate) claim: Claim,
-    pub(crate) echo: Option<(HeaderName, HeaderValue)>,
-}
-
-impl Handoff {
-    pub(crate) fn offer(adoptable: Adoptable) -> Self {
-        Self(Arc::new(Mutex::new(Some(adoptable))))
-    }
-
-    pub(crate) fn take(&self) -> Option<Adoptable> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
-    }
-}
 
 // An `Infallible` inner error (axum's `Route`) makes the layer's error `Infallible` too, as `Router::layer` needs.
 const _: fn() = || {

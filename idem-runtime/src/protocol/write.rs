@@ -7,12 +7,13 @@
 //! frees itself when its lease ends), and a call that never left this process (the store knew it was down) leaves
 //! nothing behind.
 
-use super::keeper::Lease;
-use super::report_write;
 use crate::drain::{Running, RunningTask};
 use crate::metrics::Metrics;
-use crate::store::{Claimed, Store, StoreError, StoreKey, Write};
-use crate::{OwnerToken, Record};
+use crate::protocol::keeper::Lease;
+use crate::protocol::report::report_write;
+use crate::record::{OwnerToken, Record};
+use crate::store::contract::{Claimed, Store, StoreKey, Write};
+use crate::store::error::StoreError;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use std::future::Future;

@@ -12,10 +12,12 @@
 //! its timer entry (a few bytes, no reference to the claim) is dropped when it comes due, which spares the
 //! completion a search of the queue.
 
-use super::report_write;
+use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError, StoreKey, Write};
-use crate::{Fingerprint, OwnerToken};
+use crate::protocol::report::report_write;
+use crate::record::OwnerToken;
+use crate::store::contract::{Store, StoreKey, Write};
+use crate::store::error::StoreError;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use std::collections::{BinaryHeap, VecDeque};

@@ -13,8 +13,8 @@
 //! bounded backoff), every channel with waiters is subscribed again, and every waiter is woken to re-check its key,
 //! since a completion announced while the link was down was missed.
 
-use super::super::wakeup::{self, Announcements, next_retry};
-use super::connection::SentinelLink;
+use crate::store::redis::connection::SentinelLink;
+use crate::store::wakeup::{self, Announcements, next_retry};
 use futures_util::StreamExt;
 use redis::aio::PubSub;
 use redis::cluster_async::ClusterConnection;

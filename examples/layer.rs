@@ -102,7 +102,16 @@ fn app(idempotency: &Idempotency, state: AppState) -> Router {
         .route("/stats", get(stats))
         // `Router::layer` wraps each route, so the layer sees axum's `MatchedPath` and, once `/payments` has been
         // called, leaves that route to its annotation entirely.
-        .layer(idempotency.layer())
+        // The settings for the routes that are not annotated: keys optional, records kept an hour, a duplicate
+        // waits up to two seconds for its original, bodies up to 64 KiB.
+        .layer(
+            idempotency
+                .layer()
+                .policy(
+                    Policy::new().required(false).ttl(Duration::from_secs(3600)).wait_timeout(Duration::from_secs(2)),
+                )
+                .body_limit(64 * 1024),
+        )
         .with_state(state)
 }
 
@@ -114,13 +123,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let counters = Arc::new(Counters::new());
-    let idempotency = Idempotency::builder(MemoryStore::new())
-        // The app-wide settings for routes that are not annotated: keys optional, records kept an hour, a
-        // duplicate waits up to two seconds for its original.
-        .layer_policy(Policy::new().required(false).ttl(Duration::from_secs(3600)).wait_timeout(Duration::from_secs(2)))
-        .layer_body_limit(64 * 1024)
-        .metrics(counters.clone())
-        .build();
+    let idempotency = Idempotency::builder(MemoryStore::new()).metrics(counters.clone()).build();
     let state = AppState { executions: Arc::default(), counters };
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let listener = tokio::net::TcpListener::bind(&bind).await?;

@@ -78,7 +78,7 @@
 //!
 //! One [`Idempotency`] per app holds the store and the app-wide settings. Put it in the state (as above, with
 //! `FromRef`), or install it for a whole router with [`Idempotency::layer`] (which also makes every unannotated
-//! `POST`/`PUT`/`PATCH`/`DELETE` idempotent: see [`IdempotencyLayer`]):
+//! `POST`/`PUT`/`PATCH`/`DELETE` idempotent: see [`IdempotencyLayer`](layer::IdempotencyLayer)):
 //!
 //! ```
 //! # use axum::extract::{FromRef, State};
@@ -212,12 +212,12 @@
 //!
 //! - [`#[idempotent]`](idempotent) on a handler: per-route settings (`ttl`, `wait_timeout`, `lease`,
 //!   `validate_signature`, `required`, `store_server_errors`).
-//! - [`IdempotencyLayer`], from [`Idempotency::layer`]: every `POST`/`PUT`/`PATCH`/`DELETE` of a router that
-//!   carries a key, with the app-wide [`IdempotencyBuilder::layer_policy`]; safe methods pass through. A route that
-//!   is also annotated is processed once, with the annotation's settings.
+//! - [`IdempotencyLayer`](layer::IdempotencyLayer), from [`Idempotency::layer`]: every `POST`/`PUT`/`PATCH`/`DELETE`
+//!   of a router (or of one route) that carries a key, with the layer's own [`Policy`]; safe methods pass through. A
+//!   route that is also annotated is processed once, with the annotation's settings.
 //! - [`Idempotency::once`]: work that is not an HTTP handler (queue and webhook consumers, jobs) runs at most once
 //!   per key and its `Serialize`/`DeserializeOwned` result is returned to every repeat, with typed errors
-//!   ([`OnceError`]).
+//!   ([`OnceError`](once::OnceError)).
 //!
 //! All three share the stores ([`MemoryStore`], and `RedisStore` with the `redis` feature, or your own [`Store`](store::Store)),
 //! the claim / wait / replay protocol, lease renewal, and the store-failure policy ([`StoreFailure`]: fail closed
@@ -248,7 +248,7 @@
 //!
 //! # Your own store
 //!
-//! Implement [`store::Store`] with [`#[idem::store::async_trait]`](async_trait) (the same version idem uses), and check
+//! Implement [`store::Store`] with [`#[idem::store::async_trait]`](macro@store::async_trait) (the same version idem uses), and check
 //! it with the test kit: one line under `tests/` runs every conformance case on it, one `#[test]` per case.
 //!
 //! ```toml

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
 use idem::test_kit::{Fault, Faulty, Operation};
-use idem::{Idempotency, IdempotencyKey, MemoryStore, idempotent, drain::Undrained, protocol::Fence};
+use idem::{Idempotency, IdempotencyKey, MemoryStore, drain::Undrained, idempotent, protocol::Fence};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -157,10 +157,7 @@ async fn plain(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respo
 
 /// A fresh store per case, so a key drawn twice by two cases cannot meet a different request.
 fn app() -> (Router, App) {
-    let idempotency = Idempotency::builder(MemoryStore::new())
-        .layer_body_limit(BODY_LIMIT)
-        .layer_unstored_statuses(LAYER_UNSTORED)
-        .build();
+    let idempotency = Idempotency::new(MemoryStore::new());
     let app = App {
         idempotency: idempotency.clone(),
         annotated_runs: Arc::default(),
@@ -170,7 +167,7 @@ fn app() -> (Router, App) {
     let layered = Router::new()
         .route("/layered", post(plain).put(plain).patch(plain).delete(plain))
         .route("/both", post(annotated_under_layer).layer(DefaultBodyLimit::max(BODY_LIMIT)))
-        .layer(idempotency.layer());
+        .layer(idempotency.layer().body_limit(BODY_LIMIT).unstored_statuses(LAYER_UNSTORED));
     let annotated = Router::new().route("/annotated", post(annotated)).layer(DefaultBodyLimit::max(BODY_LIMIT));
     (layered.merge(annotated).with_state(app.clone()), app)
 }

@@ -84,8 +84,13 @@ struct TestApp {
 impl TestApp {
     /// The routes under `idempotency.layer()` (applied with `Router::layer`, so it sees `MatchedPath`).
     fn new(idempotency: Idempotency) -> Self {
+        Self::with_layer(idempotency.layer())
+    }
+
+    /// The routes under a layer of the test's own settings.
+    fn with_layer(layer: IdempotencyLayer) -> Self {
         let probe = Probe::default();
-        let router = routes().layer(idempotency.layer()).with_state(probe.clone());
+        let router = routes().layer(layer).with_state(probe.clone());
         Self { router, probe }
     }
 
@@ -254,8 +259,7 @@ pub async fn layer_without_a_key_runs_unprotected_by_default(store: impl Store) 
 }
 
 pub async fn layer_requires_a_key_when_its_policy_says_so(store: impl Store) {
-    let idempotency = Idempotency::builder(store).layer_policy(Policy::new().required(true)).build();
-    let app = TestApp::new(idempotency);
+    let app = TestApp::with_layer(Idempotency::new(store).layer().policy(Policy::new().required(true)));
     let reply = app.send(post_json("/plain", None, &json!({}))).await;
     reply.assert_problem(400, "missing-key");
     assert_eq!(app.probe.runs(), 0);
@@ -302,8 +306,7 @@ pub async fn layer_does_not_store_a_5xx_and_a_retry_runs_again(store: impl Store
 }
 
 pub async fn layer_refuses_a_body_over_its_limit_with_413(store: impl Store) {
-    let idempotency = Idempotency::builder(store).layer_body_limit(64).build();
-    let app = TestApp::new(idempotency);
+    let app = TestApp::with_layer(Idempotency::new(store).layer().body_limit(64));
     let key = fresh_key("too-large");
     let reply = app.send(post_json("/plain", Some(&key), &json!({ "padding": "x".repeat(100) }))).await;
     reply.assert_problem(413, "payload-too-large");
@@ -431,8 +434,7 @@ pub async fn after_first_contact_the_annotations_validate_signature_applies(stor
 }
 
 pub async fn before_first_contact_the_layers_body_limit_applies_and_after_it_axums(store: impl Store) {
-    let idempotency = Idempotency::builder(store).layer_body_limit(64).build();
-    let app = TestApp::new(idempotency);
+    let app = TestApp::with_layer(Idempotency::new(store).layer().body_limit(64));
     let large = json!({ "padding": "x".repeat(100) });
     let refused = app.send(post_json("/annotated", Some(&fresh_key("large")), &large)).await;
     refused.assert_problem(413, "payload-too-large");

@@ -152,7 +152,9 @@ fn load() -> Vec<(String, Vec<Source>)> {
         files.sort();
         let mut sources = Vec::new();
         for file in files {
-            if file.file_name().is_some_and(|name| name == "tests.rs") || file.components().any(|c| c.as_os_str() == "tests") {
+            if file.file_name().is_some_and(|name| name == "tests.rs")
+                || file.components().any(|c| c.as_os_str() == "tests")
+            {
                 continue;
             }
             let raw = fs::read_to_string(&file).unwrap();
@@ -173,9 +175,14 @@ fn named_paths(source: &Source) -> Vec<(Vec<String>, bool)> {
     // `use` statements, with their trees.
     for statement in use_statements(text) {
         let is_pub = statement.starts_with("pub");
-        let body = statement.trim_start_matches("pub(crate)").trim_start_matches("pub(super)").trim_start_matches("pub");
+        let body =
+            statement.trim_start_matches("pub(crate)").trim_start_matches("pub(super)").trim_start_matches("pub");
         let body = body.trim().trim_start_matches("use").trim().trim_end_matches(';').trim();
         for path in expand_tree(body) {
+            // `use super::*` is how an inline module (`mod facade { .. }`, a macro's module) sees its own file.
+            if path == ["super", "*"] {
+                continue;
+            }
             if let Some(absolute) = absolute(&source.module, source.is_face, &path) {
                 paths.push((absolute, is_pub));
             }
@@ -184,7 +191,8 @@ fn named_paths(source: &Source) -> Vec<(Vec<String>, bool)> {
     // Paths in code: `crate::a::b(..)`, `super::c::D` (outside the `use` statements read above).
     let mut code = text.clone();
     for statement in use_statements(text) {
-        let body = statement.trim_start_matches("pub(crate)").trim_start_matches("pub(super)").trim_start_matches("pub");
+        let body =
+            statement.trim_start_matches("pub(crate)").trim_start_matches("pub(super)").trim_start_matches("pub");
         code = code.replacen(body.trim(), "", 1);
     }
     let text = &code;
@@ -194,14 +202,14 @@ fn named_paths(source: &Source) -> Vec<(Vec<String>, bool)> {
             let at = from + at;
             from = at + start.len();
             let before = text[..at].chars().next_back();
-            if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+            // `$crate::` in a macro is resolved where the macro is used.
+            if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':' || c == '$') {
                 continue;
             }
             let end = text[at..]
                 .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
                 .map_or(text.len(), |end| at + end);
-            let path: Vec<String> =
-                text[at..end].split("::").filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            let path: Vec<String> = text[at..end].split("::").filter(|s| !s.is_empty()).map(str::to_owned).collect();
             if let Some(absolute) = absolute(&source.module, source.is_face, &path) {
                 paths.push((absolute, false));
             }
@@ -225,6 +233,8 @@ fn use_statements(text: &str) -> Vec<String> {
 }
 
 fn expand_tree(tree: &str) -> Vec<Vec<String>> {
+    // `a as b` becomes `a@b` before the whitespace goes, so a name containing "as" stays whole.
+    let tree = tree.split_whitespace().collect::<Vec<_>>().join(" ").replace(" as ", "@");
     let tree: String = tree.chars().filter(|c| !c.is_whitespace()).collect();
     let mut out = Vec::new();
     expand(&tree, Vec::new(), &mut out);
@@ -241,10 +251,9 @@ fn expand(tree: &str, prefix: Vec<String>, out: &mut Vec<Vec<String>>) {
             expand(item, base.clone(), out);
         }
     } else {
-        let tree = tree.split(" as ").next().unwrap();
-        let tree = tree.split("as").next().filter(|_| !tree.contains("::")).unwrap_or(tree);
+        let tree = tree.split('@').next().unwrap();
         let mut path = prefix;
-        path.extend(tree.split("::").filter(|s| !s.is_empty()).map(|s| s.split("as").next().unwrap().to_owned()));
+        path.extend(tree.split("::").filter(|s| !s.is_empty()).map(str::to_owned));
         if path.last().is_some_and(|last| last == "self") {
             path.pop();
         }
@@ -314,6 +323,8 @@ fn no_file_imports_in_a_circle_nor_through_a_face_and_faces_define_nothing() {
         let modules: BTreeMap<Vec<String>, usize> =
             sources.iter().enumerate().map(|(index, source)| (source.module.clone(), index)).collect();
         let mut edges: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); sources.len()];
+        // Why each edge is there: the first path that made it, for the report.
+        let mut because: BTreeMap<(usize, usize), String> = BTreeMap::new();
         for (index, source) in sources.iter().enumerate() {
             for (path, is_pub) in named_paths(source) {
                 let Some((target, _, left)) = resolve(&modules, &path) else { continue };
@@ -321,6 +332,7 @@ fn no_file_imports_in_a_circle_nor_through_a_face_and_faces_define_nothing() {
                     continue;
                 }
                 edges[index].insert(target);
+                because.entry((index, target)).or_insert_with(|| path.join("::"));
                 let through_face = sources[target].is_face && left > 0 && !(source.is_face && is_pub);
                 // A face's own children re-exporting through it would be caught as a circle anyway.
                 if through_face {
@@ -335,7 +347,14 @@ fn no_file_imports_in_a_circle_nor_through_a_face_and_faces_define_nothing() {
         }
         for cycle in circles(&edges) {
             let names: Vec<String> = cycle.iter().map(|&i| rel(&sources[i].file)).collect();
-            problems.push(format!("{krate}: import circle: {}", names.join(" -> ")));
+            let links: Vec<String> = because
+                .iter()
+                .filter(|((from, to), _)| cycle.contains(from) && cycle.contains(to))
+                .map(|((from, to), path)| {
+                    format!("  {} names {path} ({})", rel(&sources[*from].file), rel(&sources[*to].file))
+                })
+                .collect();
+            problems.push(format!("{krate}: import circle: {}\n{}", names.join(", "), links.join("\n")));
         }
         for source in sources.iter().filter(|source| source.is_face) {
             for line in defined_in_face(&source.text) {
@@ -392,9 +411,9 @@ fn defined_in_face(text: &str) -> Vec<String> {
             || line.starts_with("#![")
             || line == "}"
             || line.ends_with("\"]")
-            || ["", "pub ", "pub(crate) "].iter().any(|vis| {
-                line.starts_with(&format!("{vis}mod ")) || line.starts_with(&format!("{vis}use "))
-            })
+            || ["", "pub ", "pub(crate) "]
+                .iter()
+                .any(|vis| line.starts_with(&format!("{vis}mod ")) || line.starts_with(&format!("{vis}use ")))
             || line.starts_with("pub extern crate ")
             || (doctest_struct && line.starts_with("pub struct ") && line.ends_with(';'));
         doctest_struct = line.starts_with("#[cfg(doctest)]") || (doctest_struct && line.starts_with("#["));
@@ -476,7 +495,9 @@ fn the_checker_finds_a_circle_a_face_import_and_a_definition_in_a_face() {
     let source = Source {
         file: PathBuf::from("x.rs"),
         module: vec!["door".into(), "pipeline".into()],
-        text: strip("use crate::{Entry, store::{error::StoreError, Write as W}};\nuse super::handoff::Handoff;\n// crate::not::this\nfn f() { crate::capacity::holding(); }"),
+        text: strip(
+            "use crate::{Entry, store::{error::StoreError, Write as W}};\nuse super::handoff::Handoff;\n// crate::not::this\nfn f() { crate::capacity::holding(); }",
+        ),
         is_face: false,
     };
     let named: Vec<String> = named_paths(&source).into_iter().map(|(path, _)| path.join("::")).collect();

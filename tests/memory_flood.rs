@@ -13,7 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use bytes::Bytes;
-use idem::store::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write};
+use idem::store::{
+    Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write,
+};
 use idem::{Idempotency, MemoryStore, idempotent};
 use serde_json::{Value, json};
 use std::sync::Arc;

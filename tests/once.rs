@@ -7,7 +7,10 @@ mod postgres_server;
 mod redis_server;
 use idem::store::{Store, StoreError};
 use idem::test_kit::Outage;
-use idem::{Idempotency, Policy, StoreFailure, once::{Completed, OnceError}};
+use idem::{
+    Idempotency, Policy, StoreFailure,
+    once::{Completed, OnceError},
+};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -10,7 +10,9 @@ use axum::http::{Method, Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use idem::metrics::{Event, Metrics, Site, StoreOperation};
-use idem::store::{Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, Stored, StoredResponse, Write};
+use idem::store::{
+    Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, Stored, StoredResponse, Write,
+};
 use idem::{Idempotency, MemoryStore, idempotent};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,7 +85,7 @@ async fn an_in_flight_claim_is_never_forgotten() {
     assert!(matches!(idempotency.inspect(&key).await.unwrap(), Some(Entry::InFlight { .. })));
     assert_eq!(idempotency.forget(&key).await.unwrap(), Forgotten::InFlight);
     let duplicate = idempotency.once("jobs", "job-1").run(&(), || async { Ok::<_, ()>(2) }).await;
-    assert!(matches!(duplicate, Err(idem::OnceError::InFlight)), "{duplicate:?}");
+    assert!(matches!(duplicate, Err(idem::once::OnceError::InFlight)), "{duplicate:?}");
     finish.notify_one();
     assert_eq!(job.await.unwrap().unwrap(), 1);
     assert!(matches!(idempotency.inspect(&key).await.unwrap(), Some(Entry::Completed(_))));

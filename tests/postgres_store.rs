@@ -5,9 +5,13 @@
 mod postgres_server;
 
 use idem::PostgresStore;
-use idem::store::{Claimed, Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, StoreKey, Stored, StoredResponse, Write};
+use idem::store::{
+    Claimed, Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, StoreKey, Stored, StoredResponse,
+    Write,
+};
 use postgres_server::{PostgresServer, fresh_table, shared_server, shared_store, store_on};
-use sqlx::{PgPool, Row};
+// The dynamic SQL here only names the tables the tests made themselves (`fresh_table`).
+use sqlx::{AssertSqlSafe, PgPool, Row};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,7 +50,7 @@ async fn twin(store: &PostgresStore, server: &PostgresServer) -> PostgresStore {
 }
 
 async fn rows(pool: &PgPool, table: &str) -> i64 {
-    sqlx::query(&format!("SELECT count(*) FROM \"{table}\"")).fetch_one(pool).await.unwrap().get(0)
+    sqlx::query(AssertSqlSafe(format!("SELECT count(*) FROM \"{table}\""))).fetch_one(pool).await.unwrap().get(0)
 }
 
 /// Polls `done` every 20 ms until it holds, failing after `limit`.
@@ -73,11 +77,11 @@ async fn records_are_rows_of_columns_under_a_digest_with_the_databases_expiry() 
     let store = shared_store().await;
     let key = fresh_key("columns");
     let owner = owned(&store, &key, Duration::from_secs(30)).await;
-    let row = sqlx::query(&format!(
+    let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT owner, fingerprint, status, extract(epoch FROM expires_at - now())::float8 AS left FROM \"{}\" \
          WHERE key = $1",
         store.table()
-    ))
+    )))
     .bind(key.as_str())
     .fetch_one(store.pool())
     .await
@@ -90,11 +94,11 @@ async fn records_are_rows_of_columns_under_a_digest_with_the_databases_expiry() 
 
     let ttl = Duration::from_secs(3600);
     assert_eq!(store.complete(&key, &owner, &record("done"), ttl).await.unwrap(), Write::Applied);
-    let row = sqlx::query(&format!(
+    let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT owner, status, replayable, headers, convert_from(body, 'UTF8') AS body, \
          extract(epoch FROM expires_at - now())::float8 AS left FROM \"{}\" WHERE key = $1",
         store.table()
-    ))
+    )))
     .bind(key.as_str())
     .fetch_one(store.pool())
     .await
@@ -122,10 +126,10 @@ async fn a_claim_sent_again_by_its_owner_is_owned_and_its_lease_starts_again() {
     let owner = OwnerToken::generate();
     assert_eq!(store.claim(&key, &fp("a"), &owner, Duration::from_secs(2)).await.unwrap(), Claimed::Owned);
     assert_eq!(store.claim(&key, &fp("a"), &owner, Duration::from_secs(600)).await.unwrap(), Claimed::Owned);
-    let left: f64 = sqlx::query(&format!(
+    let left: f64 = sqlx::query(AssertSqlSafe(format!(
         "SELECT extract(epoch FROM expires_at - now())::float8 FROM \"{}\" WHERE key = $1",
         store.table()
-    ))
+    )))
     .bind(key.as_str())
     .fetch_one(store.pool())
     .await
@@ -263,7 +267,7 @@ async fn an_unreadable_row_is_corrupt_and_can_be_forgotten() {
         let key = fresh_key("corrupt");
         let owner = owned(&store, &key, Duration::from_secs(30)).await;
         store.complete(&key, &owner, &record("x"), Duration::from_secs(60)).await.unwrap();
-        sqlx::query(&format!("UPDATE \"{table}\" SET {damage} WHERE key = $1"))
+        sqlx::query(AssertSqlSafe(format!("UPDATE \"{table}\" SET {damage} WHERE key = $1")))
             .bind(key.as_str())
             .execute(store.pool())
             .await
@@ -324,10 +328,10 @@ async fn the_sweep_deletes_expired_rows_in_batches_and_stops_with_its_store() {
     drop(sweeper);
     // A statement already sent when the store dropped may still finish; none is sent after.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    sqlx::query(&format!(
+    sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO \"{table}\" (key, owner, fingerprint, expires_at) \
          SELECT 'expired-' || n, 'o', $1, now() - interval '1 second' FROM generate_series(1, 5) n"
-    ))
+    )))
     .bind(fp("a").to_hex())
     .execute(&pool)
     .await
@@ -492,22 +496,22 @@ async fn migrate_is_idempotent_and_safe_to_run_from_several_processes_at_once() 
 
     // A table made before renewed leases had a table of their own: its rows stay valid once migrated.
     let old = fresh_table();
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(AssertSqlSafe(format!(
         "CREATE TABLE \"{old}\" (key text PRIMARY KEY, owner text, fingerprint text NOT NULL, status smallint, \
              replayable boolean, headers jsonb, body bytea, expires_at timestamptz NOT NULL);
          CREATE INDEX \"{old}_expires_at\" ON \"{old}\" (expires_at);"
-    ))
+    )))
     .execute(stores[0].pool())
     .await
     .unwrap();
     let upgraded = PostgresStore::builder().table(&old).connect(&server.url()).await.unwrap();
     let (in_flight, completed) = (fresh_key("old-in-flight"), fresh_key("old-completed"));
     let old_owner = OwnerToken::generate();
-    sqlx::query(&format!(
+    sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO \"{old}\" (key, owner, fingerprint, status, replayable, headers, body, expires_at) VALUES \
              ($1, $2, $3, NULL, NULL, NULL, NULL, now() + interval '30 seconds'), \
              ($4, NULL, $3, 201, true, '[]', 'done', now() + interval '1 hour')"
-    ))
+    )))
     .bind(in_flight.as_str())
     .bind(old_owner.as_str())
     .bind(fp("a").to_hex())
@@ -702,7 +706,7 @@ async fn a_renewal_abandoned_by_its_caller_that_lands_after_the_release_leaves_t
     let owner = owned(&store, &key, Duration::from_secs(30)).await;
     // A slow transaction holds the claim's row: the release, then a renewal, queue behind it on the server.
     let mut blocker = admin.begin().await.unwrap();
-    sqlx::query(&format!("SELECT 1 FROM \"{table}\" WHERE key = $1 FOR UPDATE"))
+    sqlx::query(AssertSqlSafe(format!("SELECT 1 FROM \"{table}\" WHERE key = $1 FOR UPDATE")))
         .bind(key.as_str())
         .execute(&mut *blocker)
         .await
@@ -738,11 +742,11 @@ async fn a_claim_that_keeps_racing_fails_within_one_statement_timeout() {
     let store = store_on(shared_server(), PostgresStore::builder().statement_timeout(timeout)).await;
     let table = store.table().to_owned();
     // Each attempt takes 0.4 s and answers no row, as a claim that lost a race with another claimant's insert does.
-    sqlx::raw_sql(&format!(
+    sqlx::raw_sql(AssertSqlSafe(format!(
         "CREATE FUNCTION \"{table}_race\"() RETURNS trigger LANGUAGE plpgsql AS $$ \
              BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$;
          CREATE TRIGGER race BEFORE INSERT ON \"{table}\" FOR EACH ROW EXECUTE FUNCTION \"{table}_race\"();"
-    ))
+    )))
     .execute(store.pool())
     .await
     .unwrap();
@@ -767,7 +771,7 @@ async fn a_renewal_that_lands_while_a_takeover_waits_for_the_row_keeps_the_claim
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Another session holds the row in share mode: a newcomer's takeover, its snapshot taken, waits for it.
     let mut blocker = admin.begin().await.unwrap();
-    sqlx::query(&format!("SELECT 1 FROM \"{table}\" WHERE key = $1 FOR SHARE"))
+    sqlx::query(AssertSqlSafe(format!("SELECT 1 FROM \"{table}\" WHERE key = $1 FOR SHARE")))
         .bind(key.as_str())
         .execute(&mut *blocker)
         .await

@@ -219,7 +219,8 @@ async fn a_completion_refused_by_an_outage_lands_once_redis_is_back() {
 async fn a_release_refused_by_an_outage_frees_the_key_once_redis_is_back() {
     let mut server = RedisServer::start_durable();
     let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(RedisStore::open(server.url()).await.unwrap());
-    let outcome = idem::protocol::begin(&store, key("released-late"), fingerprint(), &idem::Policy::new()).await.unwrap();
+    let outcome =
+        idem::protocol::begin(&store, key("released-late"), fingerprint(), &idem::Policy::new()).await.unwrap();
     let idem::protocol::Outcome::Execute(claim) = outcome else { panic!("a fresh key is claimed: {outcome:?}") };
 
     // The work failed (a 5xx): its key must be freed for a retry, but Redis is gone.

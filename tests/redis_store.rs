@@ -8,7 +8,9 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use idem::store::{Claimed, Entry, Fingerprint, InvalidPrefix, OwnerToken, Record, Store, StoreError, StoreKey, Stored, Write};
+use idem::store::{
+    Claimed, Entry, Fingerprint, InvalidPrefix, OwnerToken, Record, Store, StoreError, StoreKey, Stored, Write,
+};
 use idem::{Idempotency, RedisStore};
 use redis_server::{RedisCluster, RedisServer, all_command_calls};
 use std::sync::Arc;

@@ -104,7 +104,7 @@ async fn plain_cookies(State(app): State<App>, headers: HeaderMap) -> Response {
 enum Door {
     /// `#[idempotent]` handlers, body limit by `DefaultBodyLimit`.
     Annotated,
-    /// Plain handlers under `IdempotencyLayer`, body limit by `layer_body_limit`.
+    /// Plain handlers under `IdempotencyLayer`, body limit set on the layer.
     Layer,
 }
 
@@ -125,15 +125,14 @@ fn app(door: Door, idempotency: Idempotency) -> (Router, Probe) {
         Door::Layer => Router::new()
             .route("/orders", post(plain_order))
             .route("/cookies", post(plain_cookies))
-            .layer(idempotency.layer())
+            .layer(idempotency.layer().body_limit(BODY_LIMIT))
             .with_state(state),
     };
     (router, probe)
 }
 
-/// An engine with the test's body limit on the layer door too.
 fn engine(store: impl Store) -> Idempotency {
-    Idempotency::builder(store).layer_body_limit(BODY_LIMIT).build()
+    Idempotency::new(store)
 }
 
 fn unique(label: &str) -> String {

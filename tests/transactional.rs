@@ -139,7 +139,10 @@ async fn create_isolated(
 ) -> (StatusCode, String) {
     app.runs.fetch_add(1, Ordering::SeqCst);
     assert!(["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"].contains(&level.as_str()), "{level}");
-    sqlx::query(&format!("SET TRANSACTION ISOLATION LEVEL {level}")).execute(&mut *tx).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET TRANSACTION ISOLATION LEVEL {level}")))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let before: i64 = sqlx::query_scalar("SELECT count(*) FROM tx_orders WHERE idempotency_key = $1")
         .bind(key.as_str())
         .fetch_one(&mut *tx)
@@ -354,9 +357,9 @@ async fn start_then_take_over(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Its lease runs out as if its process had been frozen past it: the clock of the claim moved past the lease.
-    let expired = sqlx::query(&format!(
+    let expired = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE {table} SET expires_at = statement_timestamp() - interval '1 second' WHERE owner IS NOT NULL"
-    ))
+    )))
     .execute(&orders.pool)
     .await
     .unwrap();

@@ -4,8 +4,8 @@
 use crate::args::Args;
 use crate::policy;
 use crate::spans::{respan, span_range};
-use proc_macro2::{Group, Span, TokenStream, TokenTree};
-use quote::{ToTokens, format_ident, quote, quote_spanned};
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
 use syn::parse::Parser;
 use syn::{FnArg, GenericArgument, ItemFn, PathArguments, ReturnType, Type};
 

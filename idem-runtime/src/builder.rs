@@ -67,8 +67,9 @@ impl IdempotencyBuilder {
     /// The header carrying the key (default `Idempotency-Key`).
     ///
     /// ```
+    /// # use idem_runtime as idem;
     /// use axum::http::HeaderName;
-    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// use idem::{Idempotency, MemoryStore};
     /// let idempotency = Idempotency::builder(MemoryStore::new())
     ///     .key_header(HeaderName::from_static("x-request-key"))
     ///     .build();
@@ -97,7 +98,8 @@ impl IdempotencyBuilder {
     /// once, the first time a request with a key has an empty principal):
     ///
     /// ```
-    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// # use idem_runtime as idem;
+    /// use idem::{Idempotency, MemoryStore};
     /// let idempotency = Idempotency::builder(MemoryStore::new())
     ///     .principal(|parts| parts.headers.get("x-client-cert").map_or(Vec::new(), |cert| cert.as_bytes().to_vec()))
     ///     .build();
@@ -122,16 +124,17 @@ impl IdempotencyBuilder {
     /// the store is not touched) and an error is logged: it means the app's authentication did not run before idem
     /// or let the request through unidentified, and scoping it to a shared anonymous scope would let two such
     /// clients receive each other's answers. So the middleware must run first: layer it outside the annotated
-    /// routes, or outside [`IdempotencyLayer`](crate::IdempotencyLayer) (an extractor in the handler's arguments
+    /// routes, or outside [`IdempotencyLayer`](crate::layer::IdempotencyLayer) (an extractor in the handler's arguments
     /// runs too late, after the key is claimed). A route that serves anonymous clients on purpose needs
     /// [`principal`](Self::principal) with its own fallback instead.
     ///
     /// ```
+    /// # use idem_runtime as idem;
     /// use axum::extract::Request;
     /// use axum::middleware::{self, Next};
     /// use axum::response::Response;
     /// use axum::{Router, routing::post};
-    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// use idem::{Idempotency, MemoryStore};
     ///
     /// /// Who the request is from, as the app's authentication established it.
     /// #[derive(Clone)]
@@ -161,12 +164,13 @@ impl IdempotencyBuilder {
         self
     }
 
-    /// Which keys are accepted (default [`KeyFormat::any`](crate::http::key::KeyFormat::any)); a key in another
+    /// Which keys are accepted (default [`KeyFormat::any`](crate::key::KeyFormat::any)); a key in another
     /// format is answered `400 invalid-key` before the store is touched.
     ///
     /// ```
-    /// use idem_runtime::http::key::KeyFormat;
-    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// # use idem_runtime as idem;
+    /// use idem::key::KeyFormat;
+    /// use idem::{Idempotency, MemoryStore};
     /// let idempotency = Idempotency::builder(MemoryStore::new()).key_format(KeyFormat::uuid()).build();
     /// # let _ = idempotency;
     /// ```
@@ -188,11 +192,12 @@ impl IdempotencyBuilder {
         self
     }
 
-    /// Where the engine reports what it decides (default: nowhere). Give it a [`Counters`](crate::Counters) to read
+    /// Where the engine reports what it decides (default: nowhere). Give it a [`Counters`](crate::metrics::Counters) to read
     /// the counts in-process, or your own [`Metrics`] to export them.
     ///
     /// ```
-    /// use idem_runtime::{Counters, Idempotency, MemoryStore};
+    /// # use idem_runtime as idem;
+    /// use idem::{Idempotency, MemoryStore, metrics::Counters};
     /// use std::sync::Arc;
     /// let counters = Arc::new(Counters::new());
     /// let idempotency = Idempotency::builder(MemoryStore::new()).metrics(counters.clone()).build();
@@ -205,11 +210,12 @@ impl IdempotencyBuilder {
     }
 
     /// The start of every problem `type` URI the engine answers with; the problem's name is appended (default
-    /// [`DEFAULT_PROBLEM_TYPE_BASE`](crate::http::DEFAULT_PROBLEM_TYPE_BASE), the crate's documentation of each
+    /// [`DEFAULT_PROBLEM_TYPE_BASE`](crate::problems::DEFAULT_PROBLEM_TYPE_BASE), the crate's documentation of each
     /// problem). Point it at your API's own documentation:
     ///
     /// ```
-    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// # use idem_runtime as idem;
+    /// use idem::{Idempotency, MemoryStore};
     /// // 409 answers then carry "type": "https://api.example.com/problems/in-progress".
     /// let idempotency = Idempotency::builder(MemoryStore::new())
     ///     .problem_type_base("https://api.example.com/problems/")
@@ -229,11 +235,11 @@ impl IdempotencyBuilder {
         self
     }
 
-    /// The most handlers the HTTP doors (`#[idempotent]` and [`IdempotencyLayer`](crate::IdempotencyLayer)) run at
+    /// The most handlers the HTTP doors (`#[idempotent]` and [`IdempotencyLayer`](crate::layer::IdempotencyLayer)) run at
     /// once (default 10,000; `None`: no bound; 0 is taken as 1). A request beyond it is answered `503 at-capacity`
     /// with `Retry-After` (see [`retry_after_at_capacity`](Self::retry_after_at_capacity)) before the store is
     /// touched: nothing is claimed, so its retry runs once there is room. Refusals are counted as
-    /// [`Event::AtCapacity`](crate::Event::AtCapacity).
+    /// [`Event::AtCapacity`](crate::metrics::Event::AtCapacity).
     ///
     /// Why a bound by default: idem runs each handler on a task of its own, so a client that disconnects does not
     /// cancel it halfway through its side effects. That also removes the bound a server has without idem, where a
@@ -254,7 +260,8 @@ impl IdempotencyBuilder {
     /// [`Idempotency::once`] runs on the caller's own task and takes no slot.
     ///
     /// ```
-    /// use idem_runtime::{Idempotency, MemoryStore};
+    /// # use idem_runtime as idem;
+    /// use idem::{Idempotency, MemoryStore};
     /// use std::time::Duration;
     /// let idempotency = Idempotency::builder(MemoryStore::new())
     ///     .max_running_handlers(500)

@@ -33,7 +33,7 @@ impl Drop for RunningTask {
 }
 
 /// Some handler tasks (or background store writes) were still running when
-/// [`Idempotency::drain`](crate::engine::Idempotency::drain) gave up waiting.
+/// [`Idempotency::drain`](crate::Idempotency::drain) gave up waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{0} idempotent handler task(s) or background store write(s) still running after the grace period")]
 pub struct Undrained(pub usize);

@@ -26,9 +26,9 @@ pub(crate) type ScopeFn = Arc<dyn Fn(&Parts) -> Option<Vec<u8>> + Send + Sync>;
 /// extensions (`.layer(Extension(idempotency))`).
 ///
 /// ```
+/// # use idem_runtime as idem;
 /// use axum::http::{HeaderName, header::CONTENT_TYPE};
 /// use idem::{Idempotency, MemoryStore};
-/// # use idem_runtime as idem;
 /// let idempotency = Idempotency::builder(MemoryStore::new())
 ///     .fingerprint_headers([CONTENT_TYPE, HeaderName::from_static("x-tenant")])
 ///     .max_record_bytes(512 * 1024)
@@ -52,7 +52,7 @@ pub(crate) struct Engine {
     /// Whether [`IdempotencyBuilder::metrics`](crate::builder::IdempotencyBuilder::metrics) installed metrics: only then are events labelled and store calls
     /// timed, which costs an allocation and a clock read per request.
     pub(crate) metrics_installed: bool,
-    /// The handler tasks the HTTP doors detached from their connections, for [`Idempotency::drain`](crate::engine::Idempotency::drain).
+    /// The handler tasks the HTTP doors detached from their connections, for [`Idempotency::drain`](crate::Idempotency::drain).
     pub(crate) running: Arc<Running>,
     /// The lease keeper of the engine's claims and the store writes it finishes in the background.
     pub(crate) background: Arc<Background>,

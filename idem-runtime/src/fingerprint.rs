@@ -14,7 +14,8 @@ impl Fingerprint {
     /// Starts a fingerprint; feed it fields in a fixed order.
     ///
     /// ```
-    /// use idem_runtime::Fingerprint;
+    /// # use idem_runtime as idem;
+    /// use idem::store::Fingerprint;
     /// let a = Fingerprint::builder().field(b"POST").field(b"/orders").finish();
     /// let b = Fingerprint::builder().field(b"POST/").field(b"orders").finish();
     /// assert_ne!(a, b, "fields are length-prefixed, so boundaries matter");
@@ -28,7 +29,7 @@ impl Fingerprint {
         &self.0
     }
 
-    /// Rebuilds a fingerprint from its raw digest (as stored by a [`Store`](crate::Store)).
+    /// Rebuilds a fingerprint from its raw digest (as stored by a [`Store`](crate::store::Store)).
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }

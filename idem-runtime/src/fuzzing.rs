@@ -1,5 +1,5 @@
 //! NOT PUBLIC API: entry points for the fuzz targets in `fuzz/`, exempt from semver, gone whenever they are not
-//! needed. Use [`RedisStore`](crate::RedisStore) instead.
+//! needed. Use [`RedisStore`](crate::store::redis::RedisStore) instead.
 
 use crate::store::redis::codec;
 

@@ -13,11 +13,11 @@ pub enum Event {
     New,
     /// A retry answered from the store (a replayable response or a `not-replayable` refusal): the work did not run.
     Hit,
-    /// A duplicate refused with `409 in-progress` (or [`OnceError::InFlight`](crate::OnceError::InFlight)) because
+    /// A duplicate refused with `409 in-progress` (or [`OnceError::InFlight`](crate::once::OnceError::InFlight)) because
     /// the original was still running when its `wait_timeout` ran out.
     Conflict,
     /// A key reused for a different request, refused with `422 key-reused`
-    /// (or [`OnceError::Mismatch`](crate::OnceError::Mismatch)).
+    /// (or [`OnceError::Mismatch`](crate::once::OnceError::Mismatch)).
     Mismatch,
     /// A store operation failed (claim, complete, release or lease renewal; renewals that fail in a row, retried
     /// while the store is out of reach, count once).
@@ -53,7 +53,8 @@ impl Event {
 /// one; `MetricsFacade` (cargo feature `metrics`) forwards to the [`metrics`](https://docs.rs/metrics) crate.
 ///
 /// ```
-/// use idem_runtime::{Event, Metrics};
+/// # use idem_runtime as idem;
+/// use idem::metrics::{Event, Metrics};
 /// use std::time::Duration;
 ///
 /// /// Logs instead of counting.
@@ -102,23 +103,23 @@ pub struct Site<'a> {
     pub route: &'a str,
 }
 
-/// A [`Store`](crate::Store) call, as [`Metrics::observe_store`] reports it.
+/// A [`Store`](crate::store::contract::Store) call, as [`Metrics::observe_store`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StoreOperation {
-    /// [`Store::claim`](crate::Store::claim): one per first request or replay.
+    /// [`Store::claim`](crate::store::Store::claim): one per first request or replay.
     Claim,
-    /// [`Store::complete`](crate::Store::complete).
+    /// [`Store::complete`](crate::store::Store::complete).
     Complete,
-    /// [`Store::release`](crate::Store::release).
+    /// [`Store::release`](crate::store::Store::release).
     Release,
-    /// [`Store::renew`](crate::Store::renew): lease renewals.
+    /// [`Store::renew`](crate::store::Store::renew): lease renewals.
     Renew,
-    /// [`Store::inspect`](crate::Store::inspect).
+    /// [`Store::inspect`](crate::store::Store::inspect).
     Inspect,
-    /// [`Store::forget`](crate::Store::forget).
+    /// [`Store::forget`](crate::store::Store::forget).
     Forget,
-    /// [`Store::ping`](crate::Store::ping).
+    /// [`Store::ping`](crate::store::Store::ping).
     Ping,
 }
 
@@ -210,7 +211,8 @@ pub const WAIT_BUCKETS: [Duration; 10] = [
 /// Keep an `Arc` to read it, and give the engine a clone:
 ///
 /// ```
-/// use idem_runtime::{Counters, Idempotency, MemoryStore};
+/// # use idem_runtime as idem;
+/// use idem::{Idempotency, MemoryStore, metrics::Counters};
 /// use std::sync::Arc;
 ///
 /// let counters = Arc::new(Counters::new());
@@ -327,7 +329,8 @@ pub struct WaitHistogram {
 /// `operation` (see [`StoreOperation`]) and `outcome` = `answered` | `failed`.
 ///
 /// ```
-/// use idem_runtime::{Idempotency, MemoryStore, MetricsFacade};
+/// # use idem_runtime as idem;
+/// use idem::{Idempotency, MemoryStore, metrics::MetricsFacade};
 /// let idempotency = Idempotency::builder(MemoryStore::new()).metrics(MetricsFacade).build();
 /// # let _ = idempotency;
 /// ```
@@ -369,134 +372,4 @@ impl Metrics for MetricsFacade {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn events_count_into_their_own_counter() {
-        let counters = Counters::new();
-        for event in [Event::New, Event::New, Event::Hit, Event::Conflict, Event::Mismatch, Event::StoreError] {
-            counters.record(event);
-        }
-        counters.record(Event::Fenced);
-        counters.record(Event::AtCapacity);
-        counters.record(Event::AtCapacity);
-        let snapshot = counters.snapshot();
-        assert_eq!(
-            (snapshot.new, snapshot.hit, snapshot.conflict, snapshot.mismatch, snapshot.store_errors, snapshot.fenced),
-            (2, 1, 1, 1, 1, 1)
-        );
-        assert_eq!(snapshot.at_capacity, 2);
-    }
-
-    #[test]
-    fn waits_fall_in_the_first_bucket_that_holds_them() {
-        let counters = Counters::new();
-        counters.observe_wait(Duration::ZERO);
-        counters.observe_wait(Duration::from_millis(5));
-        counters.observe_wait(Duration::from_millis(6));
-        counters.observe_wait(Duration::from_secs(60));
-        let wait = counters.snapshot().wait;
-        assert_eq!(wait.count, 4);
-        assert_eq!(wait.sum, Duration::from_millis(60_011));
-        assert_eq!(wait.buckets[0], 1);
-        assert_eq!(wait.buckets[1], 1);
-        assert_eq!(wait.buckets[2], 1);
-        assert_eq!(wait.buckets[WAIT_BUCKETS.len()], 1);
-        assert_eq!(wait.buckets.iter().sum::<u64>(), 4);
-    }
-}
-
-#[cfg(all(test, feature = "metrics"))]
-mod facade_tests {
-    use super::*;
-    use ::metrics::{Counter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit};
-    use std::sync::{Arc, Mutex};
-
-    /// Every value recorded, as `name{label=value}` and the value.
-    #[derive(Default)]
-    struct Capture(Arc<Mutex<Vec<(String, f64)>>>);
-
-    struct Handle {
-        name: String,
-        log: Arc<Mutex<Vec<(String, f64)>>>,
-    }
-
-    impl CounterFn for Handle {
-        fn increment(&self, value: u64) {
-            self.log.lock().unwrap().push((self.name.clone(), value as f64));
-        }
-        fn absolute(&self, _: u64) {}
-    }
-
-    impl HistogramFn for Handle {
-        fn record(&self, value: f64) {
-            self.log.lock().unwrap().push((self.name.clone(), value));
-        }
-    }
-
-    impl Capture {
-        fn handle(&self, key: &Key) -> Arc<Handle> {
-            let labels: Vec<_> = key.labels().map(|label| format!("{}={}", label.key(), label.value())).collect();
-            let name = if labels.is_empty() {
-                key.name().to_owned()
-            } else {
-                format!("{}{{{}}}", key.name(), labels.join(","))
-            };
-            Arc::new(Handle { name, log: self.0.clone() })
-        }
-    }
-
-    impl ::metrics::Recorder for Capture {
-        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-            Counter::from_arc(self.handle(key))
-        }
-        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-            Gauge::noop()
-        }
-        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-            Histogram::from_arc(self.handle(key))
-        }
-    }
-
-    #[test]
-    fn the_facade_reports_events_and_waits_to_the_metrics_recorder() {
-        let capture = Capture::default();
-        let log = capture.0.clone();
-        ::metrics::with_local_recorder(&capture, || {
-            let site = Site { door: "handler", route: "/orders" };
-            let events = [
-                Event::New,
-                Event::Hit,
-                Event::Conflict,
-                Event::Mismatch,
-                Event::StoreError,
-                Event::Fenced,
-                Event::AtCapacity,
-            ];
-            for event in events {
-                MetricsFacade.record_at(event, &site);
-            }
-            MetricsFacade.observe_wait(Duration::from_millis(250));
-            MetricsFacade.observe_store(StoreOperation::Claim, Duration::from_millis(2), true);
-        });
-        let log = log.lock().unwrap().clone();
-        assert_eq!(
-            log,
-            [
-                ("idem_requests_total{outcome=new,door=handler,route=/orders}".to_owned(), 1.0),
-                ("idem_requests_total{outcome=hit,door=handler,route=/orders}".to_owned(), 1.0),
-                ("idem_requests_total{outcome=conflict,door=handler,route=/orders}".to_owned(), 1.0),
-                ("idem_requests_total{outcome=mismatch,door=handler,route=/orders}".to_owned(), 1.0),
-                ("idem_store_errors_total{door=handler,route=/orders}".to_owned(), 1.0),
-                ("idem_fenced_writes_total{door=handler,route=/orders}".to_owned(), 1.0),
-                ("idem_requests_total{outcome=at_capacity,door=handler,route=/orders}".to_owned(), 1.0),
-                ("idem_wait_seconds".to_owned(), 0.25),
-                ("idem_store_seconds{operation=claim,outcome=answered}".to_owned(), 0.002),
-            ]
-        );
-    }
-}
+mod tests;

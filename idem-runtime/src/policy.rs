@@ -9,7 +9,8 @@ use std::time::Duration;
 /// and clock can represent), `ttl` is at least a millisecond and `lease` at least [`Policy::MIN_LEASE`].
 ///
 /// ```
-/// use idem_runtime::Policy;
+/// # use idem_runtime as idem;
+/// use idem::Policy;
 /// use std::time::Duration;
 /// const ORDERS: Policy = Policy::new().ttl(Duration::from_secs(60)).wait_timeout(Duration::from_secs(3));
 /// assert!(ORDERS.get_validate_signature());

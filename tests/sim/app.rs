@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
+use idem::layer::IdempotencyLayer;
 use idem::{Idempotency, idempotent, protocol::Fence};
 use policies::*;
 use std::sync::Arc;
@@ -79,19 +80,19 @@ async fn plain(State(app): State<App>, fence: Option<Fence>, headers: HeaderMap,
 }
 
 /// One process's app over `idempotency`.
-pub fn router(world: Arc<World>, idempotency: &Idempotency) -> Router {
+pub fn router(world: Arc<World>, idempotency: &Idempotency, layer: &IdempotencyLayer) -> Router {
     let annotated = Router::new()
         .route("/m1", post(m1))
         .route("/m2", post(m2))
         .route("/m3", post(m3))
         .layer(Extension(idempotency.clone()));
-    let layered = Router::new().route("/l1", post(plain)).layer(idempotency.layer());
+    let layered = Router::new().route("/l1", post(plain)).layer(layer.clone());
     // One layer service per route: each has its own first contact.
     let handoffs = Router::new()
         .route("/h1", post(handoff))
         .route("/h2", post(handoff))
         .route("/h3", post(handoff))
-        .layer(idempotency.layer());
+        .layer(layer.clone());
     Router::new()
         .merge(annotated)
         .merge(layered)

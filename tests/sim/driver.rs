@@ -9,8 +9,12 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request};
 use futures_util::FutureExt;
+use idem::layer::IdempotencyLayer;
 use idem::store::{Store, StoreKey};
-use idem::{Idempotency, Policy, once::{Completed, OnceError}};
+use idem::{
+    Idempotency, Policy,
+    once::{Completed, OnceError},
+};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -136,18 +140,19 @@ fn alive_tasks() -> usize {
     tokio::runtime::Handle::current().metrics().num_alive_tasks()
 }
 
-fn engine(plan: &Plan, store: Arc<SimStore>) -> Idempotency {
-    let layer = Policy::new()
+fn engine(store: Arc<SimStore>) -> Idempotency {
+    Idempotency::builder(store).max_record_bytes(app::MAX_RECORD_BYTES).build()
+}
+
+/// The layer of one process, with the plan's layer policy.
+fn layer(plan: &Plan, idempotency: &Idempotency) -> IdempotencyLayer {
+    let policy = Policy::new()
         .required(false)
         .lease(plan.layer.lease)
         .wait_timeout(plan.layer.wait)
         .ttl(plan.layer.ttl)
         .store_server_errors(plan.layer.store_server_errors);
-    Idempotency::builder(store)
-        .layer_policy(layer)
-        .layer_body_limit(app::BODY_LIMIT)
-        .max_record_bytes(app::MAX_RECORD_BYTES)
-        .build()
+    idempotency.layer().policy(policy).body_limit(app::BODY_LIMIT)
 }
 
 /// The clients, then the drain, then the quiet period and the probes, then the final counts.
@@ -155,8 +160,9 @@ async fn drive(world: Arc<World>, store: Arc<SimStore>) {
     let plan = &world.plan;
     // The store's server and this driver.
     let baseline = alive_tasks();
-    let engines: Vec<Idempotency> = (0..plan.processes).map(|_| engine(plan, store.clone())).collect();
-    let routers: Vec<Router> = engines.iter().map(|engine| app::router(world.clone(), engine)).collect();
+    let engines: Vec<Idempotency> = (0..plan.processes).map(|_| engine(store.clone())).collect();
+    let routers: Vec<Router> =
+        engines.iter().map(|engine| app::router(world.clone(), engine, &layer(plan, engine))).collect();
     tokio::spawn(faults(world.clone(), store.clone()));
     tokio::spawn(watch(world.clone()));
     let mut clients = Vec::new();

@@ -19,7 +19,10 @@
 
 use super::plan::FaultKind;
 use super::world::{World, claimed, written};
-use idem::{MemoryStore, store::{Cause, Claimed, Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, StoreKey, Write}};
+use idem::{
+    MemoryStore,
+    store::{Cause, Claimed, Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, StoreKey, Write},
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};

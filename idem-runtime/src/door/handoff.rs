@@ -63,4 +63,3 @@ pub(crate) fn register_annotated_route(request: &Request) {
         }
     }
 }
-

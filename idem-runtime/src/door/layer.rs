@@ -2,9 +2,9 @@
 
 use crate::door::handoff::{AnnotatedRoutes, Handoff, LayerRoutes};
 use crate::door::pipeline::{BodyLimit, process};
-use crate::http::execution::Execution;
 use crate::door::span::{Door, request_span};
 use crate::engine::Idempotency;
+use crate::http::execution::Execution;
 use crate::policy::Policy;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
@@ -96,8 +96,9 @@ use tracing::Instrument;
 /// `wait_timeout`, the tower way, instead of one policy for the whole app:
 ///
 /// ```
+/// # use idem_runtime as idem;
 /// use axum::{Router, routing::post};
-/// use idem_runtime::{Idempotency, MemoryStore, Policy};
+/// use idem::{Idempotency, MemoryStore, Policy};
 /// use std::time::Duration;
 ///
 /// let idempotency = Idempotency::new(MemoryStore::new());
@@ -271,7 +272,8 @@ where
                     }
                 }
             };
-            let response = process(&idempotency.engine, &policy, limit, request, run, Door::Layer).instrument(span).await;
+            let response =
+                process(&idempotency.engine, &policy, limit, request, run, Door::Layer).instrument(span).await;
             match failed.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 Some(error) => Err(error),
                 None => Ok(response),
@@ -299,7 +301,6 @@ const UNSTORED: [StatusCode; 11] = [
     StatusCode::UNPROCESSABLE_ENTITY,
     StatusCode::TOO_MANY_REQUESTS,
 ];
-
 
 // An `Infallible` inner error (axum's `Route`) makes the layer's error `Infallible` too, as `Router::layer` needs.
 const _: fn() = || {

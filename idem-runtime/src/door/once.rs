@@ -9,10 +9,10 @@ use crate::protocol::claim::Claim;
 use crate::protocol::decision::{Decision, Refusal, decide};
 use crate::record::{Stored, StoredResponse};
 use crate::store::contract::StoreKey;
-use crate::store_key;
 use crate::store::error::StoreError;
 #[cfg(feature = "postgres")]
 use crate::store::postgres::PostgresStore;
+use crate::store_key;
 #[cfg(feature = "postgres")]
 use crate::tx::transaction::{Tx, TxRejection, TxSlot};
 use bytes::Bytes;
@@ -31,7 +31,8 @@ use tracing::field::Empty;
 /// in-flight original, woken by the store's notification) and the same lease (renewed while the work runs).
 ///
 /// ```
-/// use idem_runtime::{Idempotency, OnceError, Policy};
+/// # use idem_runtime as idem;
+/// use idem::{Idempotency, Policy, once::OnceError};
 /// use serde::{Deserialize, Serialize};
 /// use std::sync::atomic::{AtomicU32, Ordering};
 /// use std::time::Duration;
@@ -102,7 +103,7 @@ impl Once<'_> {
     ///   second run.
     ///
     /// When the store fails, this answers [`OnceError::Store`] without running the work, unless the engine was
-    /// built with [`StoreFailure::FailOpen`], in which case the work runs unprotected.
+    /// built with [`StoreFailure::FailOpen`](crate::StoreFailure::FailOpen), in which case the work runs unprotected.
     ///
     /// The fingerprint is the input's JSON in a canonical form (object members sorted by name), so inputs that are
     /// equal but serialize their maps in another order (a `HashMap`) are the same input.
@@ -119,7 +120,8 @@ impl Once<'_> {
     /// [`Once::run`], telling a fresh run of the work from a replay of its stored result.
     ///
     /// ```
-    /// use idem_runtime::{Completed, Idempotency};
+    /// # use idem_runtime as idem;
+    /// use idem::{Idempotency, once::Completed};
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
     /// let idempotency = Idempotency::in_memory();
@@ -170,7 +172,7 @@ impl Once<'_> {
         let begun = begin_observed(&engine.background, &metrics, store_key, fingerprint, &self.policy).await;
         let answer = match decide(begun, engine.on_store_failure) {
             Decision::Execute(claim) => return Step::Run(claim),
-            Step::RunUnprotected => return Step::RunUnprotected,
+            Decision::RunUnprotected => return Step::RunUnprotected,
             Decision::Replay(record) => match record.stored {
                 Stored::Response(stored) => {
                     serde_json::from_slice(&stored.body).map(Completed::Replayed).map_err(OnceError::Decode)
@@ -179,7 +181,9 @@ impl Once<'_> {
             },
             Decision::Refuse(Refusal::InFlight) => Err(OnceError::InFlight),
             Decision::Refuse(Refusal::Mismatch) => Err(OnceError::Mismatch),
-            Decision::Refuse(Refusal::Corrupt(error) | Refusal::StoreUnavailable(error)) => Err(OnceError::Store(error)),
+            Decision::Refuse(Refusal::Corrupt(error) | Refusal::StoreUnavailable(error)) => {
+                Err(OnceError::Store(error))
+            }
         };
         Step::Answer(answer)
     }
@@ -260,7 +264,8 @@ impl Once<'_> {
     /// work.
     ///
     /// ```no_run
-    /// # async fn run(idempotency: idem_runtime::Idempotency) -> Result<(), Box<dyn std::error::Error>> {
+    /// # use idem_runtime as idem;
+    /// # async fn run(idempotency: idem::Idempotency) -> Result<(), Box<dyn std::error::Error>> {
     /// let event_id = "evt_42";
     /// let credited = idempotency
     ///     .once("ledger", event_id)

@@ -77,7 +77,6 @@ where
     process(engine, policy, BodyLimit::Axum, request, run, Door::Handler).instrument(span).await
 }
 
-
 /// The annotated handler's half of the layer handoff: run with the claim the layer made, under `policy`.
 async fn adopt<F, Fut>(engine: &Engine, adoptable: Adoptable, policy: &Policy, request: Request, run: F) -> Response
 where
@@ -104,10 +103,9 @@ where
             engine.answers.render(Problem::StoreUnavailable)
         }
     };
-    identify(engine.answers, &mut response, echo, fingerprint);
+    identify(&engine.answers, &mut response, echo, fingerprint);
     response
 }
-
 
 /// The protocol of one request, shared by the annotated handler's door and the layer's. With `door` =
 /// [`Door::Layer`] a claimed request offers its claim to an annotated handler further in.
@@ -233,7 +231,6 @@ where
     identify(&shared.answers, &mut response, echo, fingerprint);
     response
 }
-
 
 /// The answer to a request refused because the engine runs as many handlers as it may, counted in `metrics`.
 fn at_capacity(shared: &Engine, metrics: &Arc<dyn Metrics>) -> Response {

@@ -33,4 +33,3 @@ pub(crate) fn request_span(door: Door, request: &Request) -> tracing::Span {
         wait_ms = Empty,
     )
 }
-

@@ -15,7 +15,8 @@ use std::sync::Arc;
 /// provider after a takeover is still deduplicated there:
 ///
 /// ```
-/// use idem_runtime::IdempotencyKey;
+/// # use idem_runtime as idem;
+/// use idem::IdempotencyKey;
 ///
 /// // Annotated with `#[idempotent]`, or served behind the layer.
 /// async fn charge(key: IdempotencyKey, amount: String) -> String {

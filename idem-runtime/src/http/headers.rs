@@ -8,4 +8,3 @@ pub const STATUS_HEADER: HeaderName = HeaderName::from_static("x-idempotency-sta
 pub const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("x-idempotency-signature");
 /// `Idempotent-Replayed: true` on a replay.
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
-

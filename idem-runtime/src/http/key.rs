@@ -46,7 +46,8 @@ pub enum KeyError {
 /// key lets one client collide with another's within the same scope.
 ///
 /// ```
-/// use idem_runtime::http::key::KeyFormat;
+/// # use idem_runtime as idem;
+/// use idem::key::KeyFormat;
 /// let uuid = KeyFormat::uuid();
 /// assert!(uuid.accepts("9b2f1a64-1c3e-4c6a-9a44-3f0e2b7d8c11"));
 /// assert!(!uuid.accepts("order-1"));
@@ -110,8 +111,9 @@ fn is_uuid(key: &str) -> bool {
 /// A bare token (`abc`) and an RFC 8941 string (`"abc"`) name the same key.
 ///
 /// ```
+/// # use idem_runtime as idem;
 /// use axum::http::HeaderMap;
-/// use idem_runtime::http::key::parse;
+/// use idem::key::parse;
 /// let mut headers = HeaderMap::new();
 /// headers.insert("idempotency-key", "\"order-1\"".parse().unwrap());
 /// assert_eq!(parse(headers.get_all("idempotency-key")).unwrap().unwrap().as_str(), "order-1");

@@ -173,9 +173,10 @@ impl Problem {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Problem::HandlerPanicked | Problem::NotConfigured { .. } | Problem::CorruptRecord | Problem::NoPrincipal => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Problem::HandlerPanicked
+            | Problem::NotConfigured { .. }
+            | Problem::CorruptRecord
+            | Problem::NoPrincipal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

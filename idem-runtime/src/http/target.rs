@@ -9,4 +9,3 @@ use axum::http::Uri;
 pub(crate) fn target<'a>(original: Option<&'a OriginalUri>, uri: &'a Uri) -> &'a Uri {
     original.map_or(uri, |original| &original.0)
 }
-

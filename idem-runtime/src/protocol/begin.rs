@@ -29,14 +29,13 @@ pub enum Outcome {
     Mismatch,
 }
 
-
 /// Claims `key` for a request with `fingerprint`, waiting up to the policy's `wait_timeout` for an in-flight
 /// original. Waiting is woken by the store's notification; after each wake-up the key is claimed again, so a
 /// released claim (the original failed) is taken over rather than waited on forever.
 ///
 /// This is the bare protocol, for building another front door; it reports to no [`Metrics`], and each call keeps
 /// its claim's lease on a task of its own. The doors built in
-/// ([`Idempotency::serve`](crate::Idempotency::serve), the [`IdempotencyLayer`](crate::IdempotencyLayer) and
+/// ([`Idempotency::handle`](crate::Idempotency::handle), the [`IdempotencyLayer`](crate::layer::IdempotencyLayer) and
 /// [`Idempotency::once`](crate::Idempotency::once)) run the same protocol, report to the engine's metrics and
 /// share one lease keeper.
 pub async fn begin(

@@ -35,7 +35,7 @@ impl std::fmt::Debug for Claim {
 }
 
 impl Claim {
-    fn new(
+    pub(crate) fn new(
         background: &Arc<Background>,
         metrics: &Arc<dyn Metrics>,
         key: StoreKey,
@@ -236,4 +236,3 @@ impl Fence {
         self.kept.renew(None).await.map(|write| write == Write::Applied)
     }
 }
-

@@ -1,18 +1,17 @@
 use crate::fingerprint::Fingerprint;
-use crate::metrics::{Counters, Metrics};
+use crate::metrics::{Counters, Metrics, NoMetrics};
 use crate::policy::Policy;
 use crate::protocol::background::Background;
 use crate::protocol::begin::{Outcome, begin_observed};
-use crate::protocol::claim::Claim;
-use crate::record::{OwnerToken, Record, Stored};
+use crate::record::{Entry, OwnerToken, Record};
 use crate::store::contract::{Claimed, Store, StoreKey, Write};
 use crate::store::error::StoreError;
 use crate::store::memory::MemoryStore;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::time::Instant;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// A [`MemoryStore`] whose renewals fail while `unreachable` is set, and whose completions fail while
 /// `completions_unreachable` is, as a remote store's do while it cannot be reached; it notes when each renewal
@@ -94,7 +93,7 @@ async fn a_failed_renewal_is_retried_until_it_lands_long_before_the_lease_runs_o
     let policy = Policy::new().lease(lease).wait_timeout(Duration::ZERO);
     let key = StoreKey::derive(&[b"renewal-retry"]);
     let fingerprint = Fingerprint::builder().field(b"request").finish();
-    let counters = Arc::new(crate::Counters::new());
+    let counters = Arc::new(Counters::new());
     let metrics: Arc<dyn Metrics> = counters.clone();
     let started = Instant::now();
     let background = Background::new(shared.clone(), Arc::default());
@@ -115,7 +114,7 @@ async fn a_failed_renewal_is_retried_until_it_lands_long_before_the_lease_runs_o
     let renewed: Vec<Duration> = store.renewed.lock().unwrap().iter().map(|at| *at - started).collect();
     let back = Duration::from_millis(3200);
     assert!(
-        renewed.iter().any(|at| *at >= back && *at <= back + keeper::renewal_retry_period(lease)),
+        renewed.iter().any(|at| *at >= back && *at <= back + crate::protocol::keeper::renewal_retry_period(lease)),
         "renewed within a retry period of the store answering again: {renewed:?}"
     );
     // Many attempts failed while the store was out of reach; one store error is counted for them.
@@ -159,7 +158,7 @@ async fn drain_reports_a_completion_still_retried_when_its_grace_runs_out() {
     store.completions_unreachable.store(true, Ordering::SeqCst);
     let ran = idempotency.once("drain", "k").run(&1, || async { Ok::<_, ()>(7) }).await;
     assert_eq!(ran.unwrap(), 7);
-    assert_eq!(idempotency.drain(Duration::from_secs(5)).await, Err(crate::Undrained(1)));
+    assert_eq!(idempotency.drain(Duration::from_secs(5)).await, Err(crate::drain::Undrained(1)));
 }
 
 /// A long piece of work under `once`: its lease (3 s) is renewed beside it on the caller's task, so a duplicate
@@ -179,7 +178,7 @@ async fn work_driven_beside_its_keeper_keeps_its_key_for_longer_than_a_lease() {
     };
     let (original, duplicate) = tokio::join!(original, duplicate);
     assert_eq!(original.unwrap(), "done");
-    assert!(matches!(duplicate, Err(crate::OnceError::InFlight)), "{duplicate:?}");
+    assert!(matches!(duplicate, Err(crate::door::once::OnceError::InFlight)), "{duplicate:?}");
     assert!(store.renewed.lock().unwrap().len() >= 3, "renewed every second");
     let again =
         idempotency.once("long", "k").policy(policy).run(&1, || async { Ok::<_, ()>("again".to_owned()) }).await;
@@ -271,7 +270,7 @@ impl Store for Remote {
             if self.sent_failures.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable("timed out (a test double)".into()));
             }
-            return Err(StoreError::Unavailable(crate::Cause::unsent("known down (a test double)")));
+            return Err(StoreError::Unavailable(crate::store::error::Cause::unsent("known down (a test double)")));
         }
         let takes = *self.claim_takes.lock().unwrap();
         let (store, key, fingerprint, owner) = (self.store.clone(), key.clone(), *fingerprint, owner.clone());
@@ -324,8 +323,7 @@ async fn a_claim_whose_caller_gave_up_is_finished_and_released_in_the_background
         Ok::<_, ()>(1)
     };
     let gave_up =
-        tokio::time::timeout(Duration::from_millis(100), idempotency.once("o", "k").policy(policy).run(&1, work))
-            .await;
+        tokio::time::timeout(Duration::from_millis(100), idempotency.once("o", "k").policy(policy).run(&1, work)).await;
     assert!(gave_up.is_err(), "the caller gave up while the claim was in flight");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let key = idempotency.once_store_key("o", "k");
@@ -348,7 +346,7 @@ async fn claims_refused_while_the_store_is_known_down_leave_nothing_behind() {
     let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
     for request in 0..2000 {
         let refused = idempotency.once("o", &request.to_string()).run(&1, || async { Ok::<_, ()>(1) }).await;
-        assert!(matches!(refused, Err(crate::OnceError::Store(_))), "{refused:?}");
+        assert!(matches!(refused, Err(crate::door::once::OnceError::Store(_))), "{refused:?}");
     }
     assert_eq!(idempotency.running_handlers(), 0, "no background write per refused request");
     let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
@@ -368,18 +366,18 @@ async fn claims_that_failed_after_being_sent_are_released_by_one_task_with_a_bou
     store.sent_failures.store(true, Ordering::SeqCst);
     let idempotency = crate::Idempotency::new(store.clone());
     let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
-    let refused = write::MAX_WRITES + 500;
+    let refused = crate::protocol::write::MAX_WRITES + 500;
     for request in 0..refused {
         let answer = idempotency.once("o", &request.to_string()).run(&1, || async { Ok::<_, ()>(1) }).await;
-        assert!(matches!(answer, Err(crate::OnceError::Store(_))), "{answer:?}");
+        assert!(matches!(answer, Err(crate::door::once::OnceError::Store(_))), "{answer:?}");
     }
-    assert_eq!(idempotency.running_handlers(), write::MAX_WRITES, "background writes are bounded");
+    assert_eq!(idempotency.running_handlers(), crate::protocol::write::MAX_WRITES, "background writes are bounded");
     let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
     assert!(tasks <= tasks_before + 1, "one task sends them all: {tasks} alive, {tasks_before} before");
     // The releases are sent at once (the store answers them), and nothing is left.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(idempotency.running_handlers(), 0);
-    assert_eq!(store.releases.load(Ordering::SeqCst), write::MAX_WRITES);
+    assert_eq!(store.releases.load(Ordering::SeqCst), crate::protocol::write::MAX_WRITES);
 }
 
 /// Issue 16, item 9: once a renewal was fenced (the key is someone else's), the adopting door's renewal with
@@ -427,7 +425,7 @@ async fn a_claim_answered_after_its_lease_ran_out_does_not_run() {
         Ok::<_, ()>(1)
     };
     let answer = idempotency.once("slow", "k").policy(policy).run(&1, work).await;
-    assert!(matches!(answer, Err(crate::OnceError::Store(_))), "{answer:?}");
+    assert!(matches!(answer, Err(crate::door::once::OnceError::Store(_))), "{answer:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 0, "the work did not run on a claim that may have lapsed");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let key = idempotency.once_store_key("slow", "k");

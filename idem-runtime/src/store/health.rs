@@ -5,7 +5,7 @@
 //! redis-rs' default reconnect backoff; PostgreSQL's connect timeout, 1 s, per request), and a connection that broke
 //! while nobody used it failed the first request after the store came back.
 
-use crate::StoreError;
+use crate::store::error::{Cause, StoreError};
 use std::fmt::Display;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,7 +52,7 @@ impl Health {
             ),
             None => format!("{backend}: unreachable; probing in the background"),
         };
-        Err(StoreError::Unavailable(crate::Cause::unsent(message)))
+        Err(StoreError::Unavailable(Cause::unsent(message)))
     }
 
     /// A call found no connection, or no answer in time.

@@ -1,18 +1,21 @@
 //! A [`Store`] on PostgreSQL: one table, one statement per state change, waiters woken by `LISTEN` / `NOTIFY`.
 
+pub(crate) mod builder;
 mod listen;
 mod row;
 mod sql;
+pub(crate) mod tx;
 
-use super::health::Health;
-use super::{Cause, Claimed, Forgotten, Store, StoreError, StoreKey, Write};
-use crate::{Entry, Fingerprint, OwnerToken, Record};
-use listen::{ListenSettings, Listener};
-use sql::{Statements, TableName};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{PgExecutor, Row};
+use crate::fingerprint::Fingerprint;
+use crate::record::{Entry, OwnerToken, Record};
+use crate::store::contract::{Claimed, Forgotten, Store, StoreKey, Write};
+use crate::store::error::{Cause, StoreError};
+use crate::store::health::Health;
+use crate::store::postgres::listen::Listener;
+use crate::store::postgres::sql::{Statements, schema};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
+use sqlx::{AssertSqlSafe, PgExecutor, Row, SqlStr};
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -22,12 +25,9 @@ use tokio::time::Instant;
 /// all of them within one statement timeout.
 const CLAIM_ATTEMPTS: usize = 8;
 
-/// How long a pooled connection may have sat idle before it is pinged when handed out (the store's own pool).
-const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
-
 /// A [`Store`] on PostgreSQL, through [`sqlx`].
 ///
-/// **One table** (default `idem_records`, see [`PostgresStoreBuilder::table`]) and the renewed leases beside it
+/// **One table** (default `idem_records`, see [`PostgresStore::builder`]) and the renewed leases beside it
 /// (`<table>_leases`), created by [`PostgresStore::migrate`]; [`PostgresStore::schema_sql`] shows their SQL for teams
 /// that run migrations themselves. A row is a key's in-flight claim (`owner` set) or its completed record (`owner`
 /// null, the response in `status`, `headers`, `body`), with `expires_at`: a row whose `expires_at` has passed (for a
@@ -37,7 +37,7 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 ///
 /// **Renewals never write the claim's row**: they write its lease in `<table>_leases`, holding the row in share
 /// mode meanwhile. So a [`Tx`](crate::Tx) handler whose transaction runs at `REPEATABLE READ` or `SERIALIZABLE`,
-/// whose snapshot predates any number of renewals (the keeper's, its own [`Fence::is_held`](crate::Fence::is_held)),
+/// whose snapshot predates any number of renewals (the keeper's, its own [`Fence::is_held`](crate::protocol::Fence::is_held)),
 /// still completes its claim's row inside that transaction: no renewal wrote it, and the completion reads nothing a
 /// renewal writes. A renewal only extends its owner's existing claim: it never claims a free key, so one that lands
 /// late (after the claim's release or completion, after a takeover) changes nothing.
@@ -70,8 +70,9 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 /// PgBouncer's transaction pooling supports from version 1.21.
 ///
 /// ```no_run
-/// # async fn run() -> Result<(), idem_runtime::StoreError> {
-/// use idem_runtime::{Idempotency, PostgresStore};
+/// # use idem_runtime as idem;
+/// # async fn run() -> Result<(), idem::store::StoreError> {
+/// use idem::{Idempotency, PostgresStore};
 /// let store = PostgresStore::connect("postgres://app@127.0.0.1/app").await?;
 /// store.migrate().await?;
 /// let idempotency = Idempotency::new(store);
@@ -108,211 +109,7 @@ struct SweepSettings {
     batches_per_round: usize,
 }
 
-/// Builds a [`PostgresStore`]: its table, timeouts and sweep. [`PostgresStore::connect`] and
-/// [`PostgresStore::from_pool`] use the defaults.
-///
-/// | setting | default | what it does |
-/// |---|---|---|
-/// | [`table`](Self::table) | `idem_records` | the table (optionally `schema.table`) |
-/// | [`statement_timeout`](Self::statement_timeout) | 2 s | bounds each store call: a connection, the statement |
-/// | [`connect_timeout`](Self::connect_timeout) | 1 s | opening a connection (the store's own pool, the listener) |
-/// | [`max_connections`](Self::max_connections) | 10 | the size of the pool [`connect`](Self::connect) makes |
-/// | [`sweep_interval`](Self::sweep_interval) | 60 s | time between two sweeps of expired rows |
-/// | [`sweep_batch`](Self::sweep_batch) | 1 000 | rows one sweep batch deletes (10 batches a round at most) |
-/// | [`listen_heartbeat`](Self::listen_heartbeat) | 1 s | silence after which the listening connection is checked |
-/// | [`probe_interval`](Self::probe_interval) | 250 ms | time between two probes of a database found unreachable |
-///
-/// ```no_run
-/// # async fn run() -> Result<(), idem_runtime::StoreError> {
-/// use idem_runtime::PostgresStore;
-/// use std::time::Duration;
-/// let store = PostgresStore::builder()
-///     .table("billing.idempotency")
-///     .statement_timeout(Duration::from_millis(500))
-///     .sweep_interval(Duration::from_secs(300))
-///     .connect("postgres://app@127.0.0.1/app")
-///     .await?;
-/// store.migrate().await?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-#[must_use = "a builder does nothing until `connect` or `pool` is called"]
-pub struct PostgresStoreBuilder {
-    /// The table, or why the name given was refused (reported by `connect` and `pool`).
-    table: Result<TableName, String>,
-    statement_timeout: Duration,
-    connect_timeout: Duration,
-    max_connections: u32,
-    sweep: SweepSettings,
-    listen_heartbeat: Duration,
-    probe_interval: Duration,
-}
-
-impl Default for PostgresStoreBuilder {
-    fn default() -> Self {
-        Self {
-            table: Ok(TableName::default()),
-            statement_timeout: Duration::from_secs(2),
-            connect_timeout: Duration::from_secs(1),
-            max_connections: 10,
-            sweep: SweepSettings { interval: Duration::from_secs(60), batch: 1000, batches_per_round: 10 },
-            listen_heartbeat: Duration::from_secs(1),
-            probe_interval: Duration::from_millis(250),
-        }
-    }
-}
-
-impl PostgresStoreBuilder {
-    /// The table holding claims and records (default `idem_records`), optionally schema-qualified
-    /// (`schema.table`). Renewed leases live beside it in `<table>_leases`, and its notification channel is named
-    /// after it (`<table>_done`).
-    ///
-    /// Each part must be an unquoted SQL identifier of at most 48 bytes: ASCII letters, digits and `_`, not
-    /// starting with a digit; [`connect`](Self::connect) and [`pool`](Self::pool) refuse another name with
-    /// [`StoreError::InvalidConfig`]. The name is written into SQL (quoted), so it must come from configuration,
-    /// never from a request.
-    pub fn table(mut self, table: &str) -> Self {
-        self.table = TableName::parse(table).map_err(|reason| format!("postgres: table {table:?}: {reason}"));
-        self
-    }
-
-    /// Bounds each store call, acquiring a connection included (default 2 s): a call that takes longer fails with
-    /// [`StoreError::Unavailable`]. On the pool [`connect`](Self::connect) makes, it is also PostgreSQL's
-    /// `statement_timeout`, so the server abandons the statement too.
-    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
-        self.statement_timeout = timeout;
-        self
-    }
-
-    /// Bounds opening a connection (default 1 s): the pool's acquire timeout with [`connect`](Self::connect), and
-    /// the listening connection's in every case.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// The most connections the pool made by [`connect`](Self::connect) opens (default 10). The listening
-    /// connection is one more, of its own.
-    pub fn max_connections(mut self, connections: u32) -> Self {
-        self.max_connections = connections.max(1);
-        self
-    }
-
-    /// Time between two sweeps of expired rows (default 60 s). Expired rows are treated as absent whether swept
-    /// or not; the sweep only keeps the table small.
-    pub fn sweep_interval(mut self, interval: Duration) -> Self {
-        self.sweep.interval = interval.max(Duration::from_millis(10));
-        self
-    }
-
-    /// Rows one sweep batch deletes at most (default 1 000); a round runs at most ten batches.
-    pub fn sweep_batch(mut self, rows: u32) -> Self {
-        self.sweep.batch = i64::from(rows.max(1));
-        self
-    }
-
-    /// How long the listening connection may stay silent before a `SELECT 1` checks it (default 1 s), so one that
-    /// died silently is replaced before a waiter needs it.
-    pub fn listen_heartbeat(mut self, interval: Duration) -> Self {
-        self.listen_heartbeat = interval;
-        self
-    }
-
-    /// How often a database found unreachable is probed (default 250 ms). A call that finds no connection to the
-    /// database (refused, reset, or none to be had from an empty pool) has a fresh connection try it at once; if
-    /// that fails too, the database is marked down: from then on calls fail at once with
-    /// [`StoreError::Unavailable`] instead of each waiting for the connect timeout, until a probe gets an answer.
-    /// One connection that died while the database is fine, a slow statement or a full pool are not outages.
-    pub fn probe_interval(mut self, interval: Duration) -> Self {
-        self.probe_interval = interval.max(Duration::from_millis(10));
-        self
-    }
-
-    /// The SQL [`PostgresStore::migrate`] runs for this builder's table; `Err` when the table's name was refused.
-    pub fn schema_sql(&self) -> Result<String, StoreError> {
-        self.checked_table().map(sql::schema)
-    }
-
-    fn checked_table(&self) -> Result<&TableName, StoreError> {
-        self.table.as_ref().map_err(|refused| StoreError::InvalidConfig(Cause::new(refused.clone())))
-    }
-
-    /// Connects to `url` (e.g. `postgres://user:password@host:5432/database`) with a pool of its own. Fails with
-    /// [`StoreError::Unavailable`] if the database does not answer within the connect timeout, and with
-    /// [`StoreError::InvalidConfig`] at once, before connecting, for a URL that does not parse or a refused table
-    /// name.
-    pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
-        self.checked_table()?;
-        let options = PgConnectOptions::from_str(url).map_err(|error| {
-            StoreError::InvalidConfig(Cause::with_source(format!("postgres: the URL does not parse: {error}"), error))
-        })?;
-        let server_timeout = self.statement_timeout.as_millis().max(1).to_string();
-        let options = options.options([("statement_timeout", server_timeout.as_str())]);
-        let pool = PgPoolOptions::new()
-            .max_connections(self.max_connections)
-            .acquire_timeout(self.connect_timeout)
-            // sqlx pings every connection it hands out by default: one more round trip per call. A connection
-            // in use moments ago is alive; one that sat idle (through a database restart, say) is checked.
-            .test_before_acquire(false)
-            .before_acquire(|connection, metadata| {
-                Box::pin(async move {
-                    Ok(metadata.idle_for < PING_WHEN_IDLE_FOR || sqlx::Connection::ping(connection).await.is_ok())
-                })
-            })
-            .connect_with(options)
-            .await
-            .map_err(unavailable)?;
-        self.pool(pool)
-    }
-
-    /// Uses the application's own pool (its settings decide how it connects; TLS comes with sqlx's TLS features).
-    /// The listening connection is opened with the pool's connect options, outside the pool. Fails only with
-    /// [`StoreError::InvalidConfig`], for a refused table name.
-    pub fn pool(self, pool: PgPool) -> Result<PostgresStore, StoreError> {
-        let table = self.checked_table()?.clone();
-        let statements = Arc::new(Statements::new(table));
-        let settings = ListenSettings { timeout: self.connect_timeout, heartbeat: self.listen_heartbeat };
-        let listener = Listener::new((*pool.connect_options()).clone(), statements.channel.clone(), settings);
-        Ok(PostgresStore {
-            pool,
-            statements,
-            call_timeout: self.statement_timeout,
-            sweep: self.sweep,
-            sweeper: Mutex::new(None),
-            listener,
-            health: Arc::new(Health::new("postgres")),
-            probe_interval: self.probe_interval,
-            connect_timeout: self.connect_timeout,
-        })
-    }
-}
-
 impl PostgresStore {
-    /// A builder: table name, timeouts, sweep.
-    pub fn builder() -> PostgresStoreBuilder {
-        PostgresStoreBuilder::default()
-    }
-
-    /// Connects to `url` with a pool of its own and the default settings.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::builder().connect(url).await
-    }
-
-    /// Uses the application's own pool, with the default settings: the records live beside the application's data.
-    ///
-    /// ```no_run
-    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// use idem_runtime::PostgresStore;
-    /// use sqlx::postgres::PgPoolOptions;
-    /// let pool = PgPoolOptions::new().max_connections(20).connect("postgres://app@127.0.0.1/app").await?;
-    /// let store = PostgresStore::from_pool(pool.clone())?;
-    /// store.migrate().await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn from_pool(pool: PgPool) -> Result<Self, StoreError> {
-        Self::builder().pool(pool)
-    }
-
     /// Creates the tables and the index if they do not exist (idempotent: safe to run at every start, from several
     /// processes at once: they take turns on an advisory lock). The SQL is [`PostgresStore::schema_sql`]. On a table
     /// made by an earlier version it adds the leases table (see the type's doc).
@@ -328,7 +125,7 @@ impl PostgresStore {
     /// The SQL that creates this store's tables and index (what [`PostgresStore::migrate`] runs), for teams that
     /// manage migrations themselves.
     pub fn schema_sql(&self) -> String {
-        sql::schema(&self.statements.table)
+        schema(&self.statements.table)
     }
 
     /// The table's name, as configured (`idem_records` by default).
@@ -461,14 +258,14 @@ impl PostgresStore {
     async fn complete_on<'e>(
         &self,
         executor: impl PgExecutor<'e>,
-        statement: &str,
+        statement: &SqlStr,
         key: &StoreKey,
         owner: &OwnerToken,
         record: &Record,
         ttl: Duration,
     ) -> Result<Write, sqlx::Error> {
         let columns = row::completed(record);
-        let done = sqlx::query(statement)
+        let done = sqlx::query(statement.clone())
             .bind(key.as_str())
             .bind(owner.as_str())
             .bind(columns.fingerprint)
@@ -481,71 +278,6 @@ impl PostgresStore {
             .fetch_optional(executor)
             .await?;
         Ok(if done.is_some() { Write::Applied } else { Write::Fenced })
-    }
-}
-
-/// What the transactional doors ([`Tx`](crate::Tx)) ask of the store: a transaction on its pool, and the
-/// owner-checked completion inside it.
-impl PostgresStore {
-    /// Opens a transaction on the store's pool, within the call timeout.
-    pub(crate) async fn begin_transaction(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-        self.bounded(self.pool.begin()).await
-    }
-
-    /// Completes `key` for `owner` inside `transaction` and commits it, so the record becomes visible (and waiting
-    /// duplicates are notified) together with the handler's own writes; each step within the call timeout.
-    ///
-    /// [`Write::Fenced`] (rolled back) when the claim is no longer the owner's. When the handler left its
-    /// transaction aborted (one of its statements failed, and it answered anyway, say `409` for a unique
-    /// violation), nothing it wrote can commit, and its answer is final: the transaction is rolled back and the
-    /// answer recorded by the ordinary owner-checked completion, so a retry replays it. `Err` (rolled back) when the
-    /// completion or the commit failed otherwise.
-    pub(crate) async fn complete_transaction(
-        &self,
-        mut transaction: sqlx::Transaction<'static, sqlx::Postgres>,
-        key: &StoreKey,
-        owner: &OwnerToken,
-        record: &Record,
-        ttl: Duration,
-    ) -> Result<Write, StoreError> {
-        let statement = &self.statements.complete_in_transaction;
-        let write = self.complete_on(&mut *transaction, statement, key, owner, record, ttl);
-        match self.answer_by(Instant::now() + self.call_timeout, write).await {
-            Ok(Ok(Write::Applied)) => self.commit(transaction).await.map(|()| Write::Applied),
-            Ok(Ok(Write::Fenced)) => {
-                self.roll_back(transaction).await;
-                Ok(Write::Fenced)
-            }
-            Ok(Err(error)) if is_aborted_transaction(&error) => {
-                tracing::debug!(key = %key, "the handler's transaction was aborted: its answer is recorded outside it");
-                self.roll_back(transaction).await;
-                self.complete(key, owner, record, ttl).await
-            }
-            Ok(Err(error)) => {
-                self.roll_back(transaction).await;
-                Err(self.failed(error))
-            }
-            Err(error) => {
-                self.roll_back(transaction).await;
-                Err(error)
-            }
-        }
-    }
-
-    /// Commits `transaction` within the call timeout.
-    pub(crate) async fn commit(
-        &self,
-        transaction: sqlx::Transaction<'static, sqlx::Postgres>,
-    ) -> Result<(), StoreError> {
-        self.bounded(transaction.commit()).await
-    }
-
-    /// Rolls `transaction` back within the call timeout. A rollback that fails or times out is left to the
-    /// database: the transaction ends with its connection at the latest.
-    pub(crate) async fn roll_back(&self, transaction: sqlx::Transaction<'static, sqlx::Postgres>) {
-        if let Err(error) = self.bounded(transaction.rollback()).await {
-            tracing::warn!(%error, "rolling a handler's transaction back failed; it ends with its connection");
-        }
     }
 }
 
@@ -571,7 +303,7 @@ async fn answers(options: &PgConnectOptions) -> Result<(), sqlx::Error> {
 async fn create_table(pool: &PgPool, table: &str, schema: String) -> Result<(), sqlx::Error> {
     // The name is a checked identifier (letters, digits, `_`, `.`): safe as a literal.
     let locked = format!("SELECT pg_advisory_xact_lock(hashtext('{table}'));\n{schema}");
-    sqlx::raw_sql(&locked).execute(pool).await.map(drop)
+    sqlx::raw_sql(AssertSqlSafe(locked)).execute(pool).await.map(drop)
 }
 
 /// One sweep round: batches of expired leases and rows deleted until a batch comes back short, or the round's
@@ -587,11 +319,12 @@ async fn sweep_round(pool: &PgPool, statements: &Statements, settings: SweepSett
         let mut batch = pool.begin().await?;
         // Each statement must see what committed before it ran, whatever the pool's default isolation.
         sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").execute(&mut *batch).await?;
-        let leases = sqlx::query(&statements.sweep_leases).bind(settings.batch).execute(&mut *batch).await?;
+        let leases = sqlx::query(statements.sweep_leases.clone()).bind(settings.batch).execute(&mut *batch).await?;
         let locked: Vec<String> =
-            sqlx::query_scalar(&statements.sweep_lock).bind(settings.batch).fetch_all(&mut *batch).await?;
+            sqlx::query_scalar(statements.sweep_lock.clone()).bind(settings.batch).fetch_all(&mut *batch).await?;
         if !locked.is_empty() {
-            total += sqlx::query(&statements.sweep_delete).bind(&locked).execute(&mut *batch).await?.rows_affected();
+            total +=
+                sqlx::query(statements.sweep_delete.clone()).bind(&locked).execute(&mut *batch).await?.rows_affected();
         }
         batch.commit().await?;
         let full = |rows: u64| rows >= settings.batch as u64;
@@ -620,12 +353,6 @@ fn unavailable(error: sqlx::Error) -> StoreError {
     }
 }
 
-/// Whether `error` is PostgreSQL refusing a statement because the transaction was already aborted by an earlier
-/// one (`25P02 in_failed_sql_transaction`).
-fn is_aborted_transaction(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(database) if database.code().as_deref() == Some("25P02"))
-}
-
 fn decode(row: &PgRow) -> Result<Entry, StoreError> {
     row::entry(row).map_err(|why| StoreError::Corrupt(why.into()))
 }
@@ -647,7 +374,7 @@ impl Store for PostgresStore {
         // call's one timeout.
         let deadline = Instant::now() + self.call_timeout;
         for _ in 0..CLAIM_ATTEMPTS {
-            let answer = sqlx::query(&self.statements.claim)
+            let answer = sqlx::query(self.statements.claim.clone())
                 .bind(key.as_str())
                 .bind(owner.as_str())
                 .bind(&fingerprint)
@@ -673,7 +400,7 @@ impl Store for PostgresStore {
     }
 
     async fn release(&self, key: &StoreKey, owner: &OwnerToken) -> Result<Write, StoreError> {
-        let released = sqlx::query(&self.statements.release)
+        let released = sqlx::query(self.statements.release.clone())
             .bind(key.as_str())
             .bind(owner.as_str())
             .bind(&self.statements.channel)
@@ -690,7 +417,7 @@ impl Store for PostgresStore {
     ) -> Result<Write, StoreError> {
         // The claim's row keeps the fingerprint it was claimed with: a renewal never writes it.
         let _ = fingerprint;
-        let renewed = sqlx::query(&self.statements.renew)
+        let renewed = sqlx::query(self.statements.renew.clone())
             .bind(key.as_str())
             .bind(owner.as_str())
             .bind(millis(lease))
@@ -707,7 +434,7 @@ impl Store for PostgresStore {
         if !registration.ready(deadline).await {
             return Ok(());
         }
-        let read = sqlx::query(&self.statements.lease_left).bind(key.as_str()).fetch_optional(&self.pool);
+        let read = sqlx::query(self.statements.lease_left.clone()).bind(key.as_str()).fetch_optional(&self.pool);
         let Ok(read) = tokio::time::timeout_at(deadline, self.bounded(read)).await else { return Ok(()) };
         let Some(row) = read? else { return Ok(()) };
         let left: i64 = row.try_get("left_ms").map_err(unavailable)?;
@@ -718,12 +445,12 @@ impl Store for PostgresStore {
     }
 
     async fn inspect(&self, key: &StoreKey) -> Result<Option<Entry>, StoreError> {
-        let read = sqlx::query(&self.statements.inspect).bind(key.as_str()).fetch_optional(&self.pool);
+        let read = sqlx::query(self.statements.inspect.clone()).bind(key.as_str()).fetch_optional(&self.pool);
         self.bounded(read).await?.as_ref().map(decode).transpose()
     }
 
     async fn forget(&self, key: &StoreKey) -> Result<Forgotten, StoreError> {
-        let forget = sqlx::query(&self.statements.forget)
+        let forget = sqlx::query(self.statements.forget.clone())
             .bind(key.as_str())
             .bind(&self.statements.channel)
             .fetch_one(&self.pool);

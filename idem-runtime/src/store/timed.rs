@@ -1,9 +1,11 @@
 //! A store seen through the engine's metrics: every call timed and reported with
-//! [`Metrics::observe_store`](crate::Metrics::observe_store).
+//! [`Metrics::observe_store`](crate::metrics::Metrics::observe_store).
 
-use super::{Claimed, Forgotten, Store, StoreError, StoreKey, Write};
+use crate::fingerprint::Fingerprint;
 use crate::metrics::{Metrics, StoreOperation};
-use crate::{Entry, Fingerprint, OwnerToken, Record};
+use crate::record::{Entry, OwnerToken, Record};
+use crate::store::contract::{Claimed, Forgotten, Store, StoreKey, Write};
+use crate::store::error::StoreError;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

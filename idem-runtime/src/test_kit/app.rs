@@ -2,7 +2,8 @@
 //! first thing in its body, so a case can say how many times the handler really ran.
 
 use super::client::Reply;
-use crate::{Idempotency, Store};
+use crate::engine::Idempotency;
+use crate::store::contract::Store;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
 use axum::http::{HeaderValue, Request, StatusCode, header};

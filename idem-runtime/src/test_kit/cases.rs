@@ -1,13 +1,18 @@
 //! The behaviour table, one case per row, each driving `#[idempotent]` handlers over the store under test.
 //!
+//! This file is over 500 lines: one public function per row of the behaviour table, in one list a store author reads
+//! top to bottom.
+//!
 //! Every case asserts what the client sees (status, body, headers) and how many times the handler body ran. No case
 //! depends on paused time: a real store keeps real TTLs. Keys are fresh per run, so a persistent store can be
 //! shared by runs and by cases running in parallel.
 
-use super::Outage;
 use super::app::{BODY_LIMIT, TestApp, stream_chunks};
 use super::client::{KEY, REPLAYED, Reply, RequestExt, STATUS, exchange, fresh_key, post, raw_request, serve};
-use crate::{Idempotency, Store, StoreFailure};
+use crate::engine::Idempotency;
+use crate::policy::StoreFailure;
+use crate::store::contract::Store;
+use crate::test_kit::outage::Outage;
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};

@@ -3,7 +3,9 @@
 //! with wide margins: a case never depends on how fast a busy machine runs, only on time having passed.
 
 use super::client::fresh_key;
-use crate::{Claimed, Entry, Fingerprint, OwnerToken, Record, Store, StoreKey, Stored, StoredResponse, Write};
+use crate::fingerprint::Fingerprint;
+use crate::record::{Entry, OwnerToken, Record, Stored, StoredResponse};
+use crate::store::contract::{Claimed, Store, StoreKey, Write};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,10 @@
 //! A store wrapper that fails, delays or counts the calls you choose: faults no real backend can be asked to have
 //! on cue (a reply lost after the write landed, a renewal that never answers, a store down for renewals only).
 
-use crate::{Claimed, Entry, Fingerprint, Forgotten, OwnerToken, Record, Store, StoreError, StoreKey, Write};
+use crate::fingerprint::Fingerprint;
+use crate::record::{Entry, OwnerToken, Record};
+use crate::store::contract::{Claimed, Forgotten, Store, StoreKey, Write};
+use crate::store::error::StoreError;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +21,7 @@ pub enum Operation {
     Complete,
     /// [`Store::release`].
     Release,
-    /// [`Store::renew`] (the keeper's lease renewals, and [`Fence::is_held`](crate::Fence::is_held)).
+    /// [`Store::renew`] (the keeper's lease renewals, and [`Fence::is_held`](crate::protocol::Fence::is_held)).
     Renew,
     /// [`Store::wait`].
     Wait,
@@ -321,7 +324,7 @@ impl<S: Store> Store for Faulty<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::MemoryStore;
+    use crate::store::memory::MemoryStore;
 
     fn call() -> (StoreKey, Fingerprint, OwnerToken) {
         (StoreKey::derive(&[b"faulty"]), Fingerprint::builder().field(b"request").finish(), OwnerToken::generate())

@@ -1,4 +1,4 @@
-//! A conformance suite for [`Store`](crate::Store) implementations (feature `test-kit`): every row of idem's
+//! A conformance suite for [`Store`](crate::store::contract::Store) implementations (feature `test-kit`): every row of idem's
 //! behaviour table, run through `#[idempotent]` handlers against your store, plus the store contract called
 //! directly (exclusive claims, owner fencing, lapsed leases, waits). idem runs the same suite on `MemoryStore`,
 //! a Redis node and a Redis Cluster.
@@ -36,8 +36,8 @@
 //! renewals down while claims work) and counts every call.
 
 pub mod cases;
-pub mod contract;
 mod conformance;
+pub mod contract;
 mod faulty;
 mod outage;
 
@@ -54,8 +54,8 @@ pub use outage::Outage;
 /// What `#[idempotent]` expands to use, as the facade crate's own `__private` offers it: the handlers of the test
 /// app are annotated with `crate = "crate::test_kit"`, since this crate cannot name `idem`.
 mod __private {
-    pub use crate::macro_support::*;
     pub use crate::http::execution::Execution;
+    pub use crate::macro_support::*;
     pub use crate::policy::Policy;
     pub use axum::extract::{FromRequest, FromRequestParts, Request, State};
     pub use axum::response::{IntoResponse, Response};
@@ -82,4 +82,3 @@ pub use conformance::run;
 /// ```
 #[doc(inline)]
 pub use crate::__idem_conformance_tests as conformance_tests;
-

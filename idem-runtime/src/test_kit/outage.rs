@@ -1,7 +1,10 @@
 //! A store that is down: it stands in for an outage, which no real store can be asked to have. For a store that is
 //! down for some operations only, or at some moments, see [`Faulty`](super::Faulty).
 
-use crate::{Claimed, Fingerprint, OwnerToken, Record, Store, StoreError, StoreKey, Write};
+use crate::fingerprint::Fingerprint;
+use crate::record::{OwnerToken, Record};
+use crate::store::contract::{Claimed, Store, StoreKey, Write};
+use crate::store::error::StoreError;
 use std::time::Duration;
 
 /// A [`Store`] that is down: every call fails with [`StoreError::Unavailable`], as an unreachable backend would.

@@ -16,13 +16,14 @@ use std::time::Duration;
 /// the idempotency record of its answer, or not at all.
 ///
 /// A handler becomes transactional by taking `Tx` (under `#[idempotent]` or the
-/// [`IdempotencyLayer`](crate::IdempotencyLayer), with an [`Idempotency`](crate::Idempotency) built on a
+/// [`IdempotencyLayer`](crate::layer::IdempotencyLayer), with an [`Idempotency`](crate::Idempotency) built on a
 /// [`PostgresStore`]); there is no other switch, so a route cannot be half transactional. Write through it with
 /// `&mut *tx` (it dereferences to the transaction's [`PgConnection`]):
 ///
 /// ```no_run
+/// # use idem_runtime as idem;
 /// use axum::{Json, http::StatusCode};
-/// use idem_runtime::Tx;
+/// use idem::Tx;
 ///
 /// // #[idempotent(ttl = 86_400)]
 /// async fn create_order(mut tx: Tx, Json(item): Json<String>) -> (StatusCode, String) {
@@ -44,7 +45,7 @@ use std::time::Duration;
 /// - when the answer is to be stored (not a 5xx unless the policy stores them), the record is completed **inside
 ///   this transaction** with an owner-checked write, then the transaction commits: the handler's rows and the record
 ///   become visible together;
-/// - renewals of the lease (the keeper's, and [`Fence::is_held`](crate::Fence::is_held)) never write what this
+/// - renewals of the lease (the keeper's, and [`Fence::is_held`](crate::protocol::Fence::is_held)) never write what this
 ///   completion reads or writes, so it commits at any isolation level, however many renewals came after the
 ///   transaction's snapshot (a handler may start with `SET TRANSACTION ISOLATION LEVEL SERIALIZABLE`);
 /// - if the claim was lost meanwhile (the handler ran past its lease, for instance frozen, and a retry took the key

@@ -15,7 +15,7 @@
 //! closes (`pg_terminate_backend`, a restart) is dropped and replaced with a bounded backoff, and every waiter is
 //! woken to re-check its key, since a completion announced while it was down was missed.
 
-use super::super::wakeup::{self, Announcements, next_retry};
+use crate::store::wakeup::{self, Announcements, next_retry};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -11,7 +11,8 @@
 //! `transfer-encoding`), a fingerprint that is not 64 hex digits, a replayable row without a body, a
 //! not-replayable one with headers or a body.
 
-use crate::{Entry, Fingerprint, Record, Stored, StoredResponse};
+use crate::fingerprint::Fingerprint;
+use crate::record::{Entry, Record, Stored, StoredResponse};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;

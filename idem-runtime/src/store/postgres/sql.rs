@@ -14,6 +14,9 @@
 //! Not `now()`: that is when the transaction started, which inside an application's own long transaction (a
 //! completion committed with the handler's writes) would be a stale clock.
 
+use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
+use std::sync::Arc;
+
 /// The longest table name part accepted: the index names (`<table>_expires_at`, `<table>_leases_pkey`) must stay
 /// within PostgreSQL's 63 bytes.
 const MAX_PART: usize = 48;
@@ -125,28 +128,28 @@ pub(super) struct Statements {
     pub(super) table: TableName,
     pub(super) channel: String,
     /// `$1` key, `$2` owner, `$3` fingerprint, `$4` lease (ms): one row, `owned` plus the live row's columns.
-    pub(super) claim: String,
+    pub(super) claim: SqlStr,
     /// `$1` key, `$2` owner, `$3` fingerprint, `$4` status, `$5` replayable, `$6` headers, `$7` body, `$8` ttl
     /// (ms), `$9` channel: a row when applied.
-    pub(super) complete: String,
+    pub(super) complete: SqlStr,
     /// As `complete`, inside the handler's own transaction: reads and writes the claim's row only.
-    pub(super) complete_in_transaction: String,
+    pub(super) complete_in_transaction: SqlStr,
     /// `$1` key, `$2` owner, `$3` channel: a row when applied.
-    pub(super) release: String,
+    pub(super) release: SqlStr,
     /// `$1` key, `$2` owner, `$3` lease (ms): a row when applied.
-    pub(super) renew: String,
+    pub(super) renew: SqlStr,
     /// `$1` key: `left_ms` of a live in-flight claim.
-    pub(super) lease_left: String,
+    pub(super) lease_left: SqlStr,
     /// `$1` key: the live row.
-    pub(super) inspect: String,
+    pub(super) inspect: SqlStr,
     /// `$1` key, `$2` channel: `removed`, `in_flight`.
-    pub(super) forget: String,
+    pub(super) forget: SqlStr,
     /// `$1` batch size: deletes leases past their end.
-    pub(super) sweep_leases: String,
+    pub(super) sweep_leases: SqlStr,
     /// `$1` batch size: locks the keys of rows that look expired, skipping rows locked by others.
-    pub(super) sweep_lock: String,
+    pub(super) sweep_lock: SqlStr,
     /// `$1` the keys locked by `sweep_lock`: deletes those still expired, seen from a snapshot taken after the locks.
-    pub(super) sweep_delete: String,
+    pub(super) sweep_delete: SqlStr,
 }
 
 impl Statements {
@@ -313,19 +316,25 @@ impl Statements {
         Self {
             table,
             channel,
-            claim,
-            complete,
-            complete_in_transaction,
-            release,
-            renew,
-            lease_left,
-            inspect,
-            forget,
-            sweep_leases,
-            sweep_lock,
-            sweep_delete,
+            claim: audited(claim),
+            complete: audited(complete),
+            complete_in_transaction: audited(complete_in_transaction),
+            release: audited(release),
+            renew: audited(renew),
+            lease_left: audited(lease_left),
+            inspect: audited(inspect),
+            forget: audited(forget),
+            sweep_leases: audited(sweep_leases),
+            sweep_lock: audited(sweep_lock),
+            sweep_delete: audited(sweep_delete),
         }
     }
+}
+
+/// A statement of this module as sqlx runs it. Its only text not written here is the table's name, checked by
+/// [`TableName::parse`] and quoted. Shared: each call clones it without copying the text.
+fn audited(statement: String) -> SqlStr {
+    AssertSqlSafe(Arc::<str>::from(statement)).into_sql_str()
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@
 //! is version 1). A newer idem bumps it only for a change an older reader would misread, and may add fields that
 //! older readers can ignore without bumping it; a reader refuses any version it does not know rather than guess.
 
-use crate::{Entry, Fingerprint, OwnerToken, Record, Stored, StoredResponse};
+use crate::fingerprint::Fingerprint;
+use crate::record::{Entry, OwnerToken, Record, Stored, StoredResponse};
 use axum::http::{HeaderName, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;

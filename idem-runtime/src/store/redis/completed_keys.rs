@@ -11,7 +11,7 @@
 //! The table is small and fixed (a slot per key digest's hash, the newest key wins a slot), so it needs no
 //! eviction and its memory is bounded whatever the traffic.
 
-use crate::StoreKey;
+use crate::store::contract::StoreKey;
 use std::sync::{Mutex, PoisonError};
 
 /// How many keys are remembered at most (one per slot).

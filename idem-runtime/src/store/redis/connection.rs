@@ -1,9 +1,9 @@
 //! Where commands go: one type over the ways a user can hand us Redis, so the store's logic is written once, with
 //! the rules every call follows: a deadline, fail fast while the store is known to be down, one retry on a fresh
-//! connection after a broken one.
+//! connection after a broken one; and the background probe that finds the store again while it is down.
 
+use crate::store::error::{Cause, StoreError};
 use crate::store::health::Health;
-use crate::{Cause, StoreError};
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
@@ -11,8 +11,8 @@ use redis::sentinel::SentinelClient;
 use redis::{
     AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult, Value,
 };
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// How long the store waits for Redis, and how often it checks on it.
@@ -188,7 +188,7 @@ impl Commands {
         pipe: &Pipeline,
         primary_of: Option<&str>,
     ) -> Result<T, Failure> {
-        super::probe::start(self);
+        start_probe(self);
         self.health.check()?;
         self.guarded(self.timeouts.call_budget(), self.query_retrying(pipe, primary_of)).await
     }
@@ -226,9 +226,9 @@ impl Commands {
     ///
     /// Sending a script twice cannot make anything run twice: a claim carries the caller's owner token, so a claim
     /// that landed before its connection broke is found again as the caller's own in-flight record
-    /// ([`Claimed::Owned`](crate::Claimed::Owned)), never as someone else's; `complete`, `release` and `renew` check
+    /// ([`Claimed::Owned`](crate::store::Claimed::Owned)), never as someone else's; `complete`, `release` and `renew` check
     /// the owner, so a resent one never writes over another caller's claim or record, and one that had already
-    /// landed changes nothing (at worst it answers [`Write::Fenced`](crate::Write::Fenced), which the engine only
+    /// landed changes nothing (at worst it answers [`Write::Fenced`](crate::store::Write::Fenced), which the engine only
     /// logs). If a claim's reply is lost for good, the call fails and the engine releases the claim in the
     /// background (`release_lost_claim`), so the key is not left in flight with nobody running the request.
     ///
@@ -459,6 +459,40 @@ impl SentinelLink {
                 Err(error)
             }
             result => result,
+        }
+    }
+}
+
+// The background probe: it keeps the store's `Health` true.
+
+/// Starts the probe of `commands` once, on the current Tokio runtime (none yet: a later call starts it). It holds
+/// the commands weakly, so it ends with the store.
+pub(super) fn start_probe(commands: &Arc<Commands>) {
+    if !commands.tracks_health() || !commands.health.claim_probe() {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn(probe(Arc::downgrade(commands)))),
+        Err(_) => commands.health.probe_ended(),
+    }
+}
+
+/// Every probe interval: a `PING` while Redis is up (a connection that broke while idle is replaced before a
+/// request finds it), a reconnection attempt while it is down (the first answer marks it up). The `PING` is bounded
+/// by the store's timeouts, so a frozen server cannot stall the probe.
+async fn probe(commands: Weak<Commands>) {
+    loop {
+        let Some(interval) = commands.upgrade().map(|commands| commands.timeouts.probe_interval) else { return };
+        tokio::time::sleep(interval).await;
+        let Some(commands) = commands.upgrade() else { return };
+        match commands.ping().await {
+            Ok(()) => commands.health.mark_up(),
+            // A connection failure marked it down already; a server error (`LOADING` while a restarted Redis
+            // reads its data, `NOAUTH`) leaves the state as it was: requests see that error themselves.
+            Err(error) => {
+                let error = StoreError::from(error);
+                tracing::debug!(%error, "redis probe failed");
+            }
         }
     }
 }

@@ -5,7 +5,9 @@
 //! request of the process (replays, renewals) for up to `t`, and count writes that are not ours. So a write that
 //! must reach replicas goes, followed by its `WAIT`, on a connection checked out exclusively until both answered.
 
-use super::connection::{Backend, Commands, Failure, Timeouts, is_connection_error, pool_error};
+use crate::store::redis::connection::{
+    Backend, Commands, Failure, Timeouts, is_connection_error, pool_error, start_probe,
+};
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, Pipeline, RedisError, RedisResult};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,7 +79,7 @@ impl ReplicaAcks {
         commands: &Arc<Commands>,
         pipe: &Pipeline,
     ) -> Result<T, Failure> {
-        super::probe::start(commands);
+        start_probe(commands);
         commands.health.check()?;
         let budget = commands.timeouts.call_budget() + self.timeout;
         commands

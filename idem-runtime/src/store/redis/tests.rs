@@ -2,9 +2,15 @@
 //! 7.0; here a Redis 7 made to refuse it the way Redis 6 does, `ERR syntax error`), which switches the store to the
 //! claim script once and keeps the claim's semantics; and the size of the futures every store call allocates.
 
-use super::*;
-use crate::{Entry, Stored};
+use crate::fingerprint::Fingerprint;
+use crate::record::{Entry, OwnerToken, Record, Stored, StoredResponse};
+use crate::store::contract::{Claimed, Store, StoreKey, Write};
+use crate::store::error::StoreError;
+use crate::store::redis::RedisStore;
+use redis::Client;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// A `redis-server` on a free loopback port, killed when dropped.
 struct Server {
@@ -68,7 +74,7 @@ fn fingerprint(text: &str) -> Fingerprint {
 }
 
 fn record(fingerprint: Fingerprint) -> Record {
-    let response = crate::StoredResponse { status: 201, headers: vec![], body: bytes::Bytes::from_static(b"done") };
+    let response = StoredResponse { status: 201, headers: vec![], body: bytes::Bytes::from_static(b"done") };
     Record { fingerprint, stored: Stored::Response(response) }
 }
 

@@ -1,9 +1,9 @@
-//! `rediss://`: the certificates a [`RedisStoreBuilder`](super::RedisStoreBuilder) carries, how they reach each
+//! `rediss://`: the certificates a [`RedisStoreBuilder`](crate::store::redis::builder::RedisStoreBuilder) carries, how they reach each
 //! kind of connection (node, Cluster, Sentinel and the primary it names), the rustls crypto provider, and the error
 //! a `rediss://` URL gets when the `tls` feature is off.
 
-use super::connection::invalid_config;
-use crate::StoreError;
+use crate::store::error::StoreError;
+use crate::store::redis::connection::invalid_config;
 use redis::cluster::ClusterClientBuilder;
 use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::{Client, ConnectionInfo, IntoConnectionInfo};

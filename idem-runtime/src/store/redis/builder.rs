@@ -120,8 +120,9 @@ impl RedisStoreBuilder {
     /// - **A claim that fewer than `replicas` replicas acknowledged fails closed**: the store releases it and
     ///   answers [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`, the handler does not run),
     ///   as for any write the store could not make durable. With no replica in reach every first request fails so.
-    /// - **A completion that fewer than `replicas` acknowledged is still [`Write::Applied`]**: the handler has
-    ///   already run and its response goes to the client; it is on the primary, and replays are served from there.
+    /// - **A completion that fewer than `replicas` acknowledged is still
+    ///   [`Write::Applied`](crate::store::contract::Write::Applied)**: the handler has already run and its response
+    ///   goes to the client; it is on the primary, and replays are served from there.
     ///   The store logs a warning and counts it ([`RedisStore::unreplicated_completions`]; with the `metrics`
     ///   feature also `idem_redis_unreplicated_completions_total`): if that primary fails over before the replica
     ///   catches up, a retry may run again.
@@ -252,8 +253,9 @@ impl RedisStoreBuilder {
     /// sharded pub/sub needs.
     ///
     /// A `builder` set to read from replicas (`read_routing_strategy`) is fine: the store sends its reads (a replay
-    /// of a key it knows completed, a waiter's check, [`Store::inspect`]) to the primary that owns the key all the
-    /// same, as every write goes. A replica lags its primary: a replay read there could return a record the
+    /// of a key it knows completed, a waiter's check,
+    /// [`Store::inspect`](crate::store::contract::Store::inspect)) to the primary that owns the key all the same, as
+    /// every write goes. A replica lags its primary: a replay read there could return a record the
     /// primary has purged since, or miss one it has just written. Only the subscriptions that wake waiters may sit
     /// on a replica (a shard's sharded pub/sub messages reach its replicas too).
     pub async fn cluster_builder(self, builder: ClusterClientBuilder) -> Result<RedisStore, StoreError> {

@@ -43,9 +43,8 @@ use std::time::Duration;
 /// any connection is tried.
 ///
 /// ```no_run
-/// # use idem_runtime as idem;
-/// # async fn run() -> Result<(), idem::store::StoreError> {
-/// use idem::RedisStore;
+/// # async fn run() -> Result<(), idem_runtime::StoreError> {
+/// use idem_runtime::RedisStore;
 /// use std::time::Duration;
 /// let store = RedisStore::builder()
 ///     .connect_timeout(Duration::from_millis(300))
@@ -121,8 +120,9 @@ impl RedisStoreBuilder {
     /// - **A claim that fewer than `replicas` replicas acknowledged fails closed**: the store releases it and
     ///   answers [`StoreError::Unavailable`] (the engine answers `503 store-unavailable`, the handler does not run),
     ///   as for any write the store could not make durable. With no replica in reach every first request fails so.
-    /// - **A completion that fewer than `replicas` acknowledged is still [`Write::Applied`](crate::store::Write::Applied)**: the handler has
-    ///   already run and its response goes to the client; it is on the primary, and replays are served from there.
+    /// - **A completion that fewer than `replicas` acknowledged is still
+    ///   [`Write::Applied`](crate::store::contract::Write::Applied)**: the handler has already run and its response
+    ///   goes to the client; it is on the primary, and replays are served from there.
     ///   The store logs a warning and counts it ([`RedisStore::unreplicated_completions`]; with the `metrics`
     ///   feature also `idem_redis_unreplicated_completions_total`): if that primary fails over before the replica
     ///   catches up, a retry may run again.
@@ -139,9 +139,8 @@ impl RedisStoreBuilder {
     /// default). Ignored on a Cluster.
     ///
     /// ```no_run
-    /// # use idem_runtime as idem;
-    /// # async fn run() -> Result<(), idem::store::StoreError> {
-    /// use idem::RedisStore;
+    /// # async fn run() -> Result<(), idem_runtime::StoreError> {
+    /// use idem_runtime::RedisStore;
     /// use std::time::Duration;
     /// let store = RedisStore::builder()
     ///     .wait_for_replicas(1, Duration::from_millis(200))
@@ -177,9 +176,8 @@ impl RedisStoreBuilder {
     /// [`cluster`](Self::cluster) and [`sentinel`](Self::sentinel) must then be `rediss://`.
     ///
     /// ```no_run
-    /// # use idem_runtime as idem;
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// use idem::RedisStore;
+    /// use idem_runtime::RedisStore;
     /// let ca = std::fs::read("/etc/redis/ca.pem")?;
     /// let store = RedisStore::builder().tls_root_certificates(ca).open("rediss://redis.internal:6380").await?;
     /// # let _ = store; Ok(()) }
@@ -255,8 +253,9 @@ impl RedisStoreBuilder {
     /// sharded pub/sub needs.
     ///
     /// A `builder` set to read from replicas (`read_routing_strategy`) is fine: the store sends its reads (a replay
-    /// of a key it knows completed, a waiter's check, [`Store::inspect`](crate::store::Store::inspect)) to the primary that owns the key all the
-    /// same, as every write goes. A replica lags its primary: a replay read there could return a record the
+    /// of a key it knows completed, a waiter's check,
+    /// [`Store::inspect`](crate::store::contract::Store::inspect)) to the primary that owns the key all the same, as
+    /// every write goes. A replica lags its primary: a replay read there could return a record the
     /// primary has purged since, or miss one it has just written. Only the subscriptions that wake waiters may sit
     /// on a replica (a shard's sharded pub/sub messages reach its replicas too).
     pub async fn cluster_builder(self, builder: ClusterClientBuilder) -> Result<RedisStore, StoreError> {

@@ -226,11 +226,14 @@ impl Commands {
     ///
     /// Sending a script twice cannot make anything run twice: a claim carries the caller's owner token, so a claim
     /// that landed before its connection broke is found again as the caller's own in-flight record
-    /// ([`Claimed::Owned`](crate::store::Claimed::Owned)), never as someone else's; `complete`, `release` and `renew` check
-    /// the owner, so a resent one never writes over another caller's claim or record, and one that had already
-    /// landed changes nothing (at worst it answers [`Write::Fenced`](crate::store::Write::Fenced), which the engine only
-    /// logs). If a claim's reply is lost for good, the call fails and the engine releases the claim in the
-    /// background (`release_lost_claim`), so the key is not left in flight with nobody running the request.
+    /// ([`Claimed::Owned`]), never as someone else's; `complete`, `release` and `renew` check the owner, so a resent
+    /// one never writes over another caller's claim or record, and one that had already landed changes nothing (at
+    /// worst it answers [`Write::Fenced`], which the engine only logs). If a claim's reply is lost for good, the call
+    /// fails and the engine releases the claim in the background (`release_lost_claim`), so the key is not left in
+    /// flight with nobody running the request.
+    ///
+    /// [`Claimed::Owned`]: crate::store::contract::Claimed::Owned
+    /// [`Write::Fenced`]: crate::store::contract::Write::Fenced
     ///
     /// A timeout is not retried: the server may be slow or frozen rather than gone, and a second wait would double
     /// the caller's.

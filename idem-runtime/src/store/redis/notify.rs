@@ -13,6 +13,9 @@
 //! bounded backoff), every channel with waiters is subscribed again, and every waiter is woken to re-check its key,
 //! since a completion announced while the link was down was missed.
 
+#[cfg(test)]
+mod tests;
+
 use crate::store::redis::connection::SentinelLink;
 use crate::store::wakeup::{self, Announcements, next_retry};
 use futures_util::StreamExt;

@@ -1,6 +1,8 @@
-//! `rediss://`: the certificates a [`RedisStoreBuilder`](crate::store::redis::builder::RedisStoreBuilder) carries, how they reach each
-//! kind of connection (node, Cluster, Sentinel and the primary it names), the rustls crypto provider, and the error
-//! a `rediss://` URL gets when the `tls` feature is off.
+//! `rediss://`: the certificates a [`RedisStoreBuilder`] carries, how they reach each kind of connection (node,
+//! Cluster, Sentinel and the primary it names), the rustls crypto provider, and the error a `rediss://` URL gets
+//! when the `tls` feature is off.
+//!
+//! [`RedisStoreBuilder`]: crate::store::redis::builder::RedisStoreBuilder
 
 use crate::store::error::StoreError;
 use crate::store::redis::connection::invalid_config;

@@ -1,4 +1,10 @@
-use super::*;
+//! The pub/sub link's bookkeeping: one (un)subscription per channel, and waiters that neither miss a wake-up nor
+//! wait past their deadline.
+
+use crate::store::redis::notify::{Plan, Waiters};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, sleep};
 
 fn plan(waiters: &Waiters) -> (Vec<String>, Vec<String>) {
     let Plan { mut subscribe, mut unsubscribe } = waiters.plan();

@@ -216,7 +216,7 @@ async fn create_order_short_lease(
 }
 
 /// The same work without idempotency: the baseline for benchmarks.
-async fn create_order_unprotected(
+async fn create_order_plain(
     State(state): State<AppState>,
     headers: HeaderMap,
     Json(order): Json<NewOrder>,
@@ -283,7 +283,7 @@ fn app(state: AppState) -> Router {
         .route("/orders", post(create_order))
         .route("/short-lease/orders", post(create_order_short_lease))
         .route("/payments", post(create_payment))
-        .route("/plain/orders", post(create_order_unprotected))
+        .route("/plain/orders", post(create_order_plain))
         .route("/stats", get(stats))
         .route("/stats/keys/{key}", get(key_stats))
         .with_state(state)

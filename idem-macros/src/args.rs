@@ -4,8 +4,7 @@ use proc_macro2::Span;
 use syn::meta::ParseNestedMeta;
 use syn::{Expr, ExprLit, ExprUnary, Lit, LitBool, LitStr, Path, Type, UnOp};
 
-const ARGUMENTS: &str =
-    "`ttl`, `wait_timeout`, `lease`, `validate_signature`, `required`, `store_server_errors`, `state`, `crate`";
+const ARGUMENTS: &str = "`ttl`, `wait_timeout`, `lease`, `validate_signature`, `required`, `store_server_errors`, `policy`, `state`, `crate`";
 
 /// The default ttl, in nanoseconds (24 h): kept equal to `Policy::new()` in the runtime.
 pub const DEFAULT_TTL_NANOS: u64 = 86_400_000_000_000;
@@ -44,6 +43,8 @@ pub struct Args {
     pub validate_signature: Option<bool>,
     pub required: Option<bool>,
     pub store_server_errors: Option<bool>,
+    /// `policy = "name"`: the route's whole policy, registered on the engine at run time under that name.
+    pub policy: Option<LitStr>,
     pub state: Option<Type>,
     pub krate: Option<Path>,
 }
@@ -60,6 +61,7 @@ impl Args {
             "validate_signature" => set(&meta, &mut self.validate_signature, |meta| flag(meta, &name)),
             "required" => set(&meta, &mut self.required, |meta| flag(meta, &name)),
             "store_server_errors" => set(&meta, &mut self.store_server_errors, |meta| flag(meta, &name)),
+            "policy" => set(&meta, &mut self.policy, named_policy),
             "state" => set(&meta, &mut self.state, state),
             "crate" => set(&meta, &mut self.krate, krate),
             _ => Err(meta.error(format!("unknown argument `{name}`; expected one of {ARGUMENTS}"))),
@@ -70,6 +72,27 @@ impl Args {
     /// its default shrinks to fit a short `ttl`; one the user wrote must fit as written. A pair involving a const is
     /// checked by the generated code instead (see `policy.rs`).
     pub fn validate(&self) -> syn::Result<()> {
+        if let Some(name) = &self.policy {
+            let written = [
+                ("ttl", self.ttl.is_some()),
+                ("wait_timeout", self.wait_timeout.is_some()),
+                ("lease", self.lease.is_some()),
+                ("validate_signature", self.validate_signature.is_some()),
+                ("required", self.required.is_some()),
+                ("store_server_errors", self.store_server_errors.is_some()),
+            ];
+            if let Some((setting, _)) = written.iter().find(|(_, written)| *written) {
+                return Err(syn::Error::new(
+                    name.span(),
+                    format!(
+                        "`policy = \"{}\"` takes the route's whole policy from the engine at run time, so `{setting}` \
+                         cannot be set here too: set it on the `Policy` registered with `route_policy`",
+                        name.value()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
         let ttl = match &self.ttl {
             Some(Seconds::Literal { nanos, .. }) => *nanos,
             None => DEFAULT_TTL_NANOS,
@@ -292,6 +315,14 @@ fn flag(meta: &ParseNestedMeta<'_>, name: &str) -> syn::Result<bool> {
 }
 
 /// `state = AppState`: any type.
+fn named_policy(meta: &ParseNestedMeta<'_>) -> syn::Result<LitStr> {
+    let name: LitStr = meta.value()?.parse()?;
+    if name.value().is_empty() {
+        return Err(syn::Error::new(name.span(), "`policy` names a policy registered with `route_policy`: not empty"));
+    }
+    Ok(name)
+}
+
 fn state(meta: &ParseNestedMeta<'_>) -> syn::Result<Type> {
     let value = meta.value()?;
     value.parse().map_err(|error| {

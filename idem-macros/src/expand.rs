@@ -4,7 +4,7 @@
 use crate::args::Args;
 use crate::policy;
 use crate::spans::{respan, span_range};
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::parse::Parser;
 use syn::{FnArg, GenericArgument, ItemFn, PathArguments, ReturnType, Type};
@@ -75,14 +75,33 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
 
     let name = &signature.ident;
     let vis = &function.vis;
-    let inner = format_ident!("__idem_{}", name, span = Span::mixed_site());
+    // The function as written, kept callable (for unit tests) under a name of its own, beside the handler.
+    let inner = format_ident!("{}_unprotected", name);
+    let cfg_attrs: Vec<_> = function.attrs.iter().filter(|attr| attr.path().is_ident("cfg")).collect();
     let (outer_attrs, inner_attrs): (Vec<_>, Vec<_>) =
         function.attrs.iter().partition(|attr| attr.path().is_ident("doc") || attr.path().is_ident("cfg"));
     let mut inner_sig = signature.clone();
     inner_sig.ident = inner.clone();
     let block = &function.block;
+    let inner_doc = format!(
+        " `{name}` as written, without idempotency: what `#[idempotent]` runs once per key. Call it in unit tests \
+         of the handler's own logic; requests go to `{name}`."
+    );
 
-    let policy = policy::policy(args, &private);
+    let policy = match &args.policy {
+        Some(named) => quote! {
+            let ::core::option::Option::Some(__idem_policy) = #private::named_policy(&__idem_engine, #named) else {
+                return #private::policy_not_registered(#named);
+            };
+        },
+        None => {
+            let policy = policy::policy(args, &private);
+            quote! {
+                static __IDEM_POLICY: #private::Policy = #policy;
+                let __idem_policy = __IDEM_POLICY;
+            }
+        }
+    };
     let (state_param, state_value, state_ty, probe) = match &state {
         Some(ty) => (
             quote!(#private::State(__idem_state): #private::State<#ty>,),
@@ -136,20 +155,22 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
     };
 
     Ok(quote! {
+        #(#cfg_attrs)*
+        #[doc = #inner_doc]
+        #(#inner_attrs)*
+        #vis #inner_sig #block
+
         #(#outer_attrs)*
         #vis async fn #name(#state_param __idem_request: #private::Request) -> #private::Response {
-            #(#inner_attrs)*
-            #inner_sig #block
-
-            static __IDEM_POLICY: #private::Policy = #policy;
             let __idem_engine = #private::locate(&__idem_request, #probe);
             let ::core::option::Option::Some(__idem_engine) = __idem_engine else {
                 return #private::not_configured(::core::stringify!(#name));
             };
+            #policy
             #[allow(unused_variables)]
             let __idem_state = #state_value;
             __idem_engine
-                .handle(&__IDEM_POLICY, __idem_request, move |__idem_request: #private::Request| async move {
+                .handle(&__idem_policy, __idem_request, move |__idem_request: #private::Request| async move {
                     #[allow(unused_mut, unused_variables)]
                     let (mut __idem_parts, __idem_body) = __idem_request.into_parts();
                     #(#extractions)*

@@ -6,7 +6,7 @@ use crate::engine::{Engine, Idempotency};
 use crate::http::key::KeyFormat;
 use crate::http::problem::Answers;
 use crate::metrics::{Metrics, NoMetrics};
-use crate::policy::StoreFailure;
+use crate::policy::{Policy, StoreFailure};
 use crate::protocol::background::Background;
 use crate::store::contract::Store;
 #[cfg(feature = "postgres")]
@@ -14,6 +14,7 @@ use crate::store::postgres::PostgresStore;
 use crate::store::timed::Timed;
 use axum::http::HeaderName;
 use axum::http::request::Parts;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -52,6 +53,7 @@ impl IdempotencyBuilder {
                 principal: Arc::new(|parts| Some(authorization_principal(parts))),
                 max_record_bytes: 1 << 20,
                 on_store_failure: StoreFailure::FailClosed,
+                route_policies: HashMap::new(),
                 metrics: Arc::new(NoMetrics),
                 metrics_installed: false,
                 running,
@@ -183,6 +185,27 @@ impl IdempotencyBuilder {
     /// key recorded as not-replayable.
     pub fn max_record_bytes(mut self, bytes: usize) -> Self {
         self.engine.max_record_bytes = bytes;
+        self
+    }
+
+    /// Registers `policy` under `name`, for the routes annotated `#[idempotent(policy = "name")]`: their settings then
+    /// come from the app at run time (configuration, environment) rather than from literals in the attribute. A
+    /// request to a route whose name is not registered is answered `500 not-configured`, and nothing runs.
+    ///
+    /// ```
+    /// # use idem_runtime as idem;
+    /// use idem::{Idempotency, MemoryStore, Policy};
+    /// use std::time::Duration;
+    ///
+    /// // Read from the app's configuration at start-up.
+    /// let payments_ttl = Duration::from_secs(std::env::var("PAYMENTS_TTL").ok().and_then(|s| s.parse().ok()).unwrap_or(86_400));
+    /// let idempotency = Idempotency::builder(MemoryStore::new())
+    ///     .route_policy("payments", Policy::new().ttl(payments_ttl).wait_timeout(Duration::from_secs(3)))
+    ///     .build();
+    /// assert_eq!(idempotency.route_policy("payments").unwrap().get_wait_timeout(), Duration::from_secs(3));
+    /// ```
+    pub fn route_policy(mut self, name: &str, policy: Policy) -> Self {
+        self.engine.route_policies.insert(name.into(), policy);
         self
     }
 

@@ -8,11 +8,12 @@ use crate::drain::Running;
 use crate::http::key::KeyFormat;
 use crate::http::problem::Answers;
 use crate::metrics::{Labeled, Metrics};
-use crate::policy::StoreFailure;
+use crate::policy::{Policy, StoreFailure};
 use crate::protocol::background::Background;
 use crate::store::contract::Store;
 use axum::http::HeaderName;
 use axum::http::request::Parts;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The engine's principal, whichever way it was set: `None` when the request names no client the engine may scope
@@ -48,6 +49,8 @@ pub(crate) struct Engine {
     pub(crate) principal: ScopeFn,
     pub(crate) max_record_bytes: usize,
     pub(crate) on_store_failure: StoreFailure,
+    /// The policies routes name with `#[idempotent(policy = "..")]`, set at run time.
+    pub(crate) route_policies: HashMap<Box<str>, Policy>,
     pub(crate) metrics: Arc<dyn Metrics>,
     /// Whether [`IdempotencyBuilder::metrics`](crate::builder::IdempotencyBuilder::metrics) installed metrics: only then are events labelled and store calls
     /// timed, which costs an allocation and a clock read per request.

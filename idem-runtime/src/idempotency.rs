@@ -10,7 +10,7 @@ use crate::engine::Idempotency;
 use crate::fingerprint::Fingerprint;
 use crate::http::execution::Execution;
 use crate::http::fingerprint::of_request;
-use crate::policy::Policy;
+use crate::policy::{BodyFingerprint, Policy};
 use crate::record::Entry;
 use crate::store::contract::{Forgotten, Store, StoreKey};
 use crate::store::error::StoreError;
@@ -39,6 +39,12 @@ impl Idempotency {
     /// Configures an engine over `store`.
     pub fn builder(store: impl Store) -> IdempotencyBuilder {
         IdempotencyBuilder::new(store)
+    }
+
+    /// The policy registered under `name` with
+    /// [`IdempotencyBuilder::route_policy`](crate::IdempotencyBuilder::route_policy), if any.
+    pub fn route_policy(&self, name: &str) -> Option<Policy> {
+        self.engine.route_policies.get(name).copied()
     }
 
     /// The store behind this engine.
@@ -82,7 +88,7 @@ impl Idempotency {
     /// The path and query are the request's as the client sent them (axum's `OriginalUri`), not as a nested
     /// router strips them, so a router-wide layer and a handler in a nested router see the same request.
     pub fn fingerprint(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
-        of_request(&self.engine.fingerprint_headers, parts, body)
+        of_request(&self.engine.fingerprint_headers, parts, body, BodyFingerprint::Bytes)
     }
 
     /// The store key of an HTTP request: its method, its path as the client sent it (no query), its principal (the

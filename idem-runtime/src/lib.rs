@@ -17,6 +17,7 @@
 //!   `builder.rs`, `policy.rs`, `record.rs`, `fingerprint.rs`, `metrics.rs`, `drain.rs`, `capacity.rs`.
 
 mod builder;
+mod canonical_json;
 mod capacity;
 mod door;
 pub mod drain;
@@ -44,7 +45,7 @@ pub use builder::IdempotencyBuilder;
 pub use engine::Idempotency;
 pub use http::extract::IdempotencyKey;
 pub use http::problem::Problem;
-pub use policy::{Policy, StoreFailure};
+pub use policy::{BodyFingerprint, Policy, StoreFailure};
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use store::postgres::PostgresStore;

@@ -55,6 +55,22 @@ pub fn not_configured(handler: &str) -> axum::response::Response {
     .into_response()
 }
 
+/// The policy an annotated route names with `policy = ".."`, or the answer when the engine has none by that name.
+pub fn named_policy(idempotency: &Idempotency, name: &str) -> Option<crate::policy::Policy> {
+    idempotency.route_policy(name)
+}
+
+/// The answer when an annotated route names a policy its engine does not have: nothing runs.
+pub fn policy_not_registered(name: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    tracing::error!(policy = name, "#[idempotent(policy = ..)] names a policy the engine does not have");
+    Problem::NotConfigured {
+        reason: "This route's idempotency policy is not registered with the engine \
+                 (`Idempotency::builder(..).route_policy(name, policy)`).",
+    }
+    .into_response()
+}
+
 /// The largest duration `#[idempotent]` accepts, in seconds: the macro's bound on literals, kept equal to it.
 const MAX_SECONDS: u64 = 1_000_000_000;
 

@@ -23,6 +23,34 @@ pub struct Policy {
     validate_signature: bool,
     required: bool,
     store_server_errors: bool,
+    body: BodyFingerprint,
+}
+
+/// What of a request's body makes two requests with one key "the same request" (see
+/// [`Policy::fingerprint_body`]). The method, path, query and the engine's fingerprinted headers always count.
+///
+/// ```
+/// # use idem_runtime as idem;
+/// use idem::{BodyFingerprint, Policy};
+/// // A client that stamps each attempt with its own `sent_at` and `attempt` still retries the same request.
+/// const PAYMENTS: Policy = Policy::new().fingerprint_body(BodyFingerprint::JsonIgnoring(&["/sent_at", "/meta/attempt"]));
+/// # let _ = PAYMENTS;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyFingerprint {
+    /// The body's bytes as sent (the default): any difference, even whitespace, is another request.
+    #[default]
+    Bytes,
+    /// The body as JSON in a canonical form (object members sorted, no whitespace): two encodings of one document
+    /// are the same request. A body that is not JSON is taken as bytes.
+    Json,
+    /// As [`Json`](Self::Json), without the members the JSON pointers (RFC 6901) name, such as `"/sent_at"` or
+    /// `"/meta/nonce"`: fields a client changes on every attempt (a timestamp, a nonce) do not make a retry another
+    /// request. Pointers that name nothing are skipped.
+    JsonIgnoring(&'static [&'static str]),
+    /// Not at all: a key reused with any other body is the same request (only method, path, query and headers
+    /// count).
+    Ignored,
 }
 
 impl Default for Policy {
@@ -59,6 +87,7 @@ impl Policy {
             validate_signature: true,
             required: true,
             store_server_errors: false,
+            body: BodyFingerprint::Bytes,
         }
     }
 
@@ -98,6 +127,18 @@ impl Policy {
     pub const fn store_server_errors(mut self, store: bool) -> Self {
         self.store_server_errors = store;
         self
+    }
+
+    /// What of the body counts in the request's fingerprint (default [`BodyFingerprint::Bytes`]). The signature check
+    /// (`validate_signature`) and the `X-Idempotency-Signature` header use this fingerprint.
+    pub const fn fingerprint_body(mut self, body: BodyFingerprint) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// See [`Policy::fingerprint_body`].
+    pub const fn get_fingerprint_body(&self) -> BodyFingerprint {
+        self.body
     }
 
     /// See [`Policy::ttl`].

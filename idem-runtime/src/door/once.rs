@@ -1,6 +1,7 @@
 //! The plain async API: run a piece of work at most once per key, for callers that are not HTTP handlers (queue
 //! and webhook consumers, jobs).
 
+use crate::canonical_json::canonical;
 use crate::engine::Idempotency;
 use crate::fingerprint::Fingerprint;
 use crate::policy::Policy;
@@ -147,7 +148,7 @@ impl Once<'_> {
     where
         I: Serialize + ?Sized,
     {
-        let input = canonical_json(input).map_err(OnceError::Encode)?;
+        let input = serde_json::to_value(input).map(|value| canonical(&value)).map_err(OnceError::Encode)?;
         let fingerprint = Fingerprint::builder().field(b"once").field(self.scope.as_bytes()).field(&input).finish();
         let store_key = store_key::once(self.scope, self.key);
         let span = tracing::info_span!(
@@ -384,70 +385,6 @@ impl<T> Completed<T> {
     /// Whether the result is a stored one (the work did not run in this call).
     pub fn is_replay(&self) -> bool {
         matches!(self, Completed::Replayed(_))
-    }
-}
-
-/// `input` as JSON with every object's members sorted by name, whatever order its maps iterate in.
-fn canonical_json<I: Serialize + ?Sized>(input: &I) -> Result<Vec<u8>, serde_json::Error> {
-    let value = serde_json::to_value(input)?;
-    let mut out = Vec::new();
-    write_canonical(&value, &mut out)?;
-    Ok(out)
-}
-
-fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
-    use serde_json::Value;
-    match value {
-        Value::Array(items) => {
-            out.push(b'[');
-            for (index, item) in items.iter().enumerate() {
-                if index > 0 {
-                    out.push(b',');
-                }
-                write_canonical(item, out)?;
-            }
-            out.push(b']');
-        }
-        Value::Object(members) => {
-            // Sorted here rather than trusting `serde_json::Map`, which keeps insertion order when any crate in the
-            // build enables serde_json's `preserve_order`.
-            let mut members: Vec<_> = members.iter().collect();
-            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (index, (name, member)) in members.into_iter().enumerate() {
-                if index > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, name)?;
-                out.push(b':');
-                write_canonical(member, out)?;
-            }
-            out.push(b'}');
-        }
-        scalar => serde_json::to_writer(&mut *out, scalar)?,
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::canonical_json;
-    use std::collections::HashMap;
-
-    #[test]
-    fn equal_maps_have_one_canonical_form_whatever_their_order() {
-        let forward: HashMap<String, u32> = (0..64).map(|n| (format!("k{n}"), n)).collect();
-        let backward: HashMap<String, u32> = (0..64).rev().map(|n| (format!("k{n}"), n)).collect();
-        assert_eq!(canonical_json(&forward).unwrap(), canonical_json(&backward).unwrap());
-        let nested = serde_json::json!({ "b": [1, { "z": null, "a": "x\"y" }], "a": 1.5 });
-        assert_eq!(
-            String::from_utf8(canonical_json(&nested).unwrap()).unwrap(),
-            r#"{"a":1.5,"b":[1,{"a":"x\"y","z":null}]}"#
-        );
-        assert_ne!(
-            canonical_json(&serde_json::json!({ "a": 1 })).unwrap(),
-            canonical_json(&serde_json::json!({ "a": 2 })).unwrap()
-        );
     }
 }
 

@@ -173,7 +173,7 @@ where
             return shared.answers.render(Problem::UnreadableBody);
         }
     };
-    let fingerprint = of_request(&shared.fingerprint_headers, &parts, &body);
+    let fingerprint = of_request(&shared.fingerprint_headers, &parts, &body, policy.get_fingerprint_body());
     if principal.is_empty() {
         shared.warn_unscoped_once();
     }

@@ -444,6 +444,3 @@ async fn run_cluster(cluster: ClusterConnection, waiters: &Waiters, settings: Li
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Load benchmark of the reference service (`examples/orders.rs`): what idempotency costs per request, side by side
+# Load benchmark of the reference service (`examples/orders`): what idempotency costs per request, side by side
 # with the same handler unprotected, on MemoryStore, Redis and PostgreSQL, in one run.
 #
 #   bash bench/load.sh            # about 4 minutes; needs cargo; installs wrk, redis-server and postgresql if missing
@@ -68,8 +68,8 @@ else
 fi
 
 echo "building the reference service (release)…" >&2
-cargo build --release --quiet --example orders
-SERVICE=target/release/examples/orders
+cargo build --release --quiet -p idem-example-orders
+SERVICE=target/release/orders
 
 work=$(mktemp -d)
 pids=()

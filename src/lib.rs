@@ -236,6 +236,8 @@
 //! # Cargo features
 //!
 //! - `redis` (default): `RedisStore`, for single nodes, Sentinel and Cluster.
+//! - `deadpool`: `RedisStoreBuilder::pool`, the Redis store on a [`deadpool-redis`](https://docs.rs/deadpool-redis)
+//!   pool of your own.
 //! - `tls`: `rediss://` URLs for `RedisStore` (rustls), trusting the system's root certificates; the builder's
 //!   `tls_root_certificates` trusts a private CA instead, `tls_client_certificate` presents a client certificate.
 //! - `tls-webpki-roots`: `tls`, trusting Mozilla's root certificates compiled into the binary instead (for

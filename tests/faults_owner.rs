@@ -1,4 +1,4 @@
-//! An instance of the reference service (`examples/orders.rs`, a real process) that owns a key dies (SIGKILL) or
+//! An instance of the reference service (`examples/orders`, a real process) that owns a key dies (SIGKILL) or
 //! stops (SIGSTOP) in the middle of its handler, while duplicates go to another instance: the key is taken over
 //! once, only after the lease, and the stale owner's late completion never replaces the taker's record.
 //!

@@ -1,5 +1,5 @@
 //! Redis killed (SIGKILL), frozen (SIGSTOP) and restarted on the same port while clients of the reference service
-//! (`examples/orders.rs`, real processes) keep sending requests: what every client receives, how fast, and how many
+//! (`examples/orders`, real processes) keep sending requests: what every client receives, how fast, and how many
 //! times the handler ran for each key (`GET /stats/keys/{key}`, counted in Redis by the service).
 //!
 //! All of them use `POST /short-lease/orders`: a 2 s lease renewed every ~0.67 s while the handler runs, and

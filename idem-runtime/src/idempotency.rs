@@ -163,7 +163,7 @@ impl Idempotency {
     /// waits for those retries too (each gives up by itself once the record's ttl, or the claim's lease, has
     /// passed), so a store that comes back within the grace period still gets the record.
     ///
-    /// (`examples/orders.rs` does this on SIGTERM, and the README shows it compiled.)
+    /// (`examples/orders/src/main.rs` does this on SIGTERM, and the README shows it compiled.)
     pub async fn drain(&self, grace: Duration) -> Result<(), Undrained> {
         self.engine.running.drained(grace).await
     }

@@ -1,4 +1,6 @@
 #![warn(missing_docs, missing_debug_implementations)]
+// docs.rs (`--cfg docsrs`, nightly): items behind a feature say which one.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! The engine behind [idem](https://docs.rs/axum-idem): keys, fingerprints, claim / wait / store / replay, and the
 //! stores.
 //!

@@ -1,4 +1,4 @@
-//! A client of the reference service (`examples/orders.rs`) that keeps everything an answer carried (status,
+//! A client of the reference service (`examples/orders`) that keeps everything an answer carried (status,
 //! headers, body) and when it was sent and answered, so fault tests can assert on what every client received and
 //! on timings.
 #![allow(dead_code)]

@@ -1,4 +1,4 @@
-//! Instances of the reference service (`examples/orders.rs`) as real processes.
+//! Instances of the reference service (`examples/orders`, package `idem-example-orders`) as real processes.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -20,19 +20,26 @@ impl Drop for Service {
     }
 }
 
-/// Builds the example once per test binary (a no-op when it is up to date) and returns its path.
+/// Builds the service once per test binary (a no-op when it is up to date) and returns its path.
 fn binary() -> &'static PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
+        // Selecting the root package and this test target (already built) makes cargo resolve features as it did
+        // for the tests, dev-dependencies included: the service then links the dependencies the tests were built
+        // with. `cargo build -p idem-example-orders` alone would compile tokio, hyper, redis and sqlx once more with
+        // the service's narrower features.
+        let test = env!("CARGO_CRATE_NAME");
+        let args = ["build", "--quiet", "-p", "axum-idem", "-p", "idem-example-orders", "--bin", "orders"];
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--example", "orders"])
+            .args(args)
+            .args(["--test", test])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
-            .expect("run cargo build --example orders");
-        assert!(status.success(), "cargo build --example orders failed");
+            .expect("run cargo build --bin orders");
+        assert!(status.success(), "cargo build --bin orders failed");
         let deps = std::env::current_exe().expect("the test binary's path");
         let profile = deps.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
-        profile.join("examples").join("orders")
+        profile.join("orders")
     })
 }
 

@@ -57,7 +57,7 @@ use std::time::Duration;
 /// ```
 ///
 /// With a connection you configured yourself ([`connection_manager`](Self::connection_manager),
-/// [`pool`](Self::pool), [`cluster_builder`](Self::cluster_builder), [`sentinel_client`](Self::sentinel_client)),
+/// `pool` (feature `deadpool`), [`cluster_builder`](Self::cluster_builder), [`sentinel_client`](Self::sentinel_client)),
 /// the store still bounds each call and fails fast while Redis is down, but that connection's own settings decide
 /// how it reconnects: a [`ConnectionManager`] with redis-rs' default backoff may take several seconds to reconnect
 /// after Redis returns.
@@ -129,13 +129,13 @@ impl RedisStoreBuilder {
     ///
     /// `WAIT` counts the writes of the connection it is sent on and blocks that connection until it answers, so
     /// these writes go, each followed by its `WAIT`, on connections of their own checked out exclusively (at most
-    /// 32 at once; a deadpool-redis pool's own connections with [`pool`](Self::pool)); the shared connection, and
+    /// 32 at once; a deadpool-redis pool's own connections with `pool`); the shared connection, and
     /// with it replays, renewals and releases, never waits. A claim is made on the shared connection like any
     /// other; only when it took the key does the store renew it on an exclusive connection followed by `WAIT` (the
     /// replication stream is ordered: a replica that has the renewal has the claim). This costs a first request
     /// one more round trip plus the replication latency for the claim, and the replication latency for the
     /// completion; a replay costs nothing more. Those calls may take `timeout` longer than the store's usual
-    /// deadline. With [`pool`](Self::pool), keep `timeout` under the pool's response timeout (redis-rs: 500 ms by
+    /// deadline. With `pool`, keep `timeout` under the pool's response timeout (redis-rs: 500 ms by
     /// default). Ignored on a Cluster.
     ///
     /// ```no_run
@@ -227,6 +227,8 @@ impl RedisStoreBuilder {
     }
 
     /// Uses a deadpool-redis pool for commands; `client` (the same server) opens the pub/sub connection.
+    #[cfg(feature = "deadpool")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "deadpool")))]
     pub async fn pool(self, pool: deadpool_redis::Pool, client: Client) -> Result<RedisStore, StoreError> {
         self.check_prefix()?;
         install_crypto_provider();

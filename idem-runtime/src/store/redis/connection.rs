@@ -64,6 +64,7 @@ pub(super) enum Backend {
     /// (the same server) opens the connections that wait for replicas.
     Manager(ConnectionManager, Client),
     /// A deadpool-redis pool: one pooled connection per operation.
+    #[cfg(feature = "deadpool")]
     Pool(deadpool_redis::Pool),
     /// A Redis Cluster: commands routed by key slot.
     Cluster(ClusterConnection),
@@ -75,6 +76,7 @@ impl Backend {
     pub(super) fn kind(&self) -> &'static str {
         match self {
             Backend::Node(_) | Backend::Manager(..) => "node",
+            #[cfg(feature = "deadpool")]
             Backend::Pool(_) => "pool",
             Backend::Cluster(_) => "cluster",
             Backend::Sentinel(_) => "sentinel",
@@ -87,6 +89,7 @@ impl Backend {
         match self {
             Backend::Node(link) => link.query(pipe).await,
             Backend::Manager(manager, _) => pipe.query_async(&mut manager.clone()).await,
+            #[cfg(feature = "deadpool")]
             Backend::Pool(pool) => {
                 // Boxed: deadpool's checkout is a ~7 KB future, which every query (on any backend) would carry.
                 let mut connection = Box::pin(pool.get()).await.map_err(pool_error)?;
@@ -118,11 +121,14 @@ impl Backend {
         match self {
             Backend::Node(link) => link.forget_current(),
             Backend::Sentinel(link) => link.forget().await,
-            Backend::Manager(..) | Backend::Pool(_) | Backend::Cluster(_) => {}
+            Backend::Manager(..) | Backend::Cluster(_) => {}
+            #[cfg(feature = "deadpool")]
+            Backend::Pool(_) => {}
         }
     }
 }
 
+#[cfg(feature = "deadpool")]
 pub(super) fn pool_error(error: deadpool_redis::PoolError) -> RedisError {
     match error {
         deadpool_redis::PoolError::Backend(error) => error,

@@ -5,9 +5,9 @@
 //! request of the process (replays, renewals) for up to `t`, and count writes that are not ours. So a write that
 //! must reach replicas goes, followed by its `WAIT`, on a connection checked out exclusively until both answered.
 
-use crate::store::redis::connection::{
-    Backend, Commands, Failure, Timeouts, is_connection_error, pool_error, start_probe,
-};
+#[cfg(feature = "deadpool")]
+use crate::store::redis::connection::pool_error;
+use crate::store::redis::connection::{Backend, Commands, Failure, Timeouts, is_connection_error, start_probe};
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, Pipeline, RedisError, RedisResult};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +38,7 @@ struct Dedicated {
 enum Exclusive {
     Own(Dedicated),
     /// A deadpool-redis connection: exclusive while checked out. Its response timeout is the pool's.
+    #[cfg(feature = "deadpool")]
     Pooled(deadpool_redis::Connection),
 }
 
@@ -45,6 +46,7 @@ impl Exclusive {
     async fn query<T: FromRedisValue>(&mut self, pipe: &Pipeline) -> RedisResult<T> {
         match self {
             Exclusive::Own(dedicated) => pipe.query_async(&mut dedicated.connection).await,
+            #[cfg(feature = "deadpool")]
             Exclusive::Pooled(connection) => pipe.query_async(&mut **connection).await,
         }
     }
@@ -103,6 +105,7 @@ impl ReplicaAcks {
 
     /// An idle connection to the current node, or a new one; `true` when reused.
     async fn checkout(&self, backend: &Backend, timeouts: &Timeouts) -> RedisResult<(Exclusive, bool)> {
+        #[cfg(feature = "deadpool")]
         if let Backend::Pool(pool) = backend {
             return Ok((Exclusive::Pooled(pool.get().await.map_err(pool_error)?), false));
         }
@@ -119,6 +122,7 @@ impl ReplicaAcks {
     }
 
     async fn open(&self, backend: &Backend, timeouts: &Timeouts) -> RedisResult<(Exclusive, bool)> {
+        #[cfg(feature = "deadpool")]
         if let Backend::Pool(pool) = backend {
             return Ok((Exclusive::Pooled(pool.get().await.map_err(pool_error)?), false));
         }
@@ -131,9 +135,11 @@ impl ReplicaAcks {
     }
 
     fn checkin(&self, exclusive: Exclusive) {
-        // A pooled connection goes back to its pool when dropped.
-        if let Exclusive::Own(dedicated) = exclusive {
-            self.idle().push(dedicated);
+        match exclusive {
+            Exclusive::Own(dedicated) => self.idle().push(dedicated),
+            // A pooled connection goes back to its pool when dropped.
+            #[cfg(feature = "deadpool")]
+            Exclusive::Pooled(_) => {}
         }
     }
 
@@ -155,8 +161,10 @@ async fn client(backend: &Backend) -> RedisResult<redis::Client> {
         Backend::Node(link) => Ok(link.client().clone()),
         Backend::Manager(_, client) => Ok(client.clone()),
         Backend::Sentinel(link) => link.client().await,
-        Backend::Pool(_) | Backend::Cluster(_) => {
-            Err(RedisError::from((redis::ErrorKind::Client, "no dedicated connections on a pool or a Cluster")))
+        #[cfg(feature = "deadpool")]
+        Backend::Pool(_) => Err(RedisError::from((redis::ErrorKind::Client, "no dedicated connections on a pool"))),
+        Backend::Cluster(_) => {
+            Err(RedisError::from((redis::ErrorKind::Client, "no dedicated connections on a Cluster")))
         }
     }
 }

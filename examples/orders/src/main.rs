@@ -1,4 +1,4 @@
-//! The reference service: `cargo run --example orders`.
+//! The reference service: `cargo run -p idem-example-orders`.
 //!
 //! Binds `BIND` (default `127.0.0.1:3000`). Keeps records in memory, or in Redis when `REDIS_URL` is set (a Redis
 //! Cluster when `REDIS_CLUSTER_URLS`, comma-separated, is set), or in PostgreSQL when `DATABASE_URL` is set; on Redis

@@ -286,3 +286,22 @@ pub mod __private {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The code blocks of the pages under `docs/`, compiled and run as doc-tests like the README's.
+#[cfg(doctest)]
+pub mod docs_doctests {
+    #[doc = include_str!("../docs/clients.md")]
+    pub struct Clients;
+    #[doc = include_str!("../docs/design-choices.md")]
+    pub struct DesignChoices;
+    #[doc = include_str!("../docs/layer.md")]
+    pub struct Layer;
+    #[doc = include_str!("../docs/performance.md")]
+    pub struct Performance;
+    #[doc = include_str!("../docs/publishing.md")]
+    pub struct Publishing;
+    #[doc = include_str!("../docs/stores.md")]
+    pub struct Stores;
+    #[doc = include_str!("../docs/testing.md")]
+    pub struct Testing;
+}

@@ -1,5 +1,6 @@
-//! Code generation: keep the user's function under a private name and emit an axum handler of the same name that
-//! hands the request to the runtime, then runs the user's own extractors one by one.
+//! Code generation: keep the user's function as written under `<name>_unprotected` (callable in unit tests) and emit
+//! an axum handler of the original name that hands the request to the runtime, then runs the user's own extractors
+//! one by one.
 
 use crate::args::Args;
 use crate::policy;

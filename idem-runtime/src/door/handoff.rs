@@ -21,15 +21,18 @@ impl AnnotatedRoutes {
         routes.get(path).is_some_and(|methods| methods.contains(method))
     }
 
-    pub(crate) fn insert(&self, method: &Method, path: &str) {
+    /// Records the route; `true` when it was not known yet.
+    pub(crate) fn insert(&self, method: &Method, path: &str) -> bool {
         if self.contains(method, path) {
-            return;
+            return false;
         }
         let mut routes = self.0.write().unwrap_or_else(PoisonError::into_inner);
         let methods = routes.entry(path.into()).or_default();
-        if !methods.contains(method) {
-            methods.push(method.clone());
+        if methods.contains(method) {
+            return false;
         }
+        methods.push(method.clone());
+        true
     }
 }
 
@@ -54,12 +57,26 @@ impl Handoff {
 }
 
 /// Tells the layers in front (if any) that this route is annotated, so they leave the route to its annotation from
-/// now on.
+/// now on. The first time a layer learns it, a warning says so where it bites: until then that layer claimed this
+/// route's requests with its own settings (body limit, `wait_timeout`, signature check).
 pub(crate) fn register_annotated_route(request: &Request) {
     let extensions = request.extensions();
     if let (Some(layers), Some(path)) = (extensions.get::<LayerRoutes>(), extensions.get::<MatchedPath>()) {
+        let mut learned = false;
         for routes in &layers.0 {
-            routes.insert(request.method(), path.as_str());
+            learned |= routes.insert(request.method(), path.as_str());
+        }
+        if learned {
+            tracing::warn!(
+                method = %request.method(),
+                route = path.as_str(),
+                "idempotency: this route is annotated with #[idempotent] and also under an IdempotencyLayer. From \
+                 now on, in this process, the annotation's settings apply to it; until now, this request included, \
+                 the layer claimed its requests with the layer's body limit, wait_timeout and signature check (each \
+                 still ran once and was stored with the annotation's ttl). To have the annotation apply from the \
+                 first request, keep the layer off annotated routes (layer routers of plain handlers only); see \
+                 docs/layer.md. Reported once per route and layer"
+            );
         }
     }
 }

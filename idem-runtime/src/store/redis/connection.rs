@@ -1,6 +1,9 @@
 //! Where commands go: one type over the ways a user can hand us Redis, so the store's logic is written once, with
 //! the rules every call follows: a deadline, fail fast while the store is known to be down, one retry on a fresh
 //! connection after a broken one; and the background probe that finds the store again while it is down.
+//!
+//! This file is over 500 lines: the command path and the probe that finds a down store again share its health
+//! state and deadlines, and stay together so one reading shows every rule a call follows.
 
 use crate::store::error::{Cause, StoreError};
 use crate::store::health::Health;

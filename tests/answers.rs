@@ -91,10 +91,7 @@ async fn by_default_problems_link_to_their_documentation_and_answers_carry_the_s
     assert_eq!(first.headers["x-idempotency-signature"].len(), 64);
     let down = app_down(&runs);
     let unavailable = send(&down, request("k", None)).await;
-    assert_eq!(
-        unavailable.body["type"],
-        "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#store-unavailable"
-    );
+    assert_eq!(unavailable.body["type"], "https://docs.rs/axum-idem/latest/idem/problems/index.html#store-unavailable");
     assert_eq!(unavailable.headers["retry-after"], "5");
 }
 

@@ -8,17 +8,18 @@
 
 mod redis_server;
 
+mod log_capture;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::routing::post;
 use idem::{Idempotency, RedisStore, idempotent};
+use log_capture::Log;
 use redis_server::RedisServer;
 use serde_json::{Value, json};
-use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use tower::ServiceExt;
 
 #[derive(Clone)]
@@ -52,7 +53,7 @@ impl Reply {
         assert_eq!(self.headers["content-type"], "application/problem+json", "{case}");
         let problem: Value = serde_json::from_slice(&self.body).expect("a JSON problem");
         assert_eq!(
-            problem["type"], "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#corrupt-record",
+            problem["type"], "https://docs.rs/axum-idem/latest/idem/problems/index.html#corrupt-record",
             "{case}: {problem}"
         );
         assert_eq!(problem["status"], 500, "{case}");
@@ -60,27 +61,6 @@ impl Reply {
             assert!(!self.headers.contains_key(replay_marker), "{case}: {replay_marker} on {self:?}");
         }
         assert_ne!(self.headers.get("x-idempotency-status").map(|v| v.as_bytes()), Some(&b"hit"[..]), "{case}");
-    }
-}
-
-/// Every event the subscriber saw, one formatted line each.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Log {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Log {
-    fn take(&self) -> String {
-        String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
     }
 }
 
@@ -219,14 +199,6 @@ fn corruptions() -> Vec<(&'static str, Corruption)> {
     ]
 }
 
-/// The tracing subscriber of this thread (tests run on current-thread runtimes, so every task of the case logs here).
-fn capture_log() -> (Log, tracing::subscriber::DefaultGuard) {
-    let log = Log::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
-    (log, tracing::subscriber::set_default(subscriber))
-}
-
 fn error_lines(log: &str) -> Vec<&str> {
     log.lines().filter(|line| line.contains(" ERROR ")).collect()
 }
@@ -249,7 +221,7 @@ async fn assert_refused(server: &RedisServer, log: &Log, name: &str, corruption:
 #[tokio::test]
 async fn every_corrupt_record_is_refused_with_one_error_line_and_nothing_runs() {
     let server = RedisServer::start();
-    let (log, _guard) = capture_log();
+    let (log, _guard) = log_capture::capture();
     for (name, corruption) in corruptions() {
         assert_refused(&server, &log, name, corruption).await;
     }
@@ -258,7 +230,7 @@ async fn every_corrupt_record_is_refused_with_one_error_line_and_nothing_runs() 
 #[tokio::test]
 async fn a_hash_or_a_list_at_the_record_name_is_a_corrupt_record() {
     let server = RedisServer::start();
-    let (log, _guard) = capture_log();
+    let (log, _guard) = log_capture::capture();
     let values: [(&str, &[&str]); 3] = [
         ("a hash", &["HSET", "state", "completed", "status", "201"]),
         ("a list", &["RPUSH", "charged 10 EUR"]),

@@ -105,10 +105,7 @@ where
         tokio::time::sleep_until(begin + Duration::from_secs(at)).await;
         let duplicate = send(&service, post_json(path, Some("order-1"), "{}")).await;
         assert_eq!(duplicate.status, StatusCode::CONFLICT, "duplicate at {at} s: the key must still be owned");
-        assert_eq!(
-            duplicate.problem(),
-            "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#in-progress"
-        );
+        assert_eq!(duplicate.problem(), "https://docs.rs/axum-idem/latest/idem/problems/index.html#in-progress");
     }
     let original = original.await.unwrap();
     assert_eq!((original.status, original.idempotency_status.as_deref()), (StatusCode::CREATED, Some("new")));
@@ -331,10 +328,7 @@ async fn a_panic_without_a_key_or_under_fail_open_is_a_500_problem() {
         let app = Router::new().route("/panics", post(panics)).with_state(runs.clone()).layer(idempotency.layer());
         let reply = send(&app, post_json("/panics", key, "{}")).await;
         assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(
-            reply.problem(),
-            "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#handler-panicked"
-        );
+        assert_eq!(reply.problem(), "https://docs.rs/axum-idem/latest/idem/problems/index.html#handler-panicked");
     }
     assert_eq!(runs.get(), 2);
 }
@@ -365,7 +359,7 @@ async fn a_corrupt_record_is_a_problem_even_under_fail_open() {
     let app = Router::new().route("/orders", post(order)).with_state(runs.clone()).layer(axum::Extension(idempotency));
     let reply = send(&app, post_json("/orders", Some("k"), "{}")).await;
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(reply.problem(), "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#corrupt-record");
+    assert_eq!(reply.problem(), "https://docs.rs/axum-idem/latest/idem/problems/index.html#corrupt-record");
     assert_eq!(runs.get(), 0, "fail-open does not run a handler over a record it cannot read");
 }
 

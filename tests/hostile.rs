@@ -308,7 +308,7 @@ impl Reply {
         let json: serde_json::Value = serde_json::from_slice(&self.body).expect("a problem is JSON");
         let kind = json["type"]
             .as_str()?
-            .strip_prefix("https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#")?
+            .strip_prefix("https://docs.rs/axum-idem/latest/idem/problems/index.html#")?
             .to_owned();
         assert_eq!(json["status"], self.status.as_u16(), "the problem's status is the answer's");
         Some(kind)

@@ -188,10 +188,7 @@ impl Reply {
     fn assert_problem(&self, status: u16, name: &str) {
         assert_eq!(self.status.as_u16(), status, "body: {:?}", self.body);
         assert_eq!(self.headers["content-type"], "application/problem+json");
-        assert_eq!(
-            self.json()["type"],
-            format!("https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#{name}")
-        );
+        assert_eq!(self.json()["type"], format!("https://docs.rs/axum-idem/latest/idem/problems/index.html#{name}"));
     }
 }
 

@@ -2,15 +2,15 @@
 //! the moment the layer stops applying its own settings to it. Its own test binary: tracing caches, per call site,
 //! whether any subscriber wants an event, and a test running beside it without a subscriber can settle that first.
 
+mod log_capture;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use idem::{Idempotency, idempotent};
-use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use tower::ServiceExt;
 
 #[derive(Clone, Default)]
@@ -32,27 +32,11 @@ async fn send(app: &Router, path: &str, key: &str) -> StatusCode {
     app.clone().oneshot(request).await.unwrap().status()
 }
 
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Log {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn the_first_contact_of_an_annotated_route_under_a_layer_is_reported_once() {
-    let log = Log::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (log, _guard) = log_capture::capture();
     let reports = |route: &str| {
-        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let text = log.text();
         text.lines().filter(|line| line.contains("also under an IdempotencyLayer") && line.contains(route)).count()
     };
 

@@ -187,10 +187,7 @@ async fn a_million_distinct_keys_cannot_grow_the_memory_store_past_its_bounds() 
         let (status, content_type, body, retry_after) = send(&router, &format!("http-after-{index}")).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert_eq!(content_type.as_deref(), Some("application/problem+json"));
-        assert_eq!(
-            body["type"],
-            "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#store-unavailable"
-        );
+        assert_eq!(body["type"], "https://docs.rs/axum-idem/latest/idem/problems/index.html#store-unavailable");
         assert!(retry_after.is_some_and(|seconds| seconds.parse::<u64>().is_ok()), "Retry-After on the 503");
     }
     for (index, first) in first_answers.iter().enumerate().step_by(50) {

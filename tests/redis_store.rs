@@ -293,10 +293,7 @@ async fn a_redis_that_goes_down_fails_closed_and_is_used_again_when_it_is_back()
     server.kill();
     let (status, body, state) = send(&app, "while-down", "b").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(
-        body.contains("https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#store-unavailable"),
-        "{body}"
-    );
+    assert!(body.contains("https://docs.rs/axum-idem/latest/idem/problems/index.html#store-unavailable"), "{body}");
     assert_eq!(state, None);
     assert_eq!(runs.load(Ordering::SeqCst), 1, "nothing runs while the store is down");
 

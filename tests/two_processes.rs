@@ -82,7 +82,7 @@ async fn one_key_once_and_five_hundred_keys_five_hundred_times(env: &[(&str, Str
             StatusCode::CONFLICT => {
                 assert_eq!(
                     answer.body["type"],
-                    "https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#in-progress"
+                    "https://docs.rs/axum-idem/latest/idem/problems/index.html#in-progress"
                 );
                 conflicts += 1;
             }

@@ -1,6 +1,7 @@
 //! The one-time warning for requests scoped to no principal. Its own test binary: tracing caches, per call site,
 //! whether any subscriber wants an event, and a test running beside it without a subscriber can settle that first.
 
+mod log_capture;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
@@ -8,9 +9,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use idem::{Idempotency, MemoryStore, idempotent};
 use serde_json::{Value, json};
-use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use tower::ServiceExt;
 
 #[derive(Clone, Default)]
@@ -34,27 +34,10 @@ async fn send(app: &Router, key: &str, authorization: Option<&str>) -> StatusCod
     app.clone().oneshot(builder.body(Body::empty()).unwrap()).await.unwrap().status()
 }
 
-/// Every event the subscriber saw, formatted.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Log {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn requests_without_a_principal_are_reported_once_per_engine() {
-    let log = Log::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let warnings = || String::from_utf8(log.0.lock().unwrap().clone()).unwrap().matches("had no principal").count();
+    let (log, _guard) = log_capture::capture();
+    let warnings = || log.text().matches("had no principal").count();
 
     let runs = Runs::default();
     let app = orders(Idempotency::in_memory(), &runs);

@@ -53,9 +53,7 @@ impl Answer {
         if self.header("content-type") != Some("application/problem+json") {
             return None;
         }
-        self.body["type"]
-            .as_str()?
-            .strip_prefix("https://docs.rs/idem-runtime/latest/idem_runtime/problems/index.html#")
+        self.body["type"].as_str()?.strip_prefix("https://docs.rs/axum-idem/latest/idem/problems/index.html#")
     }
 
     pub fn order_id(&self) -> Option<u64> {

@@ -392,6 +392,7 @@ fn defined_in_face(text: &str) -> Vec<String> {
     let mut found = Vec::new();
     let mut in_use = false;
     let mut doctest_struct = false;
+    let mut in_doctest_module = false;
     // A proc-macro crate's entry points must sit at its root: `#[proc_macro*]` functions are allowed in `lib.rs`.
     let mut in_entry_point = false;
     for line in text.lines().map(str::trim) {
@@ -415,7 +416,13 @@ fn defined_in_face(text: &str) -> Vec<String> {
                 .iter()
                 .any(|vis| line.starts_with(&format!("{vis}mod ")) || line.starts_with(&format!("{vis}use ")))
             || line.starts_with("pub extern crate ")
-            || (doctest_struct && line.starts_with("pub struct ") && line.ends_with(';'));
+            || ((doctest_struct || in_doctest_module) && line.starts_with("pub struct ") && line.ends_with(';'));
+        // Structs that carry markdown pages as doc-tests (`#[cfg(doctest)]`, alone or in a module of them).
+        if doctest_struct && line.starts_with("pub mod ") && line.ends_with('{') {
+            in_doctest_module = true;
+        } else if in_doctest_module && line == "}" {
+            in_doctest_module = false;
+        }
         doctest_struct = line.starts_with("#[cfg(doctest)]") || (doctest_struct && line.starts_with("#["));
         if line.starts_with("pub use ") || line.starts_with("use ") || line.starts_with("pub(crate) use ") {
             in_use = !line.ends_with(';');

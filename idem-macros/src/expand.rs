@@ -84,6 +84,12 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
     let mut inner_sig = signature.clone();
     inner_sig.ident = inner.clone();
     let block = &function.block;
+    // At most crate-visible: it is for the crate's own unit tests, and a `pub` copy of a signature that names
+    // crate-private types (a `State<AppState>`) would trip `private_interfaces` in the user's crate.
+    let inner_vis = match vis {
+        syn::Visibility::Public(_) => quote!(pub(crate)),
+        other => quote!(#other),
+    };
     let inner_doc = format!(
         " `{name}` as written, without idempotency: what `#[idempotent]` runs once per key. Call it in unit tests \
          of the handler's own logic; requests go to `{name}`."
@@ -159,7 +165,7 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
         #(#cfg_attrs)*
         #[doc = #inner_doc]
         #(#inner_attrs)*
-        #vis #inner_sig #block
+        #inner_vis #inner_sig #block
 
         #(#outer_attrs)*
         #vis async fn #name(#state_param __idem_request: #private::Request) -> #private::Response {

@@ -62,8 +62,10 @@ impl Executions {
     /// PostgreSQL, the new order's id), inside `tx` when the handler runs in one.
     async fn increment(&self, key: Option<&str>, tx: Option<&mut Tx>) -> Result<u64, CountError> {
         const INSERT: &str = "INSERT INTO orders (idempotency_key) VALUES ($1) RETURNING id";
+        // sqlx's futures are tens of KiB: boxed, they do not make every handler future (on every store) that large,
+        // and copied whole into the task idem runs it on.
         if let Some(tx) = tx {
-            let id: i64 = sqlx::query_scalar(INSERT).bind(key).fetch_one(&mut **tx).await?;
+            let id: i64 = Box::pin(sqlx::query_scalar(INSERT).bind(key).fetch_one(&mut **tx)).await?;
             return Ok(u64::try_from(id)?);
         }
         match self {
@@ -71,7 +73,7 @@ impl Executions {
             Executions::Redis(connection) => Ok(Self::increment_on(connection.clone(), key).await?),
             Executions::Cluster(connection) => Ok(Self::increment_on(connection.clone(), key).await?),
             Executions::Postgres(pool) => {
-                let id: i64 = sqlx::query_scalar(INSERT).bind(key).fetch_one(pool).await?;
+                let id: i64 = Box::pin(sqlx::query_scalar(INSERT).bind(key).fetch_one(pool)).await?;
                 Ok(u64::try_from(id)?)
             }
         }

@@ -34,7 +34,7 @@ impl HandlerTransaction {
     pub(crate) async fn roll_back(&self) {
         #[cfg(feature = "postgres")]
         if let Some(slot) = &self.slot {
-            slot.roll_back().await;
+            Box::pin(slot.roll_back()).await;
         }
     }
 
@@ -51,7 +51,7 @@ impl HandlerTransaction {
     ) -> Result<Result<(), Unkept>, (Claim, Stored)> {
         #[cfg(feature = "postgres")]
         if let Some(slot) = &self.slot {
-            return slot.complete(claim, stored, ttl).await;
+            return Box::pin(slot.complete(claim, stored, ttl)).await;
         }
         Err((claim, stored))
     }
@@ -61,7 +61,7 @@ impl HandlerTransaction {
     pub(crate) async fn finish_unclaimed(&self, keep: bool) -> Result<(), Unkept> {
         #[cfg(feature = "postgres")]
         if let Some(slot) = &self.slot {
-            return slot.finish_unclaimed(keep).await;
+            return Box::pin(slot.finish_unclaimed(keep)).await;
         }
         Ok(())
     }

@@ -162,7 +162,8 @@ impl TxSlot {
         let transaction = match previous {
             SlotState::Open(transaction) => transaction,
             SlotState::Lent => return Err(TxRejection::AlreadyTaken),
-            SlotState::Unopened => match self.store.begin_transaction().await {
+            // Boxed: sqlx's `begin` future is tens of KiB, and it would sit in every handler future that takes `Tx`.
+            SlotState::Unopened => match Box::pin(self.store.begin_transaction()).await {
                 Ok(transaction) => transaction,
                 Err(error) => {
                     *self.state() = SlotState::Unopened;

@@ -426,6 +426,8 @@ async fn tx_is_refused_without_a_postgres_store_and_optional_tx_is_none() {
     let (status, body, _) = send(&router, "/needs", &unique("memory"), "x").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     assert!(body.contains("not-configured"), "{body}");
+    // It says what is missing: not "no store", but a PostgreSQL one.
+    assert!(body.contains("`Tx`, which needs idem on a PostgreSQL store (`PostgresStore`)"), "{body}");
     let (status, body, _) = send(&router, "/maybe", &unique("memory"), "x").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "without"));
 }

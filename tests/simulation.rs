@@ -381,6 +381,18 @@ fn a_dropped_once_claim_is_released_after_a_short_outage_seed_3236() {
     assert!(outcome.stats.work_dropped_while_down > 0, "{:?}", outcome.stats);
 }
 
+/// Found by the simulator beyond CI's seeds: an annotated handler under the layer takes the layer's claim over by
+/// renewing it with its own lease; that renewal was refused (the store had just gone down), so the handler answered
+/// 503 and dropped the claim, whose release is retried in the background until the claim's lease is over. But the
+/// claim already counted the annotation's lease (3.5 s) though the store still held the layer's (10 s): the retries
+/// stopped at 6.6 s, before the store was back, and the key stayed blocked until 12.9 s (`orphaned_claim`). Seed
+/// 2000467.
+#[test]
+fn a_refused_takeover_keeps_releasing_for_the_layers_lease_seed_2000467() {
+    let outcome = assert_seed_holds(2_000_467);
+    assert!(outcome.stats.handoffs > 0, "{:?}", outcome.stats);
+}
+
 /// Issue 16 item 4: during an outage each refused request left a background release task behind
 /// (`refused_requests_leave_no_tasks`: 73 requests, 73 more tasks). Seed 0.
 #[test]

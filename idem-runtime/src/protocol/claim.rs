@@ -96,8 +96,7 @@ impl Claim {
     /// keeper keeping it, the renewal is made after any renewal in flight, so an older renewal can never land after
     /// it and shorten the new lease; from then on it renews every third of `lease`.
     pub(crate) async fn renew_for(&mut self, lease: Duration) -> Result<Write, StoreError> {
-        self.lease = lease;
-        match (self.kept.get(), &self.owner) {
+        let write = match (self.kept.get(), &self.owner) {
             (Some(kept), _) => kept.renew(Some(lease)).await,
             (None, Some(owner)) => {
                 let write = self.background.store.renew(&self.key, owner, &self.fingerprint, lease).await;
@@ -105,7 +104,16 @@ impl Claim {
                 write
             }
             (None, None) => Ok(Write::Fenced),
-        }
+        };
+        // The store holds the new lease once the renewal landed. Until then (a failure: it may have landed or not)
+        // the key may stay held as long as the longer of the two, and a release retried after this claim is dropped
+        // must keep trying that long: giving up after the shorter one left a layer's 10 s claim blocking its key
+        // (simulator seed 2000467, `orphaned_claim`).
+        self.lease = match write {
+            Ok(Write::Applied) => lease,
+            _ => self.lease.max(lease),
+        };
+        write
     }
 
     /// The claim's fence: its owner token, and a way to check (renewing at once) that the claim is still held.

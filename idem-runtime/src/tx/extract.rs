@@ -43,7 +43,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Tx {
 impl<S: Send + Sync> OptionalFromRequestParts<S> for Tx {
     type Rejection = TxRejection;
 
-    /// `None` when the engine's store is not a [`PostgresStore`] (or idem does not serve the handler): for handlers
+    /// `None` when the engine's store is not a `PostgresStore` (or idem does not serve the handler): for handlers
     /// shared by apps on several stores.
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Option<Self>, Self::Rejection> {
         match parts.extensions.get::<Arc<TxSlot>>().cloned() {

@@ -4,11 +4,16 @@
 # A block with `fn main` becomes an example, one with a test a test file, any other a module of the library.
 # Catches what doc-tests cannot: a snippet that needs a feature or a dependency the README never tells you to add.
 #
-#   bash .ci/readme-snippets.sh          # about 4 minutes cold; SNIPPETS_DIR to build elsewhere
+#   bash .ci/readme-snippets.sh          # a few minutes; SNIPPETS_DIR to keep the crate somewhere
+#
+# The crate lives outside this workspace (cargo would take it for a member); it builds into this checkout's
+# `target/`, so the dependencies it shares with the workspace, at the same versions and features, are not built
+# twice.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 readme="$repo/README.md"
-dir=${SNIPPETS_DIR:-$repo/target/readme-snippets}
+dir=${SNIPPETS_DIR:-$(mktemp -d)/readme-snippets}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
 rm -rf "$dir"
 mkdir -p "$dir"
 cd "$dir"

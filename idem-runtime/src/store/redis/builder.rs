@@ -43,8 +43,9 @@ use std::time::Duration;
 /// any connection is tried.
 ///
 /// ```no_run
-/// # async fn run() -> Result<(), idem_runtime::StoreError> {
-/// use idem_runtime::RedisStore;
+/// # use idem_runtime as idem;
+/// # async fn run() -> Result<(), idem::store::StoreError> {
+/// use idem::RedisStore;
 /// use std::time::Duration;
 /// let store = RedisStore::builder()
 ///     .connect_timeout(Duration::from_millis(300))
@@ -139,8 +140,9 @@ impl RedisStoreBuilder {
     /// default). Ignored on a Cluster.
     ///
     /// ```no_run
-    /// # async fn run() -> Result<(), idem_runtime::StoreError> {
-    /// use idem_runtime::RedisStore;
+    /// # use idem_runtime as idem;
+    /// # async fn run() -> Result<(), idem::store::StoreError> {
+    /// use idem::RedisStore;
     /// use std::time::Duration;
     /// let store = RedisStore::builder()
     ///     .wait_for_replicas(1, Duration::from_millis(200))
@@ -176,8 +178,9 @@ impl RedisStoreBuilder {
     /// [`cluster`](Self::cluster) and [`sentinel`](Self::sentinel) must then be `rediss://`.
     ///
     /// ```no_run
+    /// # use idem_runtime as idem;
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// use idem_runtime::RedisStore;
+    /// use idem::RedisStore;
     /// let ca = std::fs::read("/etc/redis/ca.pem")?;
     /// let store = RedisStore::builder().tls_root_certificates(ca).open("rediss://redis.internal:6380").await?;
     /// # let _ = store; Ok(()) }

@@ -97,7 +97,7 @@ fn expand(args: &Args, function: &ItemFn) -> syn::Result<TokenStream> {
 
     let policy = match &args.policy {
         Some(named) => quote! {
-            let ::core::option::Option::Some(__idem_policy) = #private::named_policy(&__idem_engine, #named) else {
+            let ::core::option::Option::Some(__idem_policy) = __idem_engine.route_policy(#named) else {
                 return #private::policy_not_registered(#named);
             };
         },

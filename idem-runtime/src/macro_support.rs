@@ -55,11 +55,6 @@ pub fn not_configured(handler: &str) -> axum::response::Response {
     .into_response()
 }
 
-/// The policy an annotated route names with `policy = ".."`, or the answer when the engine has none by that name.
-pub fn named_policy(idempotency: &Idempotency, name: &str) -> Option<crate::policy::Policy> {
-    idempotency.route_policy(name)
-}
-
 /// The answer when an annotated route names a policy its engine does not have: nothing runs.
 pub fn policy_not_registered(name: &str) -> axum::response::Response {
     use axum::response::IntoResponse;
